@@ -1,0 +1,25 @@
+"""kiln: convert Hugging Face causal LMs into compact folders and run them fast, on PyTorch."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+__version__ = "0.1.0"
+__all__ = ["GenerationResult", "Generator", "ModelSpec", "convert", "__version__"]
+
+if TYPE_CHECKING:
+    from .convert import convert
+    from .generator import GenerationResult, Generator
+    from .spec import ModelSpec
+
+_LAZY = {"convert": "convert", "Generator": "generator", "GenerationResult": "generator",
+         "ModelSpec": "spec"}
+
+
+def __getattr__(name: str):
+    # Lazy: `kiln --version` and `kiln --help` must not pay for importing torch.
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'kiln' has no attribute {name!r}")

@@ -1,0 +1,50 @@
+"""A preallocated KV cache organised as a pool of slots.
+
+Each running sequence owns one slot and its own length. Keys and values are written by
+absolute position, so prompts of different lengths need no left padding, beams copy slots,
+and a server can put a new request in a free slot while others are mid-generation. Shapes
+never change, which is what lets a decode step be replayed (CUDA graphs) later.
+
+Every slot has one extra column past `max_length`: the scratch column where padding tokens
+of a ragged batch write their (ignored) keys, so padding never overwrites a real entry.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .spec import ModelSpec
+
+
+class KVCache:
+    def __init__(self, spec: ModelSpec, num_slots: int, max_length: int,
+                 dtype: torch.dtype, device: torch.device | str) -> None:
+        if num_slots < 1 or max_length < 1:
+            raise ValueError(f"KVCache needs num_slots >= 1 and max_length >= 1, got "
+                             f"{num_slots} and {max_length}")
+        shape = (num_slots, spec.num_kv_heads, max_length + 1, spec.head_dim)
+        # zeros, not empty: masked attention weights are exactly 0, but 0 * NaN garbage is NaN.
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(spec.num_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(spec.num_layers)]
+        self.num_slots = num_slots
+        self.max_length = max_length
+        self.dtype = dtype
+        self.device = torch.device(device)
+
+    @property
+    def scratch_position(self) -> int:
+        """Where padding tokens write; never read, because reads stop at max_length."""
+        return self.max_length
+
+    def fits(self, num_slots: int, max_length: int, dtype: torch.dtype,
+             device: torch.device) -> bool:
+        return (num_slots <= self.num_slots and max_length <= self.max_length
+                and dtype == self.dtype and device == self.device)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+    def copy_slots(self, source: torch.Tensor, destination: torch.Tensor) -> None:
+        """Copy whole slots (beam search reorders hypotheses this way, without recompute)."""
+        for tensor in self.keys + self.values:
+            tensor.index_copy_(0, destination, tensor.index_select(0, source))

@@ -1,0 +1,134 @@
+"""Convert a checkpoint into a kiln folder: validate, convert, write to a temporary folder, rename.
+
+An interrupted conversion leaves only a hidden `.NAME.partial-*` folder, never a folder that
+loads; an existing output is replaced only with `force`, and only once the new one is complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import uuid
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from .archs import get_adapter
+from .decoder import expected_weight_shapes
+from .formats import hf
+from .spec import FLOAT_DTYPES, WEIGHTS_FILE, KilnConfig, ModelSpec
+
+QUANTIZATIONS = FLOAT_DTYPES
+DEFAULT_SHARD_BYTES = 4 * 1024**3
+
+
+def convert(source: str | Path, output_dir: str | Path, quantization: str | None = None,
+            force: bool = False, copy_files: Iterable[str] | None = None, *,
+            max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+    """Convert a local Hugging Face checkpoint folder into a kiln folder; return its path."""
+    source, output_dir = Path(source), Path(output_dir)
+    if quantization is not None and quantization not in QUANTIZATIONS:
+        raise ValueError(f"unknown quantization {quantization!r}; supported: {', '.join(QUANTIZATIONS)}")
+    if output_dir.exists() and not force:
+        raise FileExistsError(f"output folder {output_dir} already exists; pass force=True "
+                              "(--force) to replace it")
+    if output_dir.exists() and not output_dir.is_dir():
+        raise FileExistsError(f"{output_dir} exists and is not a folder")
+    if not source.is_dir():
+        raise FileNotFoundError(f"no model folder at {source}: give a Hugging Face checkpoint "
+                                "folder (config.json + weights)")
+    config = hf.read_config(source)
+    adapter = get_adapter(config.get("model_type"))
+    tensors = hf.tensor_source(source)
+    spec = adapter.spec_from_config(config, _usable_tokenizer_size(source, config))
+    dtype = quantization or hf.checkpoint_dtype(config, tensors)
+    extra_files = list(copy_files or [])
+    missing = [name for name in extra_files if not (source / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"copy_files names files that {source} does not have: {missing}")
+
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    partial = output_dir.parent / f".{output_dir.name}.partial-{uuid.uuid4().hex[:8]}"
+    partial.mkdir()
+    try:
+        weights = _write_weights(adapter.convert_weights(spec, tensors), spec, dtype, partial,
+                                 max_shard_bytes)
+        for name in [*hf.TOKENIZER_FILES, *extra_files]:
+            if (source / name).is_file():
+                shutil.copy2(source / name, partial / name)
+        kiln_config = KilnConfig(
+            spec=spec, dtype=dtype, tokens=adapter.token_ids(config), weights=weights,
+            source={"format": "huggingface", "path": str(source.resolve()),
+                    "model_type": config.get("model_type")},
+        )
+        kiln_config.save(partial)  # written last: a folder without it never loads
+        _move_into_place(partial, output_dir)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return output_dir
+
+
+def _usable_tokenizer_size(source: Path, config: dict[str, Any]) -> int | None:
+    size = hf.tokenizer_vocab_size(source)
+    if size is None or size > config.get("vocab_size", 0):
+        return None  # a tokenizer larger than the embedding cannot tell which rows are padding
+    return size
+
+
+def _write_weights(named_tensors: Iterator[tuple[str, torch.Tensor]], spec: ModelSpec,
+                   dtype: str, folder: Path, max_shard_bytes: int) -> dict[str, Any]:
+    """Stream tensors into safetensors shards; check every name and shape against the spec."""
+    expected = expected_weight_shapes(spec)
+    target_dtype = getattr(torch, dtype)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    shard_bytes = 0
+    files: list[Path] = []
+
+    def flush() -> None:
+        path = folder / f"model-{len(files) + 1:05d}.safetensors"
+        save_file(shards[-1], str(path), metadata={"format": "pt"})
+        files.append(path)
+        shards.append({})
+
+    for name, tensor in named_tensors:
+        if name not in expected:
+            raise ValueError(f"converter produced an unexpected tensor {name!r}")
+        want = expected.pop(name)
+        if tuple(tensor.shape) != want:
+            raise ValueError(f"tensor {name!r} has shape {tuple(tensor.shape)}; the config implies "
+                             f"{want}: config.json and weights disagree")
+        tensor = tensor.to(target_dtype).contiguous()
+        if shard_bytes and shard_bytes + tensor.nbytes > max_shard_bytes:
+            flush()
+            shard_bytes = 0
+        shards[-1][name] = tensor
+        shard_bytes += tensor.nbytes
+    if expected:
+        raise ValueError(f"the checkpoint lacks tensors the config requires: {sorted(expected)}")
+    flush()
+    if len(files) == 1:
+        files[0] = files[0].rename(folder / WEIGHTS_FILE)
+    return {"files": {path.name: {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+                      for path in files}}
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _move_into_place(partial: Path, output_dir: Path) -> None:
+    if not output_dir.exists():
+        partial.rename(output_dir)
+        return
+    retired = output_dir.parent / f".{output_dir.name}.old-{uuid.uuid4().hex[:8]}"
+    output_dir.rename(retired)
+    partial.rename(output_dir)
+    shutil.rmtree(retired, ignore_errors=True)

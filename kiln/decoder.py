@@ -1,0 +1,239 @@
+"""The one decoder: every supported family runs through these modules, built from a ModelSpec.
+
+Weight names (what a kiln folder stores):
+    embed.weight, pos_embed.weight (learned positions only),
+    layers.{i}.attn_norm.{weight,bias}, layers.{i}.mlp_norm.{weight,bias},
+    layers.{i}.attn.qkv.{weight,bias}   all query heads, then all key heads, then all values
+    layers.{i}.attn.out.{weight,bias},
+    layers.{i}.mlp.up.{weight,bias}     for a gated MLP: gate rows, then up rows
+    layers.{i}.mlp.down.{weight,bias},
+    final_norm.{weight,bias}, lm_head.weight (absent when tied to embed.weight)
+
+Every projection is an attribute holding a module that maps [..., in] -> [..., out], so a
+quantized linear can replace `nn.Linear` (see `linear_modules`) without touching this file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .cache import KVCache
+from .spec import ModelSpec
+
+_ACTIVATIONS = {
+    "gelu": lambda x: F.gelu(x),
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "silu": F.silu,
+    "relu": F.relu,
+}
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32 as the reference implementations do; low precision drifts.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def make_norm(spec: ModelSpec) -> nn.Module:
+    if spec.norm == "rmsnorm":
+        return RMSNorm(spec.hidden_size, spec.norm_eps)
+    return nn.LayerNorm(spec.hidden_size, eps=spec.norm_eps, bias=spec.norm_bias)
+
+
+@dataclass
+class StepInputs:
+    """Per-forward tensors shared by every layer: computed once, not per layer."""
+
+    write_slots: torch.Tensor  # [B, 1] slot of each row, broadcast against positions
+    write_positions: torch.Tensor  # [B, T] cache column each token writes
+    read_rows: slice | torch.Tensor  # which slots to attend over
+    kv_length: int  # columns of the cache to attend over
+    mask: torch.Tensor  # [B, 1, T, kv_length] True where a query may see a key
+    cos: torch.Tensor | None  # [B, T, 1, rotary_dim]
+    sin: torch.Tensor | None
+
+
+class RotaryTable(nn.Module):
+    """cos/sin for every position (and the scratch position), in float32, rotate-half layout."""
+
+    def __init__(self, spec: ModelSpec, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        half = torch.arange(0, spec.rotary_dim, 2, dtype=torch.float32, device=device)
+        inv_freq = 1.0 / (spec.rotary_base ** (half / spec.rotary_dim))
+        positions = torch.arange(spec.max_position_embeddings + 1, dtype=torch.float32,
+                                 device=device)
+        angles = torch.outer(positions, inv_freq)
+        angles = torch.cat((angles, angles), dim=-1)
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def lookup(self, positions: torch.Tensor, dtype: torch.dtype):
+        cos = self.cos[positions].to(dtype).unsqueeze(2)
+        sin = self.sin[positions].to(dtype).unsqueeze(2)
+        return cos, sin
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the leading rotary_dim dims of each head (rotate-half); the rest pass through."""
+    rotary_dim = cos.shape[-1]
+    rotated, passed = x[..., :rotary_dim], x[..., rotary_dim:]
+    first, second = rotated.chunk(2, dim=-1)
+    rotated = rotated * cos + torch.cat((-second, first), dim=-1) * sin
+    return torch.cat((rotated, passed), dim=-1) if passed.shape[-1] else rotated
+
+
+class Attention(nn.Module):
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        self.qkv = nn.Linear(spec.hidden_size, spec.q_size + 2 * spec.kv_size, bias=spec.qkv_bias)
+        self.out = nn.Linear(spec.q_size, spec.hidden_size, bias=spec.attn_out_bias)
+        self.scale = spec.attention_scale or spec.head_dim ** -0.5
+
+    def forward(self, x: torch.Tensor, step: StepInputs, keys: torch.Tensor,
+                values: torch.Tensor) -> torch.Tensor:
+        spec = self.spec
+        batch, length, _ = x.shape
+        q, k, v = self.qkv(x).split([spec.q_size, spec.kv_size, spec.kv_size], dim=-1)
+        q = q.view(batch, length, spec.num_heads, spec.head_dim)
+        k = k.view(batch, length, spec.num_kv_heads, spec.head_dim)
+        v = v.view(batch, length, spec.num_kv_heads, spec.head_dim)
+        if step.cos is not None:
+            q = apply_rotary(q, step.cos, step.sin)
+            k = apply_rotary(k, step.cos, step.sin)
+        # Advanced indices around a slice: the indexed view is [B, T, kv_heads, head_dim].
+        keys[step.write_slots, :, step.write_positions] = k
+        values[step.write_slots, :, step.write_positions] = v
+        past_k = keys[step.read_rows, :, : step.kv_length]
+        past_v = values[step.read_rows, :, : step.kv_length]
+        attended = F.scaled_dot_product_attention(
+            q.transpose(1, 2), past_k, past_v, attn_mask=step.mask, scale=self.scale,
+            enable_gqa=spec.num_kv_heads != spec.num_heads,
+        )
+        return self.out(attended.transpose(1, 2).reshape(batch, length, spec.q_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        up_size = spec.intermediate_size * (2 if spec.gated_mlp else 1)
+        self.up = nn.Linear(spec.hidden_size, up_size, bias=spec.mlp_bias)
+        self.down = nn.Linear(spec.intermediate_size, spec.hidden_size, bias=spec.mlp_bias)
+        self.activation = _ACTIVATIONS[spec.activation]
+        self.gated = spec.gated_mlp
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = self.up(x)
+        if self.gated:
+            gate, up = hidden.chunk(2, dim=-1)
+            hidden = self.activation(gate) * up
+        else:
+            hidden = self.activation(hidden)
+        return self.down(hidden)
+
+
+class Block(nn.Module):
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        self.attn_norm = make_norm(spec)
+        self.mlp_norm = make_norm(spec)
+        self.attn = Attention(spec)
+        self.mlp = MLP(spec)
+        self.parallel_residual = spec.parallel_residual
+
+    def forward(self, x: torch.Tensor, step: StepInputs, keys: torch.Tensor,
+                values: torch.Tensor) -> torch.Tensor:
+        attended = self.attn(self.attn_norm(x), step, keys, values)
+        if self.parallel_residual:
+            return x + attended + self.mlp(self.mlp_norm(x))
+        x = x + attended
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Decoder(nn.Module):
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        self.embed = nn.Embedding(spec.vocab_size, spec.hidden_size)
+        if spec.position == "learned":
+            self.pos_embed = nn.Embedding(spec.max_position_embeddings, spec.hidden_size)
+        self.layers = nn.ModuleList(Block(spec) for _ in range(spec.num_layers))
+        self.final_norm = make_norm(spec)
+        if not spec.tie_word_embeddings:
+            self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
+        self.rotary: RotaryTable | None = None
+
+    def prepare(self, device: torch.device) -> None:
+        """Build non-persistent tables after the weights are loaded (the model may live on meta)."""
+        if self.spec.position == "rotary":
+            self.rotary = RotaryTable(self.spec, device=device)
+
+    def head_weight(self) -> torch.Tensor:
+        return self.embed.weight if self.spec.tie_word_embeddings else self.lm_head.weight
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.spec.tie_word_embeddings:
+            return F.linear(hidden, self.embed.weight)
+        return self.lm_head(hidden)
+
+    def step_inputs(self, positions: torch.Tensor, cache: KVCache, slots: torch.Tensor | None,
+                    kv_length: int, dtype: torch.dtype) -> StepInputs:
+        batch = positions.shape[0]
+        if slots is None:
+            write_slots = torch.arange(batch, device=positions.device).unsqueeze(1)
+            read_rows: slice | torch.Tensor = slice(0, batch)
+        else:
+            write_slots = slots.unsqueeze(1)
+            read_rows = slots
+        columns = torch.arange(kv_length, device=positions.device)
+        mask = (columns.view(1, 1, -1) <= positions.unsqueeze(-1)).unsqueeze(1)
+        cos = sin = None
+        if self.rotary is not None:
+            cos, sin = self.rotary.lookup(positions, dtype)
+        return StepInputs(write_slots, positions, read_rows, kv_length, mask, cos, sin)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache, *,
+                kv_length: int, slots: torch.Tensor | None = None,
+                last_index: torch.Tensor | None = None) -> torch.Tensor:
+        """Run tokens [B, T] at absolute cache positions [B, T]; return float32 logits.
+
+        Padding tokens carry `cache.scratch_position`; rows use slots 0..B-1 unless `slots`
+        names them. `kv_length` bounds the columns attended over (max position + 1).
+        With `last_index` [B], logits are computed only at that index of each row.
+        """
+        hidden = self.embed(input_ids)
+        if self.spec.position == "learned":
+            real_positions = positions.clamp(max=self.spec.max_position_embeddings - 1)
+            hidden = hidden + self.pos_embed(real_positions)
+        step = self.step_inputs(positions, cache, slots, kv_length, hidden.dtype)
+        for layer, keys, values in zip(self.layers, cache.keys, cache.values, strict=True):
+            hidden = layer(hidden, step, keys, values)
+        if last_index is not None:
+            hidden = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_index]
+        return self.logits(self.final_norm(hidden)).float()
+
+
+def linear_modules(decoder: Decoder) -> Iterator[tuple[str, nn.Linear]]:
+    """The projections a quantizer may replace, by qualified name."""
+    for name, module in decoder.named_modules():
+        if isinstance(module, nn.Linear):
+            yield name, module
+
+
+def expected_weight_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
+    """Every tensor a kiln folder must hold for this spec, with its shape."""
+    with torch.device("meta"):
+        decoder = Decoder(spec)
+    return {name: tuple(tensor.shape) for name, tensor in decoder.state_dict().items()}

@@ -1,0 +1,312 @@
+"""Generator: load a kiln folder and generate, with CTranslate2's names and semantics."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .cache import KVCache
+from .loading import check_folder, load_decoder, resolve_compute_type, resolve_device
+from .loading import verify_checksums as verify_folder_checksums
+from .sampling import SamplingParams, choose_tokens
+from .tokenizer import Tokenizer
+
+
+@dataclass
+class GenerationResult:
+    """One prompt's result, as CTranslate2's `GenerationResult`."""
+
+    sequences: list[list[str]]
+    sequences_ids: list[list[int]]
+    scores: list[float] = field(default_factory=list)
+
+
+@dataclass
+class _Request:
+    """One prompt after validation: ids to run, how many to generate, what to return."""
+
+    prompt_ids: list[int]
+    max_new_tokens: int
+    min_new_tokens: int
+    returned_prompt: list[int]  # prompt part of the result (empty unless include_prompt)
+
+
+@dataclass
+class _RowState:
+    """A row's generated tokens and the log-probs behind its score."""
+
+    tokens: list[int] = field(default_factory=list)
+    log_prob_sum: float = 0.0
+    scored: int = 0
+    done: bool = False
+
+    def add(self, token: int, log_prob: float, is_end: bool, return_end_token: bool,
+            at_limit: bool) -> None:
+        self.log_prob_sum += log_prob
+        self.scored += 1  # the end token counts in the score even when not returned
+        if not is_end or return_end_token:
+            self.tokens.append(token)
+        self.done = is_end or at_limit
+
+    @property
+    def score(self) -> float:
+        """CTranslate2's score with length_penalty 1: the mean log-prob."""
+        return self.log_prob_sum / max(1, self.scored)
+
+
+class Generator:
+    """Loads a kiln folder; generates with `generate_batch` (tokens) or `generate` (text).
+
+    One Generator may be shared by threads: calls run one at a time under a lock.
+    """
+
+    def __init__(self, model_path: str | Path, device: str = "cpu",
+                 compute_type: str = "default", *, device_index: int = 0,
+                 intra_threads: int = 0, seed: int | None = None,
+                 verify_checksums: bool = False) -> None:
+        self.model_path = Path(model_path)
+        self.config = check_folder(self.model_path)
+        if verify_checksums:
+            verify_folder_checksums(self.model_path, self.config)
+        self._device = resolve_device(device, device_index)
+        self._compute_type = resolve_compute_type(compute_type, self.config.dtype, self._device)
+        if intra_threads < 0:
+            raise ValueError(f"intra_threads must be >= 0 (0: all cores), got {intra_threads}")
+        if intra_threads:
+            torch.set_num_threads(intra_threads)
+        self.dtype = getattr(torch, self._compute_type)
+        self.model = load_decoder(self.model_path, self.config, self.dtype, self._device)
+        self.spec = self.config.spec
+        self.tokenizer = Tokenizer.from_folder(self.model_path)
+        self._lock = threading.Lock()
+        self._cache: KVCache | None = None
+        self._rng = torch.Generator(device=self._device)
+        self._rng.manual_seed(seed if seed is not None else torch.seed())
+
+    @property
+    def device(self) -> str:
+        return self._device.type
+
+    @property
+    def compute_type(self) -> str:
+        """The type the model actually runs in."""
+        return self._compute_type
+
+    # ---------------------------------------------------------------- token API
+
+    def generate_batch(
+        self,
+        start_tokens: Sequence[Sequence[str | int]],
+        *,
+        max_batch_size: int = 0,
+        max_length: int = 512,
+        min_length: int = 0,
+        sampling_topk: int = 1,
+        sampling_topp: float = 1.0,
+        sampling_temperature: float = 1.0,
+        end_token: str | int | Sequence[str | int] | None = None,
+        return_end_token: bool = False,
+        include_prompt_in_result: bool = True,
+        return_scores: bool = False,
+        seed: int | None = None,
+    ) -> list[GenerationResult]:
+        """Continue each prompt (token strings or ids; no special tokens are added).
+
+        As CTranslate2: with `include_prompt_in_result=True` the result starts with the
+        prompt (a leading BOS dropped) and `max_length`/`min_length` count the prompt's
+        tokens after the first; otherwise they count generated tokens only. `scores` holds
+        the mean log-probability of the generated tokens (end token included).
+        """
+        sampling = SamplingParams(sampling_topk, sampling_topp, sampling_temperature)
+        if not isinstance(max_batch_size, int) or max_batch_size < 0:
+            raise ValueError(f"max_batch_size must be an int >= 0 (0: no limit), got "
+                             f"{max_batch_size!r}")
+        end_ids = self._end_ids(end_token)
+        requests = [self._request(prompt, max_length, min_length, include_prompt_in_result)
+                    for prompt in self._check_batch(start_tokens)]
+        generator = self._rng
+        if seed is not None:
+            generator = torch.Generator(device=self._device)
+            generator.manual_seed(seed)
+        chunk = max_batch_size or len(requests)
+        results: list[GenerationResult] = []
+        with self._lock, torch.inference_mode():
+            for start in range(0, len(requests), chunk):
+                batch = requests[start:start + chunk]
+                outputs = self._decode(batch, sampling, end_ids, return_end_token, generator)
+                results.extend(self._result(request, ids, score, return_scores)
+                               for request, (ids, score) in zip(batch, outputs, strict=True))
+        return results
+
+    # ---------------------------------------------------------------- text API
+
+    def generate(self, text: str | Sequence[str], max_length: int = 64, *,
+                 include_prompt_in_result: bool = True, skip_special_tokens: bool = True,
+                 **kwargs) -> str | list[str]:
+        """Generate from text; a str gives a str, a list gives a list.
+
+        The output includes the prompt by default, as hf-hub-ctranslate2's `generate` does.
+        Other keyword arguments go to `generate_batch`.
+        """
+        tokenizer = self._require_tokenizer()
+        prompts = [text] if isinstance(text, str) else list(text)
+        if not prompts:
+            raise ValueError("the batch is empty; give at least one prompt")
+        ids = [tokenizer.encode(prompt) for prompt in prompts]
+        empty = [i for i, prompt_ids in enumerate(ids) if not prompt_ids]
+        if empty:
+            raise ValueError(f"prompt {empty[0]} encodes to no tokens; give some text")
+        results = self.generate_batch(ids, max_length=max_length,
+                                      include_prompt_in_result=include_prompt_in_result, **kwargs)
+        texts = [tokenizer.decode(result.sequences_ids[0], skip_special_tokens=skip_special_tokens)
+                 for result in results]
+        return texts[0] if isinstance(text, str) else texts
+
+    # ---------------------------------------------------------------- checks
+
+    def _require_tokenizer(self) -> Tokenizer:
+        if self.tokenizer is None:
+            raise ValueError(f"{self.model_path} has no tokenizer.json, so text cannot be "
+                             "encoded; pass token ids to generate_batch instead")
+        return self.tokenizer
+
+    def _check_batch(self, start_tokens: Sequence[Sequence[str | int]]) -> list[list[int]]:
+        if isinstance(start_tokens, str) or not isinstance(start_tokens, Sequence):
+            raise TypeError("start_tokens must be a list of prompts, each a list of token "
+                            "strings or ids")
+        if len(start_tokens) == 0:
+            raise ValueError("the batch is empty; give at least one prompt")
+        return [self._to_ids(prompt, index) for index, prompt in enumerate(start_tokens)]
+
+    def _to_ids(self, prompt: Sequence[str | int], index: int) -> list[int]:
+        if isinstance(prompt, str) or not isinstance(prompt, Sequence):
+            raise TypeError(f"prompt {index} must be a list of token strings or ids, got "
+                            f"{type(prompt).__name__}")
+        if len(prompt) == 0:
+            raise ValueError(f"prompt {index} is empty; give at least one token")
+        if all(isinstance(token, str) for token in prompt):
+            return self._require_tokenizer().tokens_to_ids(prompt)
+        if not all(isinstance(token, int) and not isinstance(token, bool) for token in prompt):
+            raise TypeError(f"prompt {index} mixes types; give all token strings or all ints")
+        bad = [token for token in prompt if not 0 <= token < self.spec.vocab_size]
+        if bad:
+            raise ValueError(f"prompt {index} has token ids outside the vocabulary "
+                             f"[0, {self.spec.vocab_size}): {bad[:5]}")
+        return list(prompt)
+
+    def _end_ids(self, end_token: str | int | Sequence[str | int] | None) -> set[int]:
+        if end_token is None:
+            return set(self.config.tokens.eos)
+        tokens = [end_token] if isinstance(end_token, (str, int)) else list(end_token)
+        ids = set()
+        for token in tokens:
+            if isinstance(token, str):
+                ids.update(self._require_tokenizer().tokens_to_ids([token]))
+            elif isinstance(token, int) and 0 <= token < self.spec.vocab_size:
+                ids.add(token)
+            else:
+                raise ValueError(f"end_token {token!r} is neither a token string nor an id in "
+                                 f"[0, {self.spec.vocab_size})")
+        return ids
+
+    def _request(self, prompt: list[int], max_length: int, min_length: int,
+                 include_prompt: bool) -> _Request:
+        if not isinstance(max_length, int) or max_length <= 0:
+            raise ValueError(f"max_length must be a positive int, got {max_length!r}")
+        if not isinstance(min_length, int) or min_length < 0:
+            raise ValueError(f"min_length must be an int >= 0, got {min_length!r}")
+        # CTranslate2 feeds the first prompt token as the start token: the rest counts.
+        counted_prompt = len(prompt) - 1 if include_prompt else 0
+        max_new = max_length - counted_prompt
+        if max_new <= 0:
+            raise ValueError(
+                f"max_length={max_length} leaves no room to generate: with "
+                f"include_prompt_in_result=True it counts the prompt's {len(prompt)} tokens "
+                "(all but the first); raise max_length or set include_prompt_in_result=False")
+        context = self.spec.max_position_embeddings
+        if len(prompt) + max_new > context:
+            raise ValueError(
+                f"the prompt ({len(prompt)} tokens) plus up to {max_new} new tokens exceeds the "
+                f"model's context of {context} positions; shorten the prompt or lower max_length")
+        returned = []
+        if include_prompt:
+            bos = self.config.tokens.bos
+            returned = prompt[1:] if bos is not None and prompt[0] == bos else list(prompt)
+        return _Request(prompt, max_new, max(0, min_length - counted_prompt), returned)
+
+    # ---------------------------------------------------------------- decoding
+
+    def _kv_cache(self, num_slots: int, max_length: int) -> KVCache:
+        """Reuse the cache across calls; allocate only when a call needs more room."""
+        if self._cache is None or not self._cache.fits(num_slots, max_length, self.dtype,
+                                                       self._device):
+            self._cache = None  # release the old one before allocating
+            self._cache = KVCache(self.spec, num_slots, max_length, self.dtype, self._device)
+        return self._cache
+
+    def _decode(self, batch: list[_Request], sampling: SamplingParams, end_ids: set[int],
+                return_end_token: bool,
+                generator: torch.Generator) -> list[tuple[list[int], float]]:
+        """Prefill every prompt in one forward pass, then one token per step for all rows."""
+        device = self._device
+        lengths = [len(request.prompt_ids) for request in batch]
+        total = max(length + request.max_new_tokens for length, request in zip(lengths, batch))
+        cache = self._kv_cache(len(batch), total)
+        width = max(lengths)
+        tokens = torch.zeros(len(batch), width, dtype=torch.long)
+        positions = torch.full((len(batch), width), cache.scratch_position, dtype=torch.long)
+        for row, request in enumerate(batch):
+            tokens[row, : lengths[row]] = torch.tensor(request.prompt_ids)
+            positions[row, : lengths[row]] = torch.arange(lengths[row])
+        last = torch.tensor(lengths, device=device) - 1
+        logits = self.model(tokens.to(device), positions.to(device), cache, kv_length=width,
+                            last_index=last)
+
+        end_mask = self._end_mask(end_ids)
+        rows = [_RowState() for _ in batch]
+        next_positions = list(lengths)  # where each row's next token goes
+        for step in range(max(request.max_new_tokens for request in batch)):
+            logits = self._mask_logits(logits, end_mask, batch, step)
+            ids, log_probs = choose_tokens(logits, sampling, generator)
+            for row, request, token, log_prob in zip(rows, batch, ids.tolist(),
+                                                     log_probs.tolist(), strict=True):
+                if not row.done:
+                    row.add(token, log_prob, token in end_ids, return_end_token,
+                            step + 1 >= request.max_new_tokens)
+            if all(row.done for row in rows):
+                break
+            # Finished rows keep stepping with the batch but write to the scratch column.
+            for index, row in enumerate(rows):
+                next_positions[index] = cache.scratch_position if row.done else lengths[index] + step
+            kv_length = max(p for p in next_positions if p != cache.scratch_position) + 1
+            positions = torch.tensor(next_positions, device=device).unsqueeze(1)
+            logits = self.model(ids.unsqueeze(1), positions, cache, kv_length=kv_length)[:, -1]
+        return [(row.tokens, row.score) for row in rows]
+
+    def _end_mask(self, end_ids: set[int]) -> torch.Tensor | None:
+        if not end_ids:
+            return None
+        return torch.tensor(sorted(end_ids), device=self._device)
+
+    def _mask_logits(self, logits: torch.Tensor, end_mask: torch.Tensor | None,
+                     batch: list[_Request], step: int) -> torch.Tensor:
+        """Never pick padded vocabulary rows; no end token before min_length."""
+        usable = self.spec.usable_vocab_size
+        if usable < logits.shape[-1]:
+            logits[:, usable:] = float("-inf")
+        if end_mask is not None:
+            rows = [row for row, request in enumerate(batch) if step < request.min_new_tokens]
+            if rows:
+                logits[torch.tensor(rows, device=logits.device).unsqueeze(1), end_mask] = float("-inf")
+        return logits
+
+    def _result(self, request: _Request, generated: list[int], score: float,
+                return_scores: bool) -> GenerationResult:
+        ids = request.returned_prompt + generated
+        tokens = self.tokenizer.ids_to_tokens(ids) if self.tokenizer is not None else []
+        return GenerationResult(sequences=[tokens], sequences_ids=[ids],
+                                scores=[score] if return_scores else [])

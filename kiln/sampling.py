@@ -1,0 +1,66 @@
+"""Choosing the next token, in CTranslate2's order: top-k, then temperature, then top-p.
+
+`sampling_topk=1` is greedy; `sampling_topk=0` samples the full distribution. Sampling draws
+with the exponential-race trick (argmax of p / Exp(1)), which needs no device sync.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    topk: int = 1
+    topp: float = 1.0
+    temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.topk, int) or isinstance(self.topk, bool) or self.topk < 0:
+            raise ValueError(f"sampling_topk must be an int >= 0 (0: full distribution, "
+                             f"1: greedy), got {self.topk!r}")
+        if not 0.0 < self.topp <= 1.0:
+            raise ValueError(f"sampling_topp must be in (0, 1], got {self.topp!r}")
+        if not self.temperature >= 0.0:
+            raise ValueError(f"sampling_temperature must be >= 0 (0: greedy), got "
+                             f"{self.temperature!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.topk == 1 or self.temperature == 0.0
+
+
+def _filter_top_p(logits: torch.Tensor, topp: float) -> torch.Tensor:
+    """Keep the smallest set of most likely tokens whose probability reaches topp."""
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    probs = sorted_logits.softmax(dim=-1)
+    before = probs.cumsum(dim=-1) - probs  # mass of strictly more likely tokens
+    drop_sorted = before >= topp  # the most likely token always stays (before == 0)
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def choose_tokens(logits: torch.Tensor, params: SamplingParams,
+                  generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pick one token per row of float32 logits [B, V]; return (ids, log-probs under the model).
+
+    The log-prob is of the model's distribution (before top-k/temperature/top-p), which is
+    what CTranslate2 reports in `scores`.
+    """
+    log_probs = logits.log_softmax(dim=-1)
+    if params.greedy:
+        ids = logits.argmax(dim=-1)
+    else:
+        filtered = logits
+        if params.topk > 0 and params.topk < logits.shape[-1]:
+            kth = logits.topk(params.topk, dim=-1).values[..., -1:]
+            filtered = filtered.masked_fill(filtered < kth, float("-inf"))
+        filtered = filtered / params.temperature
+        if params.topp < 1.0:
+            filtered = _filter_top_p(filtered, params.topp)
+        probs = filtered.softmax(dim=-1)
+        noise = torch.empty_like(probs).exponential_(1.0, generator=generator)
+        ids = (probs / noise).argmax(dim=-1)
+    return ids, log_probs.gather(-1, ids.unsqueeze(-1)).squeeze(-1)

@@ -1,0 +1,190 @@
+"""The arch-neutral description of a decoder, and the kiln folder's config.json.
+
+Every supported family (GPT-NeoX, Llama, GPT-2, ...) is described by one `ModelSpec`
+holding exactly the choices in which decoder-only transformers differ. The one decoder in
+`kiln.decoder` is built from it; adapters in `kiln.archs` produce it from a foreign config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+FORMAT_NAME = "kiln"
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+NORMS = ("layernorm", "rmsnorm")
+ACTIVATIONS = ("gelu", "gelu_tanh", "silu", "relu")
+POSITIONS = ("rotary", "learned")
+FLOAT_DTYPES = ("float32", "float16", "bfloat16")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Numerics of a decoder-only transformer. Every field changes the computed function."""
+
+    vocab_size: int  # rows of the embedding / logits (may exceed the tokenizer's size)
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    max_position_embeddings: int
+    norm: str = "layernorm"
+    norm_eps: float = 1e-5
+    activation: str = "gelu"
+    gated_mlp: bool = False  # gate and up projections fused in one matmul: act(gate) * up
+    parallel_residual: bool = False  # x + attn(norm1(x)) + mlp(norm2(x))
+    position: str = "rotary"
+    rotary_dim: int = 0  # leading dims of each head that are rotated (rotate-half style)
+    rotary_base: float = 10000.0
+    qkv_bias: bool = False
+    attn_out_bias: bool = False
+    mlp_bias: bool = False
+    norm_bias: bool = True  # LayerNorm has a bias; RMSNorm never does
+    tie_word_embeddings: bool = False
+    tokenizer_vocab_size: int | None = None  # logits at ids >= this are masked when sampling
+    attention_scale: float | None = None  # None: 1/sqrt(head_dim)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        def require(condition: bool, message: str) -> None:
+            if not condition:
+                raise ValueError(f"invalid ModelSpec: {message}")
+
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
+                     "head_dim", "intermediate_size", "max_position_embeddings"):
+            value = getattr(self, name)
+            require(isinstance(value, int) and value > 0, f"{name} must be a positive int, got {value!r}")
+        require(self.norm in NORMS, f"norm {self.norm!r} is not one of {NORMS}")
+        require(self.activation in ACTIVATIONS,
+                f"activation {self.activation!r} is not one of {ACTIVATIONS}")
+        require(self.position in POSITIONS, f"position {self.position!r} is not one of {POSITIONS}")
+        require(self.num_heads % self.num_kv_heads == 0,
+                f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
+        if self.position == "rotary":
+            require(0 < self.rotary_dim <= self.head_dim and self.rotary_dim % 2 == 0,
+                    f"rotary_dim must be even and in (0, head_dim={self.head_dim}], "
+                    f"got {self.rotary_dim}")
+        require(self.norm_eps > 0, f"norm_eps must be > 0, got {self.norm_eps}")
+        if self.tokenizer_vocab_size is not None:
+            require(0 < self.tokenizer_vocab_size <= self.vocab_size,
+                    f"tokenizer_vocab_size ({self.tokenizer_vocab_size}) must be in "
+                    f"(0, vocab_size={self.vocab_size}]")
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    @property
+    def usable_vocab_size(self) -> int:
+        """Ids a tokenizer can produce; ids above are padding rows that must never be sampled."""
+        return self.tokenizer_vocab_size or self.vocab_size
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelSpec:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(
+                f"the model spec has fields this kiln does not know: {unknown}; "
+                "it was written by a newer kiln, upgrade kiln to load it"
+            )
+        return cls(**data)
+
+
+@dataclass
+class TokenIds:
+    """Special token ids; eos may be several ids (any of them ends generation)."""
+
+    bos: int | None = None
+    eos: list[int] = field(default_factory=list)
+    pad: int | None = None
+    unk: int | None = None
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TokenIds:
+        eos = data.get("eos") or []
+        return cls(bos=data.get("bos"), eos=[eos] if isinstance(eos, int) else list(eos),
+                   pad=data.get("pad"), unk=data.get("unk"))
+
+
+@dataclass
+class KilnConfig:
+    """Everything in a kiln folder's config.json."""
+
+    spec: ModelSpec
+    dtype: str  # storage type of the float weights
+    tokens: TokenIds = field(default_factory=TokenIds)
+    source: dict[str, Any] = field(default_factory=dict)  # where it came from
+    weights: dict[str, Any] = field(default_factory=dict)  # file -> {"bytes": n, "sha256": h}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "model": self.spec.to_dict(),
+            "quantization": {"dtype": self.dtype},
+            "tokens": dataclasses.asdict(self.tokens),
+            "source": self.source,
+            "weights": self.weights,
+        }
+
+    def save(self, folder: Path) -> None:
+        text = json.dumps(self.to_dict(), indent=2, sort_keys=False)
+        (Path(folder) / CONFIG_FILE).write_text(text + "\n", encoding="utf-8")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> KilnConfig:
+        version = data.get("format_version")
+        if data.get("format") != FORMAT_NAME or not isinstance(version, int):
+            raise ValueError("config.json is not a kiln config (no 'format': 'kiln')")
+        if version > FORMAT_VERSION:
+            raise ValueError(
+                f"this kiln folder has format version {version}; this kiln reads up to "
+                f"{FORMAT_VERSION}: upgrade kiln"
+            )
+        dtype = data.get("quantization", {}).get("dtype", "float32")
+        if dtype not in FLOAT_DTYPES:
+            raise ValueError(f"unknown weight dtype {dtype!r} in config.json; known: {FLOAT_DTYPES}")
+        return cls(
+            spec=ModelSpec.from_dict(data["model"]),
+            dtype=dtype,
+            tokens=TokenIds.from_dict(data.get("tokens", {})),
+            source=dict(data.get("source", {})),
+            weights=dict(data.get("weights", {})),
+        )
+
+    @classmethod
+    def load(cls, folder: Path) -> KilnConfig:
+        path = Path(folder) / CONFIG_FILE
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path} is not valid JSON: {error}") from error
+        return cls.from_dict(data)
+
+
+def is_kiln_folder(folder: Path) -> bool:
+    path = Path(folder) / CONFIG_FILE
+    if not path.is_file():
+        return False
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get("format") == FORMAT_NAME
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return False

@@ -1,0 +1,60 @@
+"""The `tokenizers` library behind a small interface: text <-> ids <-> token strings."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from tokenizers import Tokenizer as _FastTokenizer
+
+TOKENIZER_FILE = "tokenizer.json"
+
+
+def check_text(text: object, what: str = "prompt") -> str:
+    if not isinstance(text, str):
+        raise TypeError(f"{what} must be a str, got {type(text).__name__}")
+    if not text:
+        raise ValueError(f"{what} is empty; give at least one character")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise ValueError(f"{what} is not valid Unicode (a lone surrogate at index "
+                         f"{error.start}); encode it properly before passing it") from error
+    return text
+
+
+class Tokenizer:
+    def __init__(self, tokenizer: _FastTokenizer) -> None:
+        self._tokenizer = tokenizer
+        self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+
+    @classmethod
+    def from_folder(cls, folder: Path) -> Tokenizer | None:
+        path = Path(folder) / TOKENIZER_FILE
+        if not path.is_file():
+            return None
+        return cls(_FastTokenizer.from_file(str(path)))
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self._tokenizer.encode(check_text(text),
+                                      add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self._tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._tokenizer.token_to_id(token)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self._tokenizer.id_to_token(token_id)
+
+    def tokens_to_ids(self, tokens: Sequence[str]) -> list[int]:
+        ids = [self._tokenizer.token_to_id(token) for token in tokens]
+        unknown = [token for token, token_id in zip(tokens, ids, strict=True) if token_id is None]
+        if unknown:
+            raise ValueError(f"tokens not in the vocabulary: {unknown[:5]}; give token strings "
+                             "of this model's tokenizer, or token ids")
+        return ids
+
+    def ids_to_tokens(self, ids: Sequence[int]) -> list[str]:
+        return [self._tokenizer.id_to_token(token_id) or "" for token_id in ids]

@@ -1,0 +1,65 @@
+"""Tiny random-weight models built with transformers (the reference), saved as HF folders."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import kiln
+
+torch.set_num_threads(2)
+
+
+def word_level_tokenizer(vocab_size: int, folder: Path, bos: int = 1, eos: int = 2) -> None:
+    """A tokenizer whose tokens are t0..tN (id = N): ctranslate2 and kiln see identical input."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tokenizer = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab_size)}, unk_token="t0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": f"t{bos}",
+         "eos_token": f"t{eos}", "unk_token": "t0"}))
+
+
+def save_hf_model(model, folder: Path, tokenizer_vocab: int | None = None,
+                  safe_serialization: bool = True) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder, safe_serialization=safe_serialization)
+    if tokenizer_vocab:
+        word_level_tokenizer(tokenizer_vocab, folder)
+    return folder
+
+
+def tiny_gpt_neox(seed: int = 0, **overrides):
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    settings = dict(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                    intermediate_size=128, rotary_pct=0.25, max_position_embeddings=128,
+                    use_parallel_residual=True, bos_token_id=1, eos_token_id=2)
+    settings.update(overrides)
+    torch.manual_seed(seed)
+    model = GPTNeoXForCausalLM(GPTNeoXConfig(**settings)).eval()
+    # Random init is near-uniform; widen it so logits have real structure to compare.
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "norm" not in name:
+                parameter.normal_(0.0, 0.5 if "embed" in name else 0.15)
+    return model
+
+
+@pytest.fixture(scope="session")
+def neox_pair(tmp_path_factory):
+    """(transformers model, kiln folder) for a default tiny GPT-NeoX."""
+    root = tmp_path_factory.mktemp("neox")
+    model = tiny_gpt_neox()
+    source = save_hf_model(model, root / "hf", tokenizer_vocab=90)
+    return model, kiln.convert(source, root / "kiln")
+
+
+def random_prompt(length: int, vocab: int, seed: int) -> list[int]:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab, (length,), generator=generator).tolist()
