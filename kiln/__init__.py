@@ -8,11 +8,11 @@ __version__ = "0.1.0"
 __all__ = ["GenerationResult", "Generator", "ModelSpec", "convert", "__version__"]
 
 if TYPE_CHECKING:
-    from .convert import convert
+    from .conversion import convert
     from .generator import GenerationResult, Generator
     from .spec import ModelSpec
 
-_LAZY = {"convert": "convert", "Generator": "generator", "GenerationResult": "generator",
+_LAZY = {"convert": "conversion", "Generator": "generator", "GenerationResult": "generator",
          "ModelSpec": "spec"}
 
 

@@ -23,7 +23,7 @@ def _add_convert(subparsers) -> None:
 
 
 def _run_convert(args: argparse.Namespace) -> int:
-    from .convert import convert
+    from .conversion import convert
 
     output = convert(args.source, args.output_dir, quantization=args.quantization,
                      force=args.force, copy_files=args.copy_files)
@@ -52,11 +52,14 @@ def _run_generate(args: argparse.Namespace) -> int:
 
     generator = Generator(args.model, device=args.device, compute_type=args.compute_type,
                           seed=args.seed)
-    completion = generator.generate(
-        args.prompt, max_length=args.max_length, include_prompt_in_result=False,
+    tokenizer = generator.require_tokenizer()
+    prompt_ids = tokenizer.encode(args.prompt)
+    result = generator.generate_batch(
+        [prompt_ids], max_length=args.max_length, include_prompt_in_result=False,
         sampling_topk=args.top_k, sampling_topp=args.top_p,
-        sampling_temperature=args.temperature)
-    print(args.prompt + completion)
+        sampling_temperature=args.temperature)[0]
+    # Decode prompt and completion together: decoding them apart can lose a joining space.
+    print(tokenizer.decode(prompt_ids + result.sequences_ids[0]))
     return 0
 
 

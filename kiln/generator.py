@@ -33,6 +33,7 @@ class _Request:
     max_new_tokens: int
     min_new_tokens: int
     returned_prompt: list[int]  # prompt part of the result (empty unless include_prompt)
+    counted_prompt: int  # prompt tokens counted in max_length and in the score's length
 
 
 @dataclass
@@ -41,7 +42,7 @@ class _RowState:
 
     tokens: list[int] = field(default_factory=list)
     log_prob_sum: float = 0.0
-    scored: int = 0
+    scored: int = 0  # decoded length the score is normalised by
     done: bool = False
 
     def add(self, token: int, log_prob: float, is_end: bool, return_end_token: bool,
@@ -54,7 +55,8 @@ class _RowState:
 
     @property
     def score(self) -> float:
-        """CTranslate2's score with length_penalty 1: the mean log-prob."""
+        """CTranslate2's score with length_penalty 1: the log-prob sum over the decoded length
+        (prompt tokens that count in max_length add 0 to the sum but count in the length)."""
         return self.log_prob_sum / max(1, self.scored)
 
 
@@ -119,7 +121,8 @@ class Generator:
         As CTranslate2: with `include_prompt_in_result=True` the result starts with the
         prompt (a leading BOS dropped) and `max_length`/`min_length` count the prompt's
         tokens after the first; otherwise they count generated tokens only. `scores` holds
-        the mean log-probability of the generated tokens (end token included).
+        the log-probability sum of the generated tokens (end token included) over the decoded
+        length, which with the prompt included counts the prompt tokens too.
         """
         sampling = SamplingParams(sampling_topk, sampling_topp, sampling_temperature)
         if not isinstance(max_batch_size, int) or max_batch_size < 0:
@@ -142,6 +145,24 @@ class Generator:
                                for request, (ids, score) in zip(batch, outputs, strict=True))
         return results
 
+    def forward_batch(self, inputs: Sequence[Sequence[str | int]]) -> torch.Tensor:
+        """Float32 logits [batch, time, vocab] for every position of every prompt.
+
+        Prompts of different lengths are right-padded; logits past a prompt's end are 0.
+        """
+        prompts = self._check_batch(inputs)
+        for index, prompt in enumerate(prompts):
+            if len(prompt) > self.spec.max_position_embeddings:
+                raise ValueError(f"prompt {index} has {len(prompt)} tokens; the model's context "
+                                 f"is {self.spec.max_position_embeddings}")
+        with self._lock, torch.inference_mode():
+            cache = self._kv_cache(len(prompts), max(len(prompt) for prompt in prompts))
+            tokens, positions = self._pack(prompts, cache)
+            logits = self.model(tokens, positions, cache, kv_length=tokens.shape[1])
+            for row, prompt in enumerate(prompts):
+                logits[row, len(prompt):] = 0.0
+            return logits
+
     # ---------------------------------------------------------------- text API
 
     def generate(self, text: str | Sequence[str], max_length: int = 64, *,
@@ -152,7 +173,7 @@ class Generator:
         The output includes the prompt by default, as hf-hub-ctranslate2's `generate` does.
         Other keyword arguments go to `generate_batch`.
         """
-        tokenizer = self._require_tokenizer()
+        tokenizer = self.require_tokenizer()
         prompts = [text] if isinstance(text, str) else list(text)
         if not prompts:
             raise ValueError("the batch is empty; give at least one prompt")
@@ -168,7 +189,7 @@ class Generator:
 
     # ---------------------------------------------------------------- checks
 
-    def _require_tokenizer(self) -> Tokenizer:
+    def require_tokenizer(self) -> Tokenizer:
         if self.tokenizer is None:
             raise ValueError(f"{self.model_path} has no tokenizer.json, so text cannot be "
                              "encoded; pass token ids to generate_batch instead")
@@ -189,7 +210,7 @@ class Generator:
         if len(prompt) == 0:
             raise ValueError(f"prompt {index} is empty; give at least one token")
         if all(isinstance(token, str) for token in prompt):
-            return self._require_tokenizer().tokens_to_ids(prompt)
+            return self.require_tokenizer().tokens_to_ids(prompt)
         if not all(isinstance(token, int) and not isinstance(token, bool) for token in prompt):
             raise TypeError(f"prompt {index} mixes types; give all token strings or all ints")
         bad = [token for token in prompt if not 0 <= token < self.spec.vocab_size]
@@ -205,7 +226,7 @@ class Generator:
         ids = set()
         for token in tokens:
             if isinstance(token, str):
-                ids.update(self._require_tokenizer().tokens_to_ids([token]))
+                ids.update(self.require_tokenizer().tokens_to_ids([token]))
             elif isinstance(token, int) and 0 <= token < self.spec.vocab_size:
                 ids.add(token)
             else:
@@ -236,7 +257,8 @@ class Generator:
         if include_prompt:
             bos = self.config.tokens.bos
             returned = prompt[1:] if bos is not None and prompt[0] == bos else list(prompt)
-        return _Request(prompt, max_new, max(0, min_length - counted_prompt), returned)
+        return _Request(prompt, max_new, max(0, min_length - counted_prompt), returned,
+                        counted_prompt)
 
     # ---------------------------------------------------------------- decoding
 
@@ -254,24 +276,19 @@ class Generator:
         """Prefill every prompt in one forward pass, then one token per step for all rows."""
         device = self._device
         lengths = [len(request.prompt_ids) for request in batch]
-        total = max(length + request.max_new_tokens for length, request in zip(lengths, batch))
+        total = max(length + request.max_new_tokens for length, request in zip(lengths, batch, strict=True))
         cache = self._kv_cache(len(batch), total)
-        width = max(lengths)
-        tokens = torch.zeros(len(batch), width, dtype=torch.long)
-        positions = torch.full((len(batch), width), cache.scratch_position, dtype=torch.long)
-        for row, request in enumerate(batch):
-            tokens[row, : lengths[row]] = torch.tensor(request.prompt_ids)
-            positions[row, : lengths[row]] = torch.arange(lengths[row])
+        tokens, positions = self._pack([request.prompt_ids for request in batch], cache)
         last = torch.tensor(lengths, device=device) - 1
-        logits = self.model(tokens.to(device), positions.to(device), cache, kv_length=width,
-                            last_index=last)
+        logits = self.model(tokens, positions, cache, kv_length=tokens.shape[1], last_index=last)
 
         end_mask = self._end_mask(end_ids)
-        rows = [_RowState() for _ in batch]
+        rows = [_RowState(scored=request.counted_prompt) for request in batch]
         next_positions = list(lengths)  # where each row's next token goes
         for step in range(max(request.max_new_tokens for request in batch)):
-            logits = self._mask_logits(logits, end_mask, batch, step)
-            ids, log_probs = choose_tokens(logits, sampling, generator)
+            logits = self._mask_end_tokens(logits, end_mask, batch, step)
+            ids, log_probs = choose_tokens(logits, sampling, generator,
+                                           self.spec.usable_vocab_size)
             for row, request, token, log_prob in zip(rows, batch, ids.tolist(),
                                                      log_probs.tolist(), strict=True):
                 if not row.done:
@@ -287,17 +304,25 @@ class Generator:
             logits = self.model(ids.unsqueeze(1), positions, cache, kv_length=kv_length)[:, -1]
         return [(row.tokens, row.score) for row in rows]
 
+    def _pack(self, prompts: list[list[int]],
+              cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
+        """Right-pad prompts into [B, T]; padding goes to the cache's scratch column."""
+        width = max(len(prompt) for prompt in prompts)
+        tokens = torch.zeros(len(prompts), width, dtype=torch.long)
+        positions = torch.full((len(prompts), width), cache.scratch_position, dtype=torch.long)
+        for row, prompt in enumerate(prompts):
+            tokens[row, : len(prompt)] = torch.tensor(prompt)
+            positions[row, : len(prompt)] = torch.arange(len(prompt))
+        return tokens.to(self._device), positions.to(self._device)
+
     def _end_mask(self, end_ids: set[int]) -> torch.Tensor | None:
         if not end_ids:
             return None
         return torch.tensor(sorted(end_ids), device=self._device)
 
-    def _mask_logits(self, logits: torch.Tensor, end_mask: torch.Tensor | None,
+    def _mask_end_tokens(self, logits: torch.Tensor, end_mask: torch.Tensor | None,
                      batch: list[_Request], step: int) -> torch.Tensor:
-        """Never pick padded vocabulary rows; no end token before min_length."""
-        usable = self.spec.usable_vocab_size
-        if usable < logits.shape[-1]:
-            logits[:, usable:] = float("-inf")
+        """No end token before min_length."""
         if end_mask is not None:
             rows = [row for row, request in enumerate(batch) if step < request.min_new_tokens]
             if rows:

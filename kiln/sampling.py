@@ -43,13 +43,18 @@ def _filter_top_p(logits: torch.Tensor, topp: float) -> torch.Tensor:
 
 
 def choose_tokens(logits: torch.Tensor, params: SamplingParams,
-                  generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+                  generator: torch.Generator | None,
+                  usable_vocab_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Pick one token per row of float32 logits [B, V]; return (ids, log-probs under the model).
 
-    The log-prob is of the model's distribution (before top-k/temperature/top-p), which is
-    what CTranslate2 reports in `scores`.
+    Ids >= `usable_vocab_size` (padding rows of the embedding, which no tokenizer produces)
+    are never picked. The log-prob is of the model's whole distribution, before that mask
+    and before top-k/temperature/top-p, which is what CTranslate2 reports in `scores`.
     """
     log_probs = logits.log_softmax(dim=-1)
+    if usable_vocab_size is not None and usable_vocab_size < logits.shape[-1]:
+        logits = logits.clone()
+        logits[:, usable_vocab_size:] = float("-inf")
     if params.greedy:
         ids = logits.argmax(dim=-1)
     else:

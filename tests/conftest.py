@@ -25,10 +25,9 @@ def word_level_tokenizer(vocab_size: int, folder: Path, bos: int = 1, eos: int =
          "eos_token": f"t{eos}", "unk_token": "t0"}))
 
 
-def save_hf_model(model, folder: Path, tokenizer_vocab: int | None = None,
-                  safe_serialization: bool = True) -> Path:
+def save_hf_model(model, folder: Path, tokenizer_vocab: int | None = None) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder, safe_serialization=safe_serialization)
+    model.save_pretrained(folder)
     if tokenizer_vocab:
         word_level_tokenizer(tokenizer_vocab, folder)
     return folder

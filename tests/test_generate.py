@@ -1,0 +1,184 @@
+"""Generation semantics: ragged batches, sampling, dtypes, and CTranslate2 as the oracle."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kiln
+
+from .conftest import random_prompt, save_hf_model, tiny_gpt_neox
+from .ct2_oracle import convert_with_ctranslate2
+
+VOCAB = 90
+
+
+@pytest.fixture(scope="module")
+def neox(tmp_path_factory):
+    root = tmp_path_factory.mktemp("generate")
+    model = tiny_gpt_neox(seed=11)
+    source = save_hf_model(model, root / "hf", tokenizer_vocab=VOCAB)
+    return model, source, kiln.Generator(kiln.convert(source, root / "kiln"))
+
+
+def greedy(generator, prompts, **kwargs):
+    results = generator.generate_batch(prompts, max_length=24, end_token=[],
+                                       include_prompt_in_result=False, **kwargs)
+    return [result.sequences_ids[0] for result in results]
+
+
+def test_ragged_batch_equals_each_prompt_alone(neox):
+    _, _, generator = neox
+    prompts = [random_prompt(length, VOCAB, seed=length) for length in (1, 5, 17, 40)]
+    alone = [greedy(generator, [prompt])[0] for prompt in prompts]
+    assert greedy(generator, prompts) == alone
+    assert greedy(generator, prompts[::-1]) == alone[::-1]
+    assert greedy(generator, prompts, max_batch_size=3) == alone
+
+
+def test_ragged_batch_logits_equal_each_prompt_alone(neox):
+    _, _, generator = neox
+    prompts = [random_prompt(length, VOCAB, seed=length) for length in (1, 5, 17, 40)]
+    batched = generator.forward_batch(prompts)
+    for row, prompt in enumerate(prompts):
+        alone = generator.forward_batch([prompt])[0]
+        assert (batched[row, : len(prompt)] - alone).abs().max().item() <= 1e-5
+
+
+def test_rows_with_different_lengths_to_generate(neox):
+    """A row that stops early must not disturb the others (nor write past the cache)."""
+    _, _, generator = neox
+    long_prompt, short_prompt = random_prompt(40, VOCAB, 1), random_prompt(2, VOCAB, 2)
+    together = generator.generate_batch([long_prompt, short_prompt], max_length=41,
+                                        end_token=[])
+    assert len(together[0].sequences_ids[0]) == 41 + 1  # 39 prompt tokens count, 2 new
+    assert len(together[1].sequences_ids[0]) == 42
+    for prompt, result in zip((long_prompt, short_prompt), together, strict=True):
+        alone = generator.generate_batch([prompt], max_length=41, end_token=[])
+        assert alone[0].sequences_ids == result.sequences_ids
+
+
+def test_seeded_sampling_is_reproducible(neox):
+    _, _, generator = neox
+    prompt = random_prompt(6, VOCAB, seed=5)
+    options = dict(sampling_topk=0, sampling_temperature=1.5, seed=1234)
+    first = greedy(generator, [prompt] * 3, **options)
+    assert greedy(generator, [prompt] * 3, **options) == first
+    assert greedy(generator, [prompt] * 3, sampling_topk=0, sampling_temperature=1.5,
+                  seed=99) != first
+    assert len({tuple(row) for row in first}) > 1  # rows draw independently
+
+
+def test_generator_seed_makes_runs_reproducible(neox):
+    _, source, generator = neox
+    prompt = random_prompt(6, VOCAB, seed=6)
+    runs = []
+    for _ in range(2):
+        seeded = kiln.Generator(generator.model_path, seed=7)
+        runs.append(greedy(seeded, [prompt], sampling_topk=20, sampling_topp=0.9))
+    assert runs[0] == runs[1]
+
+
+def test_top_k_one_equals_greedy_whatever_the_temperature(neox):
+    _, _, generator = neox
+    prompt = random_prompt(9, VOCAB, seed=8)
+    assert greedy(generator, [prompt], sampling_topk=1, sampling_temperature=3.0) == \
+        greedy(generator, [prompt])
+    assert greedy(generator, [prompt], sampling_topk=0, sampling_topp=1e-6, seed=3) == \
+        greedy(generator, [prompt])
+
+
+def test_top_k_limits_the_candidates(neox):
+    _, _, generator = neox
+    prompt = random_prompt(9, VOCAB, seed=9)
+    logits = generator.forward_batch([prompt])[0, -1, :VOCAB]
+    allowed = set(logits.topk(3).indices.tolist())
+    firsts = {greedy(generator, [prompt], sampling_topk=3, sampling_temperature=10.0,
+                     seed=seed)[0][0] for seed in range(40)}
+    assert firsts <= allowed and len(firsts) > 1
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_folders_load_and_generate(neox, tmp_path, dtype):
+    _, source, reference = neox
+    generator = kiln.Generator(kiln.convert(source, tmp_path / dtype, quantization=dtype))
+    assert generator.compute_type == dtype
+    assert generator.model.embed.weight.dtype == getattr(torch, dtype)
+    prompt = random_prompt(40, VOCAB, seed=10)
+    out = greedy(generator, [prompt])[0]
+    assert len(out) == 24 and max(out) < VOCAB
+    if dtype == "bfloat16":
+        expected = reference.forward_batch([prompt])
+        actual = generator.forward_batch([prompt])
+        relative = (actual - expected).norm() / expected.norm()
+        assert relative.item() < 0.03
+        assert (actual.argmax(-1) == expected.argmax(-1)).float().mean().item() >= 0.9
+
+
+def test_compute_type_converts_at_load(neox):
+    _, _, generator = neox
+    bf16 = kiln.Generator(generator.model_path, compute_type="bfloat16")
+    assert bf16.compute_type == "bfloat16"
+    assert bf16.model.layers[0].attn.qkv.weight.dtype == torch.bfloat16
+    assert kiln.Generator(generator.model_path, compute_type="auto").compute_type == "float32"
+
+
+def test_text_api_returns_str_for_str_and_list_for_list(neox):
+    _, _, generator = neox
+    text = "t5 t6 t7"
+    single = generator.generate(text, max_length=8)
+    assert isinstance(single, str) and single.startswith(text)
+    batch = generator.generate([text, "t9"], max_length=8)
+    assert isinstance(batch, list) and batch[0] == single
+    new_only = generator.generate(text, max_length=5, include_prompt_in_result=False)
+    assert single.startswith(text + " " + new_only.split(" ")[0])
+    assert len(new_only.split(" ")) == 5
+
+
+@pytest.fixture(scope="module")
+def ctranslate2_generator(neox, tmp_path_factory):
+    ctranslate2 = pytest.importorskip("ctranslate2")
+    _, source, _ = neox
+    output = convert_with_ctranslate2(source, tmp_path_factory.mktemp("ct2") / "model")
+    return ctranslate2.Generator(str(output))
+
+
+CASES = [
+    dict(include_prompt_in_result=False, max_length=8, end_token=[]),
+    dict(include_prompt_in_result=True, max_length=8, end_token=[]),
+    dict(include_prompt_in_result=True, max_length=8, min_length=6),
+    dict(include_prompt_in_result=False, max_length=12, min_length=3),
+    dict(include_prompt_in_result=True, max_length=6, bos=True),
+    dict(include_prompt_in_result=False, max_length=3, prompt_length=1),
+    dict(include_prompt_in_result=True, max_length=3, prompt_length=1),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[str(sorted(case.items())) for case in CASES])
+def test_generate_batch_matches_ctranslate2(neox, ctranslate2_generator, case):
+    """Same prompt counting, BOS handling, min_length and scores as CTranslate2 (float32)."""
+    _, _, generator = neox
+    case = dict(case)
+    prompt = [f"t{i}" for i in random_prompt(case.pop("prompt_length", 5), VOCAB, seed=12)]
+    if case.pop("bos", False):
+        prompt = ["t1", *prompt]
+    expected = ctranslate2_generator.generate_batch([prompt], return_scores=True, **case)[0]
+    actual = generator.generate_batch([prompt], return_scores=True, **case)[0]
+    assert actual.sequences == expected.sequences
+    assert actual.sequences_ids == expected.sequences_ids
+    assert actual.scores == pytest.approx(expected.scores, abs=1e-4)
+
+
+def test_end_token_stops_like_ctranslate2(neox, ctranslate2_generator):
+    _, _, generator = neox
+    prompt = [f"t{i}" for i in random_prompt(5, VOCAB, seed=13)]
+    free = generator.generate_batch([prompt], max_length=10, end_token=[],
+                                    include_prompt_in_result=False)[0].sequences[0]
+    end = free[3]
+    for return_end_token in (False, True):
+        options = dict(max_length=10, end_token=end, include_prompt_in_result=False,
+                       return_end_token=return_end_token, return_scores=True)
+        expected = ctranslate2_generator.generate_batch([prompt], **options)[0]
+        actual = generator.generate_batch([prompt], **options)[0]
+        assert actual.sequences == expected.sequences
+        assert actual.scores == pytest.approx(expected.scores, abs=1e-4)
