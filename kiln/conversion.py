@@ -37,16 +37,13 @@ def convert(source: str | Path, output_dir: str | Path, quantization: str | None
                               "(--force) to replace it")
     if output_dir.exists() and not output_dir.is_dir():
         raise FileExistsError(f"{output_dir} exists and is not a folder")
-    if not source.is_dir():
-        raise FileNotFoundError(f"no model folder at {source}: give a Hugging Face checkpoint "
-                                "folder (config.json + weights)")
-    config = hf.read_config(source)
+    checkpoint = open_checkpoint(source)
+    config = checkpoint.config
     adapter = get_adapter(config.get("model_type"))
-    tensors = hf.tensor_source(source)
-    spec = adapter.spec_from_config(config, _usable_tokenizer_size(source, config))
-    dtype = quantization or hf.checkpoint_dtype(config, tensors)
+    spec = adapter.spec_from_config(config, _usable_tokenizer_size(checkpoint))
+    dtype = quantization or checkpoint.dtype()
     extra_files = list(copy_files or [])
-    missing = [name for name in extra_files if not (source / name).is_file()]
+    missing = [name for name in extra_files if not checkpoint.has_file(name)]
     if missing:
         raise FileNotFoundError(f"copy_files names files that {source} does not have: {missing}")
 
@@ -54,14 +51,12 @@ def convert(source: str | Path, output_dir: str | Path, quantization: str | None
     partial = output_dir.parent / f".{output_dir.name}.partial-{uuid.uuid4().hex[:8]}"
     partial.mkdir()
     try:
-        weights = _write_weights(adapter.convert_weights(spec, tensors), spec, dtype, partial,
-                                 max_shard_bytes)
-        for name in [*hf.TOKENIZER_FILES, *extra_files]:
-            if (source / name).is_file():
-                shutil.copy2(source / name, partial / name)
+        weights = _write_weights(adapter.convert_weights(spec, checkpoint.tensors), spec, dtype,
+                                 partial, max_shard_bytes)
+        checkpoint.write_tokenizer(partial, extra_files)
         kiln_config = KilnConfig(
             spec=spec, dtype=dtype, tokens=adapter.token_ids(config), weights=weights,
-            source={"format": "huggingface", "path": str(source.resolve()),
+            source={"format": checkpoint.format_name, "path": str(source.resolve()),
                     "model_type": config.get("model_type")},
         )
         kiln_config.save(partial)  # written last: a folder without it never loads
@@ -72,9 +67,21 @@ def convert(source: str | Path, output_dir: str | Path, quantization: str | None
     return output_dir
 
 
-def _usable_tokenizer_size(source: Path, config: dict[str, Any]) -> int | None:
-    size = hf.tokenizer_vocab_size(source)
-    if size is None or size > config.get("vocab_size", 0):
+def open_checkpoint(source: Path):
+    """A reader for the source: a Hugging Face folder or a GGUF file."""
+    if source.is_file() and source.suffix == ".gguf":
+        from .formats.gguf import GGUFCheckpoint
+
+        return GGUFCheckpoint(source)
+    if not source.is_dir():
+        raise FileNotFoundError(f"no model folder at {source}: give a Hugging Face checkpoint "
+                                "folder (config.json + weights) or a .gguf file")
+    return hf.HFCheckpoint(source)
+
+
+def _usable_tokenizer_size(checkpoint) -> int | None:
+    size = checkpoint.tokenizer_vocab_size()
+    if size is None or size > checkpoint.config.get("vocab_size", 0):
         return None  # a tokenizer larger than the embedding cannot tell which rows are padding
     return size
 

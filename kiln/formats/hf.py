@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -96,6 +97,32 @@ def tokenizer_vocab_size(folder: Path) -> int | None:
     from tokenizers import Tokenizer
 
     return Tokenizer.from_file(str(path)).get_vocab_size(with_added_tokens=True)
+
+
+class HFCheckpoint:
+    """A local Hugging Face folder as conversion sees any checkpoint: config, tensors, tokenizer."""
+
+    format_name = "huggingface"
+
+    def __init__(self, folder: Path) -> None:
+        self.path = Path(folder)
+        self.config = read_config(self.path)
+        self.tensors = tensor_source(self.path)
+
+    def tokenizer_vocab_size(self) -> int | None:
+        return tokenizer_vocab_size(self.path)
+
+    def dtype(self) -> str:
+        return checkpoint_dtype(self.config, self.tensors)
+
+    def has_file(self, name: str) -> bool:
+        return (self.path / name).is_file()
+
+    def write_tokenizer(self, output: Path, extra_files: list[str]) -> None:
+        """Copy the tokenizer files (and any extra files asked for) into the output folder."""
+        for name in [*TOKENIZER_FILES, *extra_files]:
+            if (self.path / name).is_file():
+                shutil.copy2(self.path / name, Path(output) / name)
 
 
 def checkpoint_dtype(config: dict[str, Any], tensors: dict) -> str:
