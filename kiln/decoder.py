@@ -15,6 +15,7 @@ quantized linear can replace `nn.Linear` (see `linear_modules`) without touching
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -72,6 +73,8 @@ class RotaryTable(nn.Module):
         super().__init__()
         half = torch.arange(0, spec.rotary_dim, 2, dtype=torch.float32, device=device)
         inv_freq = 1.0 / (spec.rotary_base ** (half / spec.rotary_dim))
+        if spec.rope_scaling is not None:
+            inv_freq = scaled_inverse_frequencies(inv_freq, spec.rope_scaling)
         positions = torch.arange(spec.max_position_embeddings + 1, dtype=torch.float32,
                                  device=device)
         angles = torch.outer(positions, inv_freq)
@@ -83,6 +86,22 @@ class RotaryTable(nn.Module):
         cos = self.cos[positions].to(dtype).unsqueeze(2)
         sin = self.sin[positions].to(dtype).unsqueeze(2)
         return cos, sin
+
+
+def scaled_inverse_frequencies(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
+    """Context-extension rope scalings: 'linear' (positions / factor) and 'llama3'
+    (long wavelengths / factor, short ones kept, a smooth blend between)."""
+    factor = scaling["factor"]
+    if scaling["type"] == "linear":
+        return inv_freq / factor
+    low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
+    original = scaling.get("original_max_position_embeddings", 8192)
+    wavelength = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelength > original / low, inv_freq / factor, inv_freq)
+    smooth = (original / wavelength - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelength >= original / high) & (wavelength <= original / low)
+    return torch.where(medium, blended, scaled)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -197,8 +216,12 @@ class Decoder(nn.Module):
         else:
             write_slots = slots.unsqueeze(1)
             read_rows = slots
-        columns = torch.arange(kv_length, device=positions.device)
-        mask = (columns.view(1, 1, -1) <= positions.unsqueeze(-1)).unsqueeze(1)
+        columns = torch.arange(kv_length, device=positions.device).view(1, 1, -1)
+        query_positions = positions.unsqueeze(-1)
+        mask = columns <= query_positions
+        if self.spec.sliding_window is not None:
+            mask &= columns > query_positions - self.spec.sliding_window
+        mask = mask.unsqueeze(1)
         cos = sin = None
         if self.rotary is not None:
             cos, sin = self.rotary.lookup(positions, dtype)

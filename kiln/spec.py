@@ -44,6 +44,8 @@ class ModelSpec:
     position: str = "rotary"
     rotary_dim: int = 0  # leading dims of each head that are rotated (rotate-half style)
     rotary_base: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None  # {"type": "linear" | "llama3", "factor": ...}
+    sliding_window: int | None = None  # a query sees only this many latest keys (Mistral)
     qkv_bias: bool = False
     attn_out_bias: bool = False
     mlp_bias: bool = False
@@ -74,6 +76,13 @@ class ModelSpec:
             require(0 < self.rotary_dim <= self.head_dim and self.rotary_dim % 2 == 0,
                     f"rotary_dim must be even and in (0, head_dim={self.head_dim}], "
                     f"got {self.rotary_dim}")
+        if self.rope_scaling is not None:
+            require(self.rope_scaling.get("type") in ("linear", "llama3")
+                    and self.rope_scaling.get("factor", 0) > 0,
+                    f"rope_scaling {self.rope_scaling} must have type 'linear' or 'llama3' "
+                    "and a factor > 0")
+        if self.sliding_window is not None:
+            require(self.sliding_window > 0, f"sliding_window must be > 0, got {self.sliding_window}")
         require(self.norm_eps > 0, f"norm_eps must be > 0, got {self.norm_eps}")
         if self.tokenizer_vocab_size is not None:
             require(0 < self.tokenizer_vocab_size <= self.vocab_size,

@@ -41,13 +41,7 @@ def tiny_gpt_neox(seed: int = 0, **overrides):
                     use_parallel_residual=True, bos_token_id=1, eos_token_id=2)
     settings.update(overrides)
     torch.manual_seed(seed)
-    model = GPTNeoXForCausalLM(GPTNeoXConfig(**settings)).eval()
-    # Random init is near-uniform; widen it so logits have real structure to compare.
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "norm" not in name:
-                parameter.normal_(0.0, 0.5 if "embed" in name else 0.15)
-    return model
+    return widen_init(GPTNeoXForCausalLM(GPTNeoXConfig(**settings)).eval())
 
 
 @pytest.fixture(scope="session")
@@ -62,3 +56,34 @@ def neox_pair(tmp_path_factory):
 def random_prompt(length: int, vocab: int, seed: int) -> list[int]:
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(3, vocab, (length,), generator=generator).tolist()
+
+
+def widen_init(model, embed_std: float = 0.5, std: float = 0.15):
+    """Random init is near-uniform; widen it so logits have real structure to compare."""
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "norm" in name or "ln_" in name:
+                continue
+            parameter.normal_(0.0, embed_std if ("embed" in name or "wte" in name) else std)
+    return model
+
+
+def assert_faithful(model, generator, tokenizer_vocab: int, prompt_length: int = 40,
+                    new_tokens: int = 32) -> None:
+    """float32 logits within 1e-4 of transformers, and 32 greedy tokens identical."""
+    prompt = random_prompt(prompt_length, tokenizer_vocab, seed=1)
+    with torch.inference_mode():
+        expected = model(torch.tensor([prompt])).logits
+    actual = generator.forward_batch([prompt])
+    assert actual.shape == expected.shape
+    assert (actual - expected).abs().max().item() <= 1e-4
+    vocab = model.config.vocab_size
+    with torch.inference_mode():
+        expected_ids = model.generate(
+            torch.tensor([prompt]), max_new_tokens=new_tokens, do_sample=False,
+            eos_token_id=None, pad_token_id=0,
+            suppress_tokens=list(range(tokenizer_vocab, vocab)) or None,
+        )[0, prompt_length:].tolist()
+    result = generator.generate_batch([prompt], max_length=new_tokens, end_token=[],
+                                      include_prompt_in_result=False)
+    assert result[0].sequences_ids[0] == expected_ids

@@ -10,7 +10,7 @@ import torch
 import kiln
 from kiln.archs import get_adapter
 
-from .conftest import random_prompt, save_hf_model, tiny_gpt_neox
+from .conftest import assert_faithful, random_prompt, save_hf_model, tiny_gpt_neox
 
 CONFIGS = {
     "parallel-rotary0.25-padded-vocab": dict(use_parallel_residual=True, rotary_pct=0.25),
@@ -33,27 +33,9 @@ def pair(request, tmp_path_factory):
     return model, kiln.Generator(kiln.convert(source, root / "kiln"))
 
 
-def test_logits_match_transformers(pair):
+def test_logits_and_greedy_tokens_match_transformers(pair):
     model, generator = pair
-    prompt = random_prompt(40, TOKENIZER_VOCAB, seed=1)
-    with torch.inference_mode():
-        expected = model(torch.tensor([prompt])).logits
-    actual = generator.forward_batch([prompt])
-    assert actual.shape == expected.shape
-    assert (actual - expected).abs().max().item() <= 1e-4
-
-
-def test_greedy_matches_transformers_generate(pair):
-    model, generator = pair
-    prompt = random_prompt(40, TOKENIZER_VOCAB, seed=2)
-    with torch.inference_mode():
-        expected = model.generate(
-            torch.tensor([prompt]), max_new_tokens=32, do_sample=False, eos_token_id=None,
-            suppress_tokens=list(range(TOKENIZER_VOCAB, 96)), pad_token_id=0)[0, 40:].tolist()
-    result = generator.generate_batch([prompt], max_length=32, end_token=[],
-                                      include_prompt_in_result=False)
-    assert result[0].sequences_ids[0] == expected
-    assert max(expected) < TOKENIZER_VOCAB
+    assert_faithful(model, generator, TOKENIZER_VOCAB)
 
 
 def test_padded_vocabulary_is_never_sampled(pair):

@@ -6,6 +6,6 @@ Each family is one small module registering an `Adapter` for its `model_type` va
 from .registry import Adapter, get_adapter, register, supported_model_types
 
 # Importing a family registers it.
-from . import gpt_neox  # noqa: E402,F401  isort: skip
+from . import gpt2, gpt_neox, llama  # noqa: E402,F401  isort: skip
 
 __all__ = ["Adapter", "get_adapter", "register", "supported_model_types"]

@@ -8,41 +8,7 @@ from typing import Any
 import torch
 
 from ..spec import ModelSpec
-from .registry import Adapter, TensorSource, config_value, register, take
-
-# HF hidden_act -> kiln activation; exact GELU is not the tanh approximation.
-ACTIVATIONS = {
-    "gelu": "gelu",
-    "gelu_new": "gelu_tanh",
-    "gelu_fast": "gelu_tanh",
-    "gelu_pytorch_tanh": "gelu_tanh",
-    "relu": "relu",
-    "silu": "silu",
-}
-
-
-def activation_of(config: dict[str, Any]) -> str:
-    name = config.get("hidden_act", "gelu")
-    if name not in ACTIVATIONS:
-        raise ValueError(f"hidden_act {name!r} is not supported; supported: {sorted(ACTIVATIONS)}")
-    return ACTIVATIONS[name]
-
-
-def rope_settings(config: dict[str, Any], default_fraction: float = 1.0) -> tuple[float, float]:
-    """(rotary fraction of each head, rotary base), from old or new transformers key names."""
-    parameters = config.get("rope_parameters") or {}
-    scaling = config.get("rope_scaling") or {}
-    rope_type = parameters.get("rope_type") or scaling.get("rope_type") or scaling.get("type")
-    if rope_type not in (None, "default"):
-        raise ValueError(f"rope type {rope_type!r} is not supported for this model; "
-                         "supported: 'default'")
-    fraction = config_value(parameters, "partial_rotary_factor",
-                            default=config_value(config, "partial_rotary_factor", "rotary_pct",
-                                                 default=default_fraction))
-    base = config_value(parameters, "rope_theta",
-                        default=config_value(config, "rope_theta", "rotary_emb_base",
-                                             default=10000.0))
-    return float(fraction), float(base)
+from .registry import Adapter, TensorSource, activation_of, register, rope_settings, take
 
 
 @register
@@ -54,7 +20,9 @@ class GPTNeoXAdapter(Adapter):
         hidden = config["hidden_size"]
         heads = config["num_attention_heads"]
         head_dim = hidden // heads
-        fraction, base = rope_settings(config)
+        fraction, base, scaling = rope_settings(config)
+        if scaling is not None:
+            raise ValueError(f"rope scaling {scaling} is not supported for gpt_neox")
         bias = bool(config.get("attention_bias", True))
         return ModelSpec(
             vocab_size=config["vocab_size"],
@@ -67,7 +35,7 @@ class GPTNeoXAdapter(Adapter):
             max_position_embeddings=config.get("max_position_embeddings", 2048),
             norm="layernorm",
             norm_eps=float(config.get("layer_norm_eps", 1e-5)),
-            activation=activation_of(config),
+            activation=activation_of(config.get("hidden_act", "gelu")),
             parallel_residual=bool(config.get("use_parallel_residual", True)),
             position="rotary",
             rotary_dim=int(head_dim * fraction),

@@ -69,3 +69,45 @@ def take(tensors: TensorSource, name: str) -> torch.Tensor:
     if name not in tensors:
         raise ValueError(f"the checkpoint has no tensor {name!r}")
     return tensors[name]()
+
+
+# HF hidden_act / activation_function -> kiln activation. Exact GELU is not the tanh one.
+ACTIVATIONS = {
+    "gelu": "gelu",
+    "gelu_new": "gelu_tanh",
+    "gelu_fast": "gelu_tanh",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "relu": "relu",
+    "silu": "silu",
+    "swish": "silu",
+}
+ROPE_SCALINGS = ("linear", "llama3")
+
+
+def activation_of(name: str) -> str:
+    if name not in ACTIVATIONS:
+        raise ValueError(f"activation {name!r} is not supported; supported: {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
+def rope_settings(config: dict[str, Any]) -> tuple[float, float, dict[str, Any] | None]:
+    """(rotary fraction of each head, rotary base, scaling or None), from the old and the new
+    transformers key names (`rotary_pct`/`rotary_emb_base`/`rope_theta`/`rope_parameters`)."""
+    parameters = config.get("rope_parameters") or {}
+    scaling = dict(config.get("rope_scaling") or {})
+    fraction = config_value(parameters, "partial_rotary_factor",
+                            default=config_value(config, "partial_rotary_factor", "rotary_pct",
+                                                 default=1.0))
+    base = config_value(parameters, "rope_theta",
+                        default=config_value(config, "rope_theta", "rotary_emb_base",
+                                             default=10000.0))
+    rope_type = parameters.get("rope_type") or scaling.get("rope_type") or scaling.get("type")
+    if rope_type in (None, "default"):
+        return float(fraction), float(base), None
+    if rope_type not in ROPE_SCALINGS:
+        raise ValueError(f"rope type {rope_type!r} is not supported; supported: "
+                         f"'default', {', '.join(repr(t) for t in ROPE_SCALINGS)}")
+    settings = {**scaling, **parameters}
+    keep = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+    return float(fraction), float(base), {"type": rope_type, **{
+        key: float(settings[key]) for key in keep if settings.get(key) is not None}}
