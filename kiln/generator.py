@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from .cache import KVCache
+from .chat import ChatTemplate, Message
 from .loading import check_folder, load_decoder, resolve_compute_type, resolve_device
 from .loading import verify_checksums as verify_folder_checksums
 from .sampling import SamplingParams, choose_tokens
-from .tokenizer import Tokenizer
+from .tokenizer import StreamingDetokenizer, Tokenizer
 
 
 @dataclass
@@ -34,6 +35,27 @@ class _Request:
     min_new_tokens: int
     returned_prompt: list[int]  # prompt part of the result (empty unless include_prompt)
     counted_prompt: int  # prompt tokens counted in max_length and in the score's length
+
+
+@dataclass
+class GenerationStepResult:
+    """One generated token, as CTranslate2's `GenerationStepResult`."""
+
+    step: int
+    batch_id: int
+    token_id: int
+    hypothesis_id: int
+    token: str | None
+    log_prob: float
+    is_last: bool
+
+
+@dataclass
+class _DecodeOptions:
+    sampling: SamplingParams
+    end_ids: set[int]
+    return_end_token: bool
+    generator: torch.Generator
 
 
 @dataclass
@@ -66,10 +88,16 @@ class Generator:
     One Generator may be shared by threads: calls run one at a time under a lock.
     """
 
-    def __init__(self, model_path: str | Path, device: str = "cpu",
+    def __init__(self, model_path: str | Path | None = None, device: str = "cpu",
                  compute_type: str = "default", *, device_index: int = 0,
                  intra_threads: int = 0, seed: int | None = None,
-                 verify_checksums: bool = False) -> None:
+                 verify_checksums: bool = False, cache_dir: str | Path | None = None) -> None:
+        """Load a kiln folder; with no `model_path`, kiln's default model (SmolLM2-135M-Instruct,
+        converted once into `cache_dir`)."""
+        if model_path is None:
+            from .default_model import default_model_path
+
+            model_path = default_model_path(cache_dir)
         self.model_path = Path(model_path)
         self.config = check_folder(self.model_path)
         if verify_checksums:
@@ -84,6 +112,7 @@ class Generator:
         self.model = load_decoder(self.model_path, self.config, self.dtype, self._device)
         self.spec = self.config.spec
         self.tokenizer = Tokenizer.from_folder(self.model_path)
+        self.chat_template = ChatTemplate.from_folder(self.model_path)
         self._lock = threading.Lock()
         self._cache: KVCache | None = None
         self._rng = torch.Generator(device=self._device)
@@ -131,19 +160,96 @@ class Generator:
         end_ids = self._end_ids(end_token)
         requests = [self._request(prompt, max_length, min_length, include_prompt_in_result)
                     for prompt in self._check_batch(start_tokens)]
-        generator = self._rng
-        if seed is not None:
-            generator = torch.Generator(device=self._device)
-            generator.manual_seed(seed)
+        options = _DecodeOptions(sampling, end_ids, return_end_token, self._random(seed))
         chunk = max_batch_size or len(requests)
         results: list[GenerationResult] = []
         with self._lock, torch.inference_mode():
             for start in range(0, len(requests), chunk):
                 batch = requests[start:start + chunk]
-                outputs = self._decode(batch, sampling, end_ids, return_end_token, generator)
-                results.extend(self._result(request, ids, score, return_scores)
-                               for request, (ids, score) in zip(batch, outputs, strict=True))
+                rows = [_RowState(scored=request.counted_prompt) for request in batch]
+                for _ in self._decode_steps(batch, rows, options):
+                    pass
+                results.extend(self._result(request, row, return_scores)
+                               for request, row in zip(batch, rows, strict=True))
         return results
+
+    def generate_tokens(
+        self,
+        prompt: Sequence[str | int],
+        *,
+        max_length: int = 512,
+        min_length: int = 0,
+        sampling_topk: int = 1,
+        sampling_topp: float = 1.0,
+        sampling_temperature: float = 1.0,
+        end_token: str | int | Sequence[str | int] | None = None,
+        return_end_token: bool = False,
+        seed: int | None = None,
+    ) -> Iterator[GenerationStepResult]:
+        """Yield each new token of one prompt as it is generated (`max_length` new tokens at
+        most). Breaking out of the loop or closing the iterator stops the generation."""
+        sampling = SamplingParams(sampling_topk, sampling_topp, sampling_temperature)
+        end_ids = self._end_ids(end_token)
+        request = self._request(self._check_batch([prompt])[0], max_length, min_length, False)
+        options = _DecodeOptions(sampling, end_ids, return_end_token, self._random(seed))
+        return self._stream_tokens(request, options)
+
+    def _stream_tokens(self, request: _Request,
+                       options: _DecodeOptions) -> Iterator[GenerationStepResult]:
+        row = _RowState()
+        with self._lock, torch.inference_mode():
+            for step, picks in enumerate(self._decode_steps([request], [row], options)):
+                for _, token, log_prob in picks:
+                    if token in options.end_ids and not options.return_end_token:
+                        return
+                    yield GenerationStepResult(
+                        step=step, batch_id=0, token_id=token, hypothesis_id=0,
+                        token=self.tokenizer.id_to_token(token) if self.tokenizer else None,
+                        log_prob=log_prob, is_last=row.done)
+
+    def stream(self, text: str, max_length: int = 64, *, skip_special_tokens: bool = True,
+               add_special_tokens: bool = True, **kwargs) -> Iterator[str]:
+        """Yield the continuation of `text` as text pieces, as soon as they are whole
+        characters. Joined, the pieces equal the decoded continuation. Keyword arguments go
+        to `generate_tokens`."""
+        tokenizer = self.require_tokenizer()
+        prompt_ids = tokenizer.encode(text, add_special_tokens=add_special_tokens)
+        if not prompt_ids:
+            raise ValueError("the prompt encodes to no tokens; give some text")
+        steps = self.generate_tokens(prompt_ids, max_length=max_length, **kwargs)
+        detokenizer = StreamingDetokenizer(tokenizer, prompt_ids, skip_special_tokens)
+        for step in steps:
+            piece = detokenizer.add(step.token_id)
+            if piece:
+                yield piece
+        tail = detokenizer.finish()
+        if tail:
+            yield tail
+
+    def chat(self, messages: str | list[Message], max_length: int = 256, **kwargs) -> str:
+        """The assistant's reply to a conversation (or to one user message given as a str),
+        through the model's chat template; generation stops at the end-of-turn token."""
+        return "".join(self.stream_chat(messages, max_length=max_length, **kwargs))
+
+    def stream_chat(self, messages: str | list[Message], max_length: int = 256,
+                    **kwargs) -> Iterator[str]:
+        """`chat`, yielding the reply as text pieces as they are generated."""
+        if self.chat_template is None:
+            raise ValueError(f"{self.model_path} has no chat template (tokenizer_config.json "
+                             "'chat_template'); use generate() for plain text continuation")
+        if isinstance(messages, str):
+            messages = [{"role": "user", "content": messages}]
+        prompt = self.chat_template.render(messages, add_generation_prompt=True)
+        # The template writes the special tokens itself: the tokenizer must not add more.
+        return self.stream(prompt, max_length=max_length, add_special_tokens=False, **kwargs)
+
+    def _random(self, seed: int | None) -> torch.Generator:
+        """The generator's own random stream, or a fresh one for an explicit seed."""
+        if seed is None:
+            return self._rng
+        generator = torch.Generator(device=self._device)
+        generator.manual_seed(seed)
+        return generator
 
     def forward_batch(self, inputs: Sequence[Sequence[str | int]]) -> torch.Tensor:
         """Float32 logits [batch, time, vocab] for every position of every prompt.
@@ -270,39 +376,44 @@ class Generator:
             self._cache = KVCache(self.spec, num_slots, max_length, self.dtype, self._device)
         return self._cache
 
-    def _decode(self, batch: list[_Request], sampling: SamplingParams, end_ids: set[int],
-                return_end_token: bool,
-                generator: torch.Generator) -> list[tuple[list[int], float]]:
-        """Prefill every prompt in one forward pass, then one token per step for all rows."""
+    def _decode_steps(self, batch: list[_Request], rows: list[_RowState],
+                      options: _DecodeOptions) -> Iterator[list[tuple[int, int, float]]]:
+        """Prefill every prompt in one forward pass, then one token per step for all rows.
+
+        Updates `rows` and yields, after each step, (row, token, log_prob) for the rows that
+        took a token. Closing the iterator stops the work.
+        """
         device = self._device
         lengths = [len(request.prompt_ids) for request in batch]
-        total = max(length + request.max_new_tokens for length, request in zip(lengths, batch, strict=True))
+        total = max(length + request.max_new_tokens
+                    for length, request in zip(lengths, batch, strict=True))
         cache = self._kv_cache(len(batch), total)
         tokens, positions = self._pack([request.prompt_ids for request in batch], cache)
         last = torch.tensor(lengths, device=device) - 1
         logits = self.model(tokens, positions, cache, kv_length=tokens.shape[1], last_index=last)
 
-        end_mask = self._end_mask(end_ids)
-        rows = [_RowState(scored=request.counted_prompt) for request in batch]
+        end_mask = self._end_mask(options.end_ids)
         next_positions = list(lengths)  # where each row's next token goes
         for step in range(max(request.max_new_tokens for request in batch)):
             logits = self._mask_end_tokens(logits, end_mask, batch, step)
-            ids, log_probs = choose_tokens(logits, sampling, generator,
+            ids, log_probs = choose_tokens(logits, options.sampling, options.generator,
                                            self.spec.usable_vocab_size)
-            for row, request, token, log_prob in zip(rows, batch, ids.tolist(),
-                                                     log_probs.tolist(), strict=True):
+            picks = []
+            for index, (row, request, token, log_prob) in enumerate(zip(
+                    rows, batch, ids.tolist(), log_probs.tolist(), strict=True)):
                 if not row.done:
-                    row.add(token, log_prob, token in end_ids, return_end_token,
+                    row.add(token, log_prob, token in options.end_ids, options.return_end_token,
                             step + 1 >= request.max_new_tokens)
+                    picks.append((index, token, log_prob))
+            yield picks
             if all(row.done for row in rows):
-                break
+                return
             # Finished rows keep stepping with the batch but write to the scratch column.
             for index, row in enumerate(rows):
                 next_positions[index] = cache.scratch_position if row.done else lengths[index] + step
             kv_length = max(p for p in next_positions if p != cache.scratch_position) + 1
             positions = torch.tensor(next_positions, device=device).unsqueeze(1)
             logits = self.model(ids.unsqueeze(1), positions, cache, kv_length=kv_length)[:, -1]
-        return [(row.tokens, row.score) for row in rows]
 
     def _pack(self, prompts: list[list[int]],
               cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
@@ -329,9 +440,9 @@ class Generator:
                 logits[torch.tensor(rows, device=logits.device).unsqueeze(1), end_mask] = float("-inf")
         return logits
 
-    def _result(self, request: _Request, generated: list[int], score: float,
+    def _result(self, request: _Request, row: _RowState,
                 return_scores: bool) -> GenerationResult:
-        ids = request.returned_prompt + generated
+        ids = request.returned_prompt + row.tokens
         tokens = self.tokenizer.ids_to_tokens(ids) if self.tokenizer is not None else []
         return GenerationResult(sequences=[tokens], sequences_ids=[ids],
-                                scores=[score] if return_scores else [])
+                                scores=[row.score] if return_scores else [])

@@ -58,3 +58,40 @@ class Tokenizer:
 
     def ids_to_tokens(self, ids: Sequence[int]) -> list[str]:
         return [self._tokenizer.id_to_token(token_id) or "" for token_id in ids]
+
+
+class StreamingDetokenizer:
+    """Turns a stream of token ids into text pieces, never emitting half a character.
+
+    Decoding token by token breaks multi-byte characters (one CJK character or emoji can
+    span several byte-level tokens) and drops the spaces some decoders add between tokens.
+    So each step decodes a short window of ids twice, without and with the new tokens, and
+    emits the difference once it no longer ends in U+FFFD (an incomplete UTF-8 sequence).
+    """
+
+    def __init__(self, tokenizer: Tokenizer, context_ids: Sequence[int] = (),
+                 skip_special_tokens: bool = True) -> None:
+        self._tokenizer = tokenizer
+        self._skip = skip_special_tokens
+        self._ids = list(context_ids)[-8:]  # some context, so the first piece is spaced right
+        self._prefix = 0  # start of the window decoded for reference
+        self._read = len(self._ids)  # ids before this have been emitted
+
+    def _decode(self, ids: Sequence[int]) -> str:
+        return self._tokenizer.decode(ids, skip_special_tokens=self._skip)
+
+    def add(self, token_id: int) -> str:
+        self._ids.append(token_id)
+        emitted = self._decode(self._ids[self._prefix:self._read])
+        text = self._decode(self._ids[self._prefix:])
+        if len(text) <= len(emitted) or text.endswith("\ufffd"):
+            return ""  # wait for the rest of a character
+        self._prefix, self._read = self._read, len(self._ids)
+        return text[len(emitted):]
+
+    def finish(self) -> str:
+        """Whatever is held back at the end (a truly invalid tail decodes as U+FFFD)."""
+        emitted = self._decode(self._ids[self._prefix:self._read])
+        text = self._decode(self._ids[self._prefix:])
+        self._prefix = self._read = len(self._ids)
+        return text[len(emitted):]
