@@ -7,6 +7,7 @@ loads; an existing output is replaced only with `force`, and only once the new o
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import uuid
 from collections.abc import Iterable, Iterator
@@ -60,6 +61,7 @@ def convert(source: str | Path, output_dir: str | Path, quantization: str | None
                     "model_type": config.get("model_type")},
         )
         kiln_config.save(partial)  # written last: a folder without it never loads
+        _make_readable(partial)
         _move_into_place(partial, output_dir)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
@@ -121,6 +123,14 @@ def _write_weights(named_tensors: Iterator[tuple[str, torch.Tensor]], spec: Mode
         files[0] = files[0].rename(folder / WEIGHTS_FILE)
     return {"files": {path.name: {"bytes": path.stat().st_size, "sha256": _sha256(path)}
                       for path in files}}
+
+
+def _make_readable(folder: Path) -> None:
+    """Weights are written 0600 by safetensors; a model folder is readable like any file."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in folder.iterdir():
+        path.chmod(0o666 & ~umask)
 
 
 def _sha256(path: Path) -> str:
