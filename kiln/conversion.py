@@ -18,18 +18,24 @@ import torch
 from safetensors.torch import save_file
 
 from .archs import get_adapter
-from .decoder import expected_weight_shapes
+from .compute_types import NAMED, ComputeType
+from .decoder import expected_weight_shapes, quantizable_weight_names
 from .formats import hf
-from .spec import FLOAT_DTYPES, WEIGHTS_FILE, KilnConfig, ModelSpec
+from .quant import quantize_rows
+from .spec import WEIGHTS_FILE, KilnConfig, ModelSpec
 
-QUANTIZATIONS = FLOAT_DTYPES
+QUANTIZATIONS = NAMED
 DEFAULT_SHARD_BYTES = 4 * 1024**3
 
 
 def convert(source: str | Path, output_dir: str | Path, quantization: str | None = None,
             force: bool = False, copy_files: Iterable[str] | None = None, *,
             max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
-    """Convert a local Hugging Face checkpoint folder into a kiln folder; return its path."""
+    """Convert a local Hugging Face checkpoint folder or GGUF file into a kiln folder.
+
+    `quantization` is a compute type name (float32, float16, bfloat16, int8, int8_float32,
+    int8_float16, int8_bfloat16, int16); None keeps the checkpoint's float type.
+    """
     source, output_dir = Path(source), Path(output_dir)
     if quantization is not None and quantization not in QUANTIZATIONS:
         raise ValueError(f"unknown quantization {quantization!r}; supported: {', '.join(QUANTIZATIONS)}")
@@ -42,7 +48,7 @@ def convert(source: str | Path, output_dir: str | Path, quantization: str | None
     config = checkpoint.config
     adapter = get_adapter(config.get("model_type"))
     spec = adapter.spec_from_config(config, _usable_tokenizer_size(checkpoint))
-    dtype = quantization or checkpoint.dtype()
+    target = ComputeType.parse(quantization or checkpoint.dtype(), saved_dtype=checkpoint.dtype())
     extra_files = list(copy_files or [])
     missing = [name for name in extra_files if not checkpoint.has_file(name)]
     if missing:
@@ -52,11 +58,12 @@ def convert(source: str | Path, output_dir: str | Path, quantization: str | None
     partial = output_dir.parent / f".{output_dir.name}.partial-{uuid.uuid4().hex[:8]}"
     partial.mkdir()
     try:
-        weights = _write_weights(adapter.convert_weights(spec, checkpoint.tensors), spec, dtype,
+        weights = _write_weights(adapter.convert_weights(spec, checkpoint.tensors), spec, target,
                                  partial, max_shard_bytes)
         checkpoint.write_tokenizer(partial, extra_files)
         kiln_config = KilnConfig(
-            spec=spec, dtype=dtype, tokens=adapter.token_ids(config), weights=weights,
+            spec=spec, dtype=target.dtype, weights=target.weights, tokens=adapter.token_ids(config),
+            files=weights,
             source={"format": checkpoint.format_name, "path": str(source.resolve()),
                     "model_type": config.get("model_type")},
         )
@@ -88,11 +95,31 @@ def _usable_tokenizer_size(checkpoint) -> int | None:
     return size
 
 
-def _write_weights(named_tensors: Iterator[tuple[str, torch.Tensor]], spec: ModelSpec,
-                   dtype: str, folder: Path, max_shard_bytes: int) -> dict[str, Any]:
-    """Stream tensors into safetensors shards; check every name and shape against the spec."""
+def _stored_tensors(named_tensors: Iterator[tuple[str, torch.Tensor]], spec: ModelSpec,
+                    target: ComputeType) -> Iterator[tuple[str, torch.Tensor]]:
+    """Checked, cast or quantized (weight + weight_scale) tensors, in the order they come."""
     expected = expected_weight_shapes(spec)
-    target_dtype = getattr(torch, dtype)
+    quantized = quantizable_weight_names(spec) if target.weights else set()
+    for name, tensor in named_tensors:
+        if name not in expected:
+            raise ValueError(f"converter produced an unexpected tensor {name!r}")
+        want = expected.pop(name)
+        if tuple(tensor.shape) != want:
+            raise ValueError(f"tensor {name!r} has shape {tuple(tensor.shape)}; the config implies "
+                             f"{want}: config.json and weights disagree")
+        if name in quantized:
+            integers, scale = quantize_rows(tensor, target.weights)
+            yield name, integers
+            yield f"{name}_scale", scale
+        else:
+            yield name, tensor.to(target.torch_dtype).contiguous()
+    if expected:
+        raise ValueError(f"the checkpoint lacks tensors the config requires: {sorted(expected)}")
+
+
+def _write_weights(named_tensors: Iterator[tuple[str, torch.Tensor]], spec: ModelSpec,
+                   target: ComputeType, folder: Path, max_shard_bytes: int) -> dict[str, Any]:
+    """Stream tensors into safetensors shards of at most max_shard_bytes each."""
     shards: list[dict[str, torch.Tensor]] = [{}]
     shard_bytes = 0
     files: list[Path] = []
@@ -103,26 +130,16 @@ def _write_weights(named_tensors: Iterator[tuple[str, torch.Tensor]], spec: Mode
         files.append(path)
         shards.append({})
 
-    for name, tensor in named_tensors:
-        if name not in expected:
-            raise ValueError(f"converter produced an unexpected tensor {name!r}")
-        want = expected.pop(name)
-        if tuple(tensor.shape) != want:
-            raise ValueError(f"tensor {name!r} has shape {tuple(tensor.shape)}; the config implies "
-                             f"{want}: config.json and weights disagree")
-        tensor = tensor.to(target_dtype).contiguous()
+    for name, tensor in _stored_tensors(named_tensors, spec, target):
         if shard_bytes and shard_bytes + tensor.nbytes > max_shard_bytes:
             flush()
             shard_bytes = 0
         shards[-1][name] = tensor
         shard_bytes += tensor.nbytes
-    if expected:
-        raise ValueError(f"the checkpoint lacks tensors the config requires: {sorted(expected)}")
     flush()
     if len(files) == 1:
         files[0] = files[0].rename(folder / WEIGHTS_FILE)
-    return {"files": {path.name: {"bytes": path.stat().st_size, "sha256": _sha256(path)}
-                      for path in files}}
+    return {path.name: {"bytes": path.stat().st_size, "sha256": _sha256(path)} for path in files}
 
 
 def _make_readable(folder: Path) -> None:

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cache import KVCache
+from .quant import QuantizedEmbedding, QuantizedLinear
 from .spec import ModelSpec
 
 _ACTIVATIONS = {
@@ -190,7 +191,7 @@ class Decoder(nn.Module):
             self.pos_embed = nn.Embedding(spec.max_position_embeddings, spec.hidden_size)
         self.layers = nn.ModuleList(Block(spec) for _ in range(spec.num_layers))
         self.final_norm = make_norm(spec)
-        if not spec.tie_word_embeddings:
+        if not spec.tie_word_embeddings:  # a tied head is made by tie_head() after loading
             self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
         self.rotary: RotaryTable | None = None
 
@@ -199,12 +200,11 @@ class Decoder(nn.Module):
         if self.spec.position == "rotary":
             self.rotary = RotaryTable(self.spec, device=device)
 
-    def head_weight(self) -> torch.Tensor:
-        return self.embed.weight if self.spec.tie_word_embeddings else self.lm_head.weight
+    def tie_head(self, head: nn.Module) -> None:
+        """Give a tied model its output projection, sharing the embedding's tensors."""
+        self.lm_head = head
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        if self.spec.tie_word_embeddings:
-            return F.linear(hidden, self.embed.weight)
         return self.lm_head(hidden)
 
     def step_inputs(self, positions: torch.Tensor, cache: KVCache, slots: torch.Tensor | None,
@@ -248,15 +248,34 @@ class Decoder(nn.Module):
         return self.logits(self.final_norm(hidden)).float()
 
 
-def linear_modules(decoder: Decoder) -> Iterator[tuple[str, nn.Linear]]:
-    """The projections a quantizer may replace, by qualified name."""
+def quantizable_modules(decoder: Decoder) -> Iterator[tuple[str, nn.Module]]:
+    """The projections and the token embedding, which integer weights may replace."""
     for name, module in decoder.named_modules():
-        if isinstance(module, nn.Linear):
+        if isinstance(module, nn.Linear) or name == "embed":
             yield name, module
 
 
-def expected_weight_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
-    """Every tensor a kiln folder must hold for this spec, with its shape."""
+def build_decoder(spec: ModelSpec, weights: str | None = None,
+                  dtype: torch.dtype = torch.float32) -> Decoder:
+    """The decoder on the meta device (no memory), with integer-weight modules if asked."""
     with torch.device("meta"):
         decoder = Decoder(spec)
+        if weights is not None:
+            for name, module in list(quantizable_modules(decoder)):
+                if isinstance(module, nn.Linear):
+                    replacement = QuantizedLinear(module.in_features, module.out_features,
+                                                  module.bias is not None, weights, dtype)
+                else:
+                    replacement = QuantizedEmbedding(spec.vocab_size, spec.hidden_size, weights, dtype)
+                decoder.set_submodule(name, replacement)
+    return decoder
+
+
+def quantizable_weight_names(spec: ModelSpec) -> set[str]:
+    return {f"{name}.weight" for name, _ in quantizable_modules(build_decoder(spec))}
+
+
+def expected_weight_shapes(spec: ModelSpec, weights: str | None = None) -> dict[str, tuple[int, ...]]:
+    """Every tensor a kiln folder must hold for this spec, with its shape."""
+    decoder = build_decoder(spec, weights)
     return {name: tuple(tensor.shape) for name, tensor in decoder.state_dict().items()}

@@ -11,7 +11,9 @@ import torch
 
 from .cache import KVCache
 from .chat import ChatTemplate, Message
-from .loading import check_folder, load_decoder, resolve_compute_type, resolve_device
+from .compute_types import ComputeType
+from .compute_types import resolve as resolve_compute_type
+from .loading import check_folder, load_decoder, resolve_device
 from .loading import verify_checksums as verify_folder_checksums
 from .sampling import SamplingParams, choose_tokens
 from .tokenizer import StreamingDetokenizer, Tokenizer
@@ -91,7 +93,8 @@ class Generator:
     def __init__(self, model_path: str | Path | None = None, device: str = "cpu",
                  compute_type: str = "default", *, device_index: int = 0,
                  intra_threads: int = 0, seed: int | None = None,
-                 verify_checksums: bool = False, cache_dir: str | Path | None = None) -> None:
+                 verify_checksums: bool = False, cache_dir: str | Path | None = None,
+                 int8_backend: str = "auto") -> None:
         """Load a kiln folder; with no `model_path`, kiln's default model (SmolLM2-135M-Instruct,
         converted once into `cache_dir`)."""
         if model_path is None:
@@ -103,13 +106,15 @@ class Generator:
         if verify_checksums:
             verify_folder_checksums(self.model_path, self.config)
         self._device = resolve_device(device, device_index)
-        self._compute_type = resolve_compute_type(compute_type, self.config.dtype, self._device)
+        saved = ComputeType(self.config.weights, self.config.dtype)
+        self._compute = resolve_compute_type(compute_type, saved, self._device)
         if intra_threads < 0:
             raise ValueError(f"intra_threads must be >= 0 (0: all cores), got {intra_threads}")
         if intra_threads:
             torch.set_num_threads(intra_threads)
-        self.dtype = getattr(torch, self._compute_type)
-        self.model = load_decoder(self.model_path, self.config, self.dtype, self._device)
+        self.dtype = self._compute.torch_dtype
+        self.model = load_decoder(self.model_path, self.config, self._compute, self._device,
+                                  int8_backend)
         self.spec = self.config.spec
         self.tokenizer = Tokenizer.from_folder(self.model_path)
         self.chat_template = ChatTemplate.from_folder(self.model_path)
@@ -124,8 +129,8 @@ class Generator:
 
     @property
     def compute_type(self) -> str:
-        """The type the model actually runs in."""
-        return self._compute_type
+        """The type the model actually runs in (CTranslate2's names, e.g. int8_float32)."""
+        return self._compute.name
 
     # ---------------------------------------------------------------- token API
 

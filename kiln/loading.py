@@ -7,16 +7,19 @@ mmapped tensors themselves (when no dtype or device change is asked): no second 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
-from .decoder import Decoder, expected_weight_shapes
-from .spec import CONFIG_FILE, FLOAT_DTYPES, KilnConfig, is_kiln_folder
+from .compute_types import ComputeType
+from .decoder import Decoder, build_decoder, expected_weight_shapes, quantizable_weight_names
+from .kernels import default_backend
+from .quant import QuantizedLinear, dequantize_rows, quantize_rows
+from .spec import CONFIG_FILE, KilnConfig, ModelSpec, is_kiln_folder
 
 DEVICES = ("cpu", "cuda", "auto")
-COMPUTE_TYPES = ("default", "auto", *FLOAT_DTYPES)
 
 
 def resolve_device(device: str, device_index: int = 0) -> torch.device:
@@ -35,33 +38,6 @@ def resolve_device(device: str, device_index: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
-def supported_compute_types(device: torch.device) -> list[str]:
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        return ["float32", "float16"]
-    return list(FLOAT_DTYPES)
-
-
-def resolve_compute_type(compute_type: str, saved_dtype: str, device: torch.device) -> str:
-    """The float type to run in. 'default' keeps the saved type (falling back where the
-    device cannot run it); 'auto' picks the fastest faithful type for the device."""
-    supported = supported_compute_types(device)
-    if compute_type not in COMPUTE_TYPES:
-        raise ValueError(f"unknown compute_type {compute_type!r}; valid on {device.type}: "
-                         f"{', '.join(['default', 'auto', *supported])}")
-    if compute_type == "auto":
-        if device.type == "cuda":
-            return "bfloat16" if "bfloat16" in supported else "float16"
-        return "float32"
-    if compute_type == "default":
-        if saved_dtype in supported:
-            return saved_dtype
-        return "float16" if device.type == "cuda" else "float32"
-    if compute_type not in supported:
-        raise ValueError(f"compute_type {compute_type!r} cannot run on {device}; valid there: "
-                         f"{', '.join(['default', 'auto', *supported])}")
-    return compute_type
-
-
 def check_folder(folder: Path) -> KilnConfig:
     folder = Path(folder)
     if not folder.exists():
@@ -77,7 +53,7 @@ def check_folder(folder: Path) -> KilnConfig:
         raise FileNotFoundError(f"{folder} is not a model folder: looked for {CONFIG_FILE} "
                                 "and model.safetensors, found neither")
     config = KilnConfig.load(folder)
-    files = config.weights.get("files", {})
+    files = config.files
     if not files:
         raise ValueError(f"{folder / CONFIG_FILE} lists no weight files")
     for name, info in files.items():
@@ -92,7 +68,7 @@ def check_folder(folder: Path) -> KilnConfig:
 
 
 def verify_checksums(folder: Path, config: KilnConfig) -> None:
-    for name, info in config.weights.get("files", {}).items():
+    for name, info in config.files.items():
         digest = hashlib.sha256()
         with open(Path(folder) / name, "rb") as handle:
             for block in iter(lambda: handle.read(1 << 24), b""):
@@ -105,7 +81,7 @@ def verify_checksums(folder: Path, config: KilnConfig) -> None:
 def read_weights(folder: Path, config: KilnConfig) -> dict[str, torch.Tensor]:
     """Every tensor of the folder, memory-mapped; shapes checked against the spec."""
     tensors: dict[str, torch.Tensor] = {}
-    for name in config.weights["files"]:
+    for name in config.files:
         path = Path(folder) / name
         try:
             handle = safe_open(str(path), framework="pt")
@@ -113,7 +89,7 @@ def read_weights(folder: Path, config: KilnConfig) -> dict[str, torch.Tensor]:
                 tensors[key] = handle.get_tensor(key)
         except Exception as error:  # safetensors raises its own types for a bad header
             raise ValueError(f"{path} could not be read (corrupt or truncated?): {error}") from error
-    expected = expected_weight_shapes(config.spec)
+    expected = expected_weight_shapes(config.spec, config.weights)
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:
@@ -126,14 +102,58 @@ def read_weights(folder: Path, config: KilnConfig) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def load_decoder(folder: Path, config: KilnConfig, dtype: torch.dtype,
-                 device: torch.device) -> Decoder:
+def load_decoder(folder: Path, config: KilnConfig, compute: ComputeType,
+                 device: torch.device, int8_backend: str | None = "auto") -> Decoder:
+    """Build the decoder for `compute` and fill it with the folder's weights, converting
+    between float and integer weights where the folder and the compute type differ."""
     tensors = read_weights(folder, config)
-    with torch.device("meta"):
-        decoder = Decoder(config.spec)
-    # Cast or move only when asked: otherwise the mmapped tensors are used as they are.
-    state = {name: tensor.to(device=device, dtype=dtype) for name, tensor in tensors.items()}
+    decoder = build_decoder(config.spec, compute.weights, compute.torch_dtype)
+    state = dict(_converted(tensors, config, compute, device))
     decoder.load_state_dict(state, strict=True, assign=True)
+    del state, tensors
+    if config.spec.tie_word_embeddings:
+        decoder.tie_head(_tied_head(decoder, config.spec, compute))
+    if compute.weights == "int8":
+        backend = default_backend(device) if int8_backend == "auto" else int8_backend
+        for module in decoder.modules():
+            if isinstance(module, QuantizedLinear):
+                module.prepare(backend)
     decoder.prepare(device)
     decoder.eval().requires_grad_(False)
     return decoder
+
+
+def _converted(tensors: dict[str, torch.Tensor], config: KilnConfig, compute: ComputeType,
+               device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
+    """The stored tensors as the compute type wants them; untouched (mmapped) when they match."""
+    dtype = compute.torch_dtype
+    for name in quantizable_weight_names(config.spec):
+        stored = tensors.pop(name)
+        scale = tensors.pop(f"{name}_scale", None)
+        if compute.weights is None:
+            weight = stored if scale is None else dequantize_rows(stored, scale)
+            yield name, weight.to(device=device, dtype=dtype)
+        elif scale is not None and config.weights == compute.weights:
+            yield name, stored.to(device)
+            yield f"{name}_scale", scale.to(device)
+        else:
+            weight = stored if scale is None else dequantize_rows(stored, scale)
+            integers, scale = quantize_rows(weight, compute.weights)
+            yield name, integers.to(device)
+            yield f"{name}_scale", scale.to(device)
+    for name, tensor in tensors.items():  # norms, biases, learned positions
+        yield name, tensor.to(device=device, dtype=dtype)
+
+
+def _tied_head(decoder: Decoder, spec: ModelSpec, compute: ComputeType) -> torch.nn.Module:
+    """The output projection of a tied model: the embedding's own tensors, not a copy."""
+    if compute.weights is None:
+        with torch.device("meta"):
+            head = torch.nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
+        head.weight = decoder.embed.weight
+        return head
+    with torch.device("meta"):
+        head = QuantizedLinear(spec.hidden_size, spec.vocab_size, False, compute.weights,
+                               compute.torch_dtype)
+    head.weight, head.weight_scale = decoder.embed.weight, decoder.embed.weight_scale
+    return head

@@ -22,6 +22,7 @@ NORMS = ("layernorm", "rmsnorm")
 ACTIVATIONS = ("gelu", "gelu_tanh", "silu", "relu")
 POSITIONS = ("rotary", "learned")
 FLOAT_DTYPES = ("float32", "float16", "bfloat16")
+INTEGER_WEIGHTS = (None, "int8", "int16")
 
 
 @dataclass(frozen=True)
@@ -139,19 +140,20 @@ class KilnConfig:
 
     spec: ModelSpec
     dtype: str  # storage type of the float weights
+    weights: str | None = None  # "int8" or "int16": integer matrices with a scale per row
+    files: dict[str, Any] = field(default_factory=dict)  # weight file -> {"bytes", "sha256"}
     tokens: TokenIds = field(default_factory=TokenIds)
     source: dict[str, Any] = field(default_factory=dict)  # where it came from
-    weights: dict[str, Any] = field(default_factory=dict)  # file -> {"bytes": n, "sha256": h}
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,
             "model": self.spec.to_dict(),
-            "quantization": {"dtype": self.dtype},
+            "quantization": {"dtype": self.dtype, "weights": self.weights},
             "tokens": dataclasses.asdict(self.tokens),
             "source": self.source,
-            "weights": self.weights,
+            "files": self.files,
         }
 
     def save(self, folder: Path) -> None:
@@ -168,15 +170,20 @@ class KilnConfig:
                 f"this kiln folder has format version {version}; this kiln reads up to "
                 f"{FORMAT_VERSION}: upgrade kiln"
             )
-        dtype = data.get("quantization", {}).get("dtype", "float32")
+        quantization = data.get("quantization", {})
+        dtype, weights = quantization.get("dtype", "float32"), quantization.get("weights")
         if dtype not in FLOAT_DTYPES:
             raise ValueError(f"unknown weight dtype {dtype!r} in config.json; known: {FLOAT_DTYPES}")
+        if weights not in INTEGER_WEIGHTS:
+            raise ValueError(f"unknown weight quantization {weights!r} in config.json; known: "
+                             f"{INTEGER_WEIGHTS}")
         return cls(
             spec=ModelSpec.from_dict(data["model"]),
             dtype=dtype,
+            weights=weights,
             tokens=TokenIds.from_dict(data.get("tokens", {})),
             source=dict(data.get("source", {})),
-            weights=dict(data.get("weights", {})),
+            files=dict(data.get("files", {})),
         )
 
     @classmethod

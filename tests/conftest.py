@@ -87,3 +87,16 @@ def assert_faithful(model, generator, tokenizer_vocab: int, prompt_length: int =
     result = generator.generate_batch([prompt], max_length=new_tokens, end_token=[],
                                       include_prompt_in_result=False)
     assert result[0].sequences_ids[0] == expected_ids
+
+
+@pytest.fixture(scope="session")
+def default_model_cache(tmp_path_factory):
+    """A kiln cache holding the converted default model (SmolLM2), converted once per session."""
+    from kiln import default_model
+
+    cache = tmp_path_factory.mktemp("kiln-cache")
+    try:
+        default_model.default_model_path(cache)
+    except FileNotFoundError:
+        pytest.skip(f"needs {default_model.INSTALL_HINT}")
+    return cache

@@ -69,7 +69,7 @@ def test_output_folder_contents(model, tmp_path):
     assert config["model"]["tokenizer_vocab_size"] == 90
     assert config["model"]["rotary_dim"] == 4 and config["model"]["parallel_residual"] is True
     assert config["tokens"]["eos"] == [2]
-    info = config["weights"]["files"]["model.safetensors"]
+    info = config["files"]["model.safetensors"]
     assert info["bytes"] == (output / "model.safetensors").stat().st_size
     assert len(info["sha256"]) == 64
 

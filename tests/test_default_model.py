@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import importlib.metadata
-import math
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 import kiln
 from kiln import conversion, default_model
+from kiln.perplexity import perplexity
 
 DATA = Path(__file__).parent / "data"
 
@@ -24,8 +23,8 @@ except importlib.metadata.PackageNotFoundError:
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("kiln-cache")
+def cache(default_model_cache):
+    return default_model_cache
 
 
 @pytest.fixture(scope="module")
@@ -36,12 +35,19 @@ def generator(cache):
 def test_float32_perplexity_on_gpl3_matches_the_reference(generator):
     """transformers float32 gives 19.715 over the first 2048 tokens (digit-split tokenizer)."""
     text = (DATA / "GPL-3").read_text(encoding="utf-8")
-    ids = generator.tokenizer.encode(text)
-    assert len(ids) == 7639
-    window = ids[:2048]
-    logits = generator.forward_batch([window])[0]
-    nll = torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(window[1:]))
-    assert math.exp(nll.item()) == pytest.approx(19.715, abs=0.05)
+    assert len(generator.tokenizer.encode(text)) == 7639
+    result = perplexity(generator, text, max_tokens=2048)
+    assert result.tokens == 2047 and result.windows == 1
+    assert result.perplexity == pytest.approx(19.715, abs=0.05)
+
+
+def test_perplexity_command(cache):
+    result = subprocess.run(
+        [sys.executable, "-m", "kiln", "perplexity", str(DATA / "GPL-3"), "--cache-dir", str(cache),
+         "--max-tokens", "512", "--window", "256"], capture_output=True, text=True, timeout=300,
+        check=True)
+    assert result.stdout.startswith("perplexity ") and "over 510 tokens (float32, 2 window(s))" in \
+        result.stdout
 
 
 def test_greedy_completion_is_paris(generator):

@@ -120,7 +120,7 @@ def test_compute_type_converts_at_load(neox):
     bf16 = kiln.Generator(generator.model_path, compute_type="bfloat16")
     assert bf16.compute_type == "bfloat16"
     assert bf16.model.layers[0].attn.qkv.weight.dtype == torch.bfloat16
-    assert kiln.Generator(generator.model_path, compute_type="auto").compute_type == "float32"
+    assert kiln.Generator(generator.model_path, compute_type="auto").compute_type == "int8_float32"
 
 
 def test_text_api_returns_str_for_str_and_list_for_list(neox):
@@ -182,3 +182,21 @@ def test_end_token_stops_like_ctranslate2(neox, ctranslate2_generator):
         actual = generator.generate_batch([prompt], **options)[0]
         assert actual.sequences == expected.sequences
         assert actual.scores == pytest.approx(expected.scores, abs=1e-4)
+
+
+def test_perplexity_equals_the_mean_token_log_likelihood(neox):
+    import math
+
+    from kiln.perplexity import perplexity
+
+    _, _, generator = neox
+    text = " ".join(f"t{i}" for i in random_prompt(50, VOCAB, seed=14))
+    ids = generator.tokenizer.encode(text)
+    whole = perplexity(generator, text, max_tokens=None)
+    logits = generator.forward_batch([ids])[0]
+    nll = torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(ids[1:]))
+    assert whole.tokens == 49 and whole.perplexity == pytest.approx(math.exp(nll.item()), rel=1e-5)
+    windowed = perplexity(generator, text, max_tokens=None, window=20)
+    assert (windowed.windows, windowed.tokens) == (3, 19 + 19 + 9)
+    with pytest.raises(ValueError, match="max_tokens must be >= 2"):
+        perplexity(generator, text, max_tokens=1)

@@ -1,0 +1,101 @@
+"""int8 matmul kernels behind one small interface, so a PyTorch change can only swap a backend.
+
+Every backend computes `x @ W^T` for an int8 weight `W = Wq / scale` (one scale per row) with
+the activations quantized **per token** (per row of x), never with one scale for a whole
+prompt. Rows are first normalised by their own max, so all values lie in [-1, 1]:
+
+- up to ONE_PASS_MAX_ROWS rows (decode steps): one int8 pass, 8-bit activations per token,
+  as CTranslate2 does; the weights stream from memory once.
+- more rows (prefill, scoring): two passes, the rounded activations and then their residual,
+  which gives ~16-bit activations (the error of weight-only int8) at twice the int8 compute,
+  still about the cost of a float32 GEMM.
+
+Backends:
+- "fbgemm": PyTorch's x86 quantized engine with the weight prepacked at load (the fastest
+  on CPU). It uses the quantized-tensor API PyTorch plans to retire, hence:
+- "int_mm": `torch._int_mm` on a transposed view of the stored weight: the tested fallback.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+ONE_PASS_MAX_ROWS = 16
+BACKENDS = ("fbgemm", "int_mm")
+_RESIDUAL_GAIN = 254.0  # |x - round(x*127)/127| <= 1/254: scaled back to [-1, 1]
+
+
+class Int8Kernel:
+    """One linear layer's int8 weight, packed for a backend."""
+
+    stored_weight: torch.Tensor | None  # the plain int8 weight if the kernel still needs it
+
+    def grid_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x [M, K] float32 in [-1, 1], rounded to multiples of 1/127 -> x @ W^T float32."""
+        raise NotImplementedError
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float()
+        row_max = x.abs().amax(dim=-1, keepdim=True).clamp_min(1e-30)
+        x = x / row_max
+        if x.shape[0] <= ONE_PASS_MAX_ROWS:
+            return self.grid_matmul(x) * row_max
+        coarse = torch.round(x * 127.0) / 127.0
+        residual = (x - coarse) * _RESIDUAL_GAIN
+        return (self.grid_matmul(coarse) + self.grid_matmul(residual) / _RESIDUAL_GAIN) * row_max
+
+
+class FbgemmKernel(Int8Kernel):
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the quantized-tensor API warns it is deprecated
+            zero_points = torch.zeros(weight.shape[0], dtype=torch.long)
+            quantized = torch._make_per_channel_quantized_tensor(
+                weight.contiguous(), (1.0 / scale).double(), zero_points, 0)
+            self.packed = torch.ops.quantized.linear_prepack(quantized, None)
+        self.stored_weight = None  # the packed copy is all the kernel needs
+
+    def grid_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        # Quantizes x with scale 1/127 and zero point 128 (exact on the grid), int8 GEMM,
+        # dequantizes with the per-row weight scales: float32 out.
+        return torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
+            x, 1.0 / 127.0, 128, self.packed)
+
+
+class IntMMKernel(Int8Kernel):
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor) -> None:
+        self.stored_weight = weight
+        self.transposed = weight.t()  # a view: _int_mm reads it without a copy
+        self.inverse_scale = (1.0 / scale.float()) / 127.0
+
+    def grid_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        quantized = torch.round(x * 127.0).to(torch.int8)
+        return torch._int_mm(quantized, self.transposed).float() * self.inverse_scale
+
+
+def fbgemm_available() -> bool:
+    try:
+        if not any(engine in torch.backends.quantized.supported_engines
+                   for engine in ("x86", "fbgemm")):
+            return False
+        FbgemmKernel(torch.ones(8, 8, dtype=torch.int8), torch.ones(8))
+        return True
+    except (RuntimeError, AttributeError, NotImplementedError):
+        return False
+
+
+def default_backend(device: torch.device) -> str | None:
+    """The fastest working int8 backend for the device (None: dequantize per call)."""
+    if device.type != "cpu":
+        return None
+    return "fbgemm" if fbgemm_available() else "int_mm"
+
+
+def make_int8_kernel(weight: torch.Tensor, scale: torch.Tensor, backend: str) -> Int8Kernel:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown int8 backend {backend!r}; known: {', '.join(BACKENDS)}")
+    if backend == "fbgemm":
+        return FbgemmKernel(weight, scale)
+    return IntMMKernel(weight, scale)

@@ -1,0 +1,79 @@
+"""Integer weights: one float32 scale per output row, CTranslate2's convention.
+
+    scale = qmax / max|W[row]|,   Wq = rint(W * scale),   W ~= Wq / scale
+
+(qmax = 127 for int8, 32767 for int16), so CTranslate2's int8 tensors import as they are.
+Embeddings are quantized the same way (a row lookup then needs no matmul). Only portable
+tensors (`weight` int8/int16, `weight_scale` float32) are stored; a device kernel packs them
+at load time (kiln/kernels.py).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .kernels import Int8Kernel, make_int8_kernel
+
+QMAX = {"int8": 127, "int16": 32767}
+INT_DTYPES = {"int8": torch.int8, "int16": torch.int16}
+
+
+def quantize_rows(weight: torch.Tensor, bits: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(integer weight, float32 scale per row) with w ~= q / scale."""
+    qmax = QMAX[bits]
+    weight = weight.float()
+    row_max = weight.abs().amax(dim=-1)
+    scale = torch.where(row_max > 0, qmax / row_max, torch.ones_like(row_max))
+    quantized = torch.round(weight * scale.unsqueeze(-1)).clamp(-qmax, qmax)
+    return quantized.to(INT_DTYPES[bits]), scale
+
+
+def dequantize_rows(quantized: torch.Tensor, scale: torch.Tensor,
+                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return (quantized.float() / scale.float().unsqueeze(-1)).to(dtype)
+
+
+class QuantizedLinear(nn.Module):
+    """y = x Wq^T / scale + bias, run by a packed kernel chosen at load (`prepare`)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, bits: str,
+                 dtype: torch.dtype) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.bits = in_features, out_features, bits
+        self.register_buffer("weight", torch.empty(out_features, in_features,
+                                                   dtype=INT_DTYPES[bits]))
+        self.register_buffer("weight_scale", torch.empty(out_features, dtype=torch.float32))
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype)) if bias else None
+        self.kernel: Int8Kernel | None = None
+
+    def prepare(self, backend: str | None) -> None:
+        """Pack the weight for a kernel. int16 (and int8 without a backend) dequantize per call."""
+        if self.bits == "int8" and backend is not None:
+            self.kernel = make_int8_kernel(self.weight, self.weight_scale, backend)
+            self.weight = self.kernel.stored_weight  # None when the kernel holds its own copy
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel is not None:
+            y = self.kernel(x.reshape(-1, self.in_features)).reshape(*x.shape[:-1], -1)
+            y = y.to(x.dtype)
+        else:
+            y = F.linear(x, dequantize_rows(self.weight, self.weight_scale, x.dtype))
+        return y if self.bias is None else y + self.bias
+
+
+class QuantizedEmbedding(nn.Module):
+    """Rows of an integer table, each divided by its own scale when looked up."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, bits: str,
+                 dtype: torch.dtype) -> None:
+        super().__init__()
+        self.register_buffer("weight", torch.empty(num_embeddings, embedding_dim,
+                                                   dtype=INT_DTYPES[bits]))
+        self.register_buffer("weight_scale", torch.empty(num_embeddings, dtype=torch.float32))
+        self.bits = bits
+        self.dtype = dtype
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return dequantize_rows(self.weight[ids], self.weight_scale[ids], self.dtype)

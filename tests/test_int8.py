@@ -1,0 +1,200 @@
+"""Integer weights: CTranslate2's per-row convention, every compute type, faithfulness."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+import kiln
+from kiln import kernels
+from kiln.cache import KVCache
+from kiln.compute_types import NAMED
+from kiln.quant import dequantize_rows, quantize_rows
+
+from .conftest import random_prompt, save_hf_model, tiny_gpt_neox
+from .test_families import LLAMA, build
+
+VOCAB = 90
+
+
+@pytest.mark.parametrize("bits, qmax", [("int8", 127), ("int16", 32767)])
+def test_round_trip_error_is_within_half_a_step_per_row(bits, qmax):
+    torch.manual_seed(0)
+    weight = torch.randn(64, 200) * torch.logspace(-3, 1, 64).unsqueeze(1)
+    weight[7] = 0.0  # an all-zero row must not divide by zero
+    integers, scale = quantize_rows(weight, bits)
+    assert integers.dtype == getattr(torch, bits) and scale.dtype == torch.float32
+    row_max = weight.abs().amax(1)
+    nonzero = row_max > 0
+    assert torch.allclose(scale[nonzero], qmax / row_max[nonzero])  # CTranslate2's convention
+    assert integers.abs().amax(1)[nonzero].eq(qmax).all()  # each row uses its full range
+    error = (dequantize_rows(integers, scale) - weight).abs().amax(1)
+    assert (error <= 0.5 / scale + 1e-6 * row_max).all()
+    assert dequantize_rows(integers, scale)[7].eq(0).all()
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("int8")
+    model = tiny_gpt_neox(seed=51, num_hidden_layers=3)
+    source = save_hf_model(model, root / "hf", tokenizer_vocab=VOCAB)
+    return model, source, kiln.convert(source, root / "float32")
+
+
+@pytest.mark.parametrize("compute_type", NAMED)
+def test_every_compute_type_loads_and_generates(folders, compute_type):
+    _, _, float_folder = folders
+    generator = kiln.Generator(float_folder, compute_type=compute_type)
+    expected = {"int8": "int8_float32", "int16": "int16"}.get(compute_type, compute_type)
+    assert generator.compute_type == expected
+    tokens = generator.generate_batch([random_prompt(20, VOCAB, 1)], max_length=8, end_token=[],
+                                      include_prompt_in_result=False)[0].sequences_ids[0]
+    assert len(tokens) == 8 and max(tokens) < VOCAB
+
+
+@pytest.mark.parametrize("quantization", ["int8", "int8_float16", "int8_bfloat16", "int16"])
+def test_integer_folders_convert_load_and_default_to_their_type(folders, tmp_path, quantization):
+    _, source, _ = folders
+    folder = kiln.convert(source, tmp_path / quantization, quantization=quantization)
+    config = json.loads((folder / "config.json").read_text())["quantization"]
+    assert config["weights"] == ("int16" if quantization == "int16" else "int8")
+    generator = kiln.Generator(folder)
+    assert generator.compute_type == {"int8": "int8_float32"}.get(quantization, quantization)
+    assert generator.generate("t5 t6 t7", max_length=6).startswith("t5 t6 t7")
+
+
+def test_int8_folder_is_at_most_27_percent_of_float32(tmp_path):
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    config = GPTNeoXConfig(vocab_size=2048, hidden_size=256, num_hidden_layers=4,
+                           num_attention_heads=4, intermediate_size=1024)
+    source = save_hf_model(GPTNeoXForCausalLM(config), tmp_path / "hf")
+    sizes = {q: (kiln.convert(source, tmp_path / q, quantization=q) / "model.safetensors").stat().st_size
+             for q in ("float32", "int8")}
+    assert sizes["int8"] <= 0.27 * sizes["float32"]
+
+
+def logits(generator, prompt):
+    return generator.forward_batch([prompt])[0]
+
+
+def test_quantizing_at_load_equals_quantizing_at_conversion(folders, tmp_path):
+    _, source, float_folder = folders
+    prompt = random_prompt(30, VOCAB, 2)
+    at_load = logits(kiln.Generator(float_folder, compute_type="int8"), prompt)
+    converted = logits(kiln.Generator(kiln.convert(source, tmp_path / "q", quantization="int8")), prompt)
+    assert torch.equal(at_load, converted)
+
+
+def test_int8_folder_with_a_float_type_dequantizes(folders, tmp_path):
+    _, source, _ = folders
+    folder = kiln.convert(source, tmp_path / "q", quantization="int8")
+    generator = kiln.Generator(folder, compute_type="float32")
+    assert generator.compute_type == "float32"
+    qkv = generator.model.layers[0].attn.qkv.weight
+    assert qkv.dtype == torch.float32
+    from safetensors import safe_open
+
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as handle:
+        stored = handle.get_tensor("layers.0.attn.qkv.weight")
+        scale = handle.get_tensor("layers.0.attn.qkv.weight_scale")
+    assert torch.equal(qkv, stored.float() / scale.unsqueeze(1))
+
+
+def test_prefill_is_as_accurate_as_weight_only_int8(folders, tmp_path):
+    """Prompts (many rows) run two int8 passes: ~16-bit activations, the error of the weights."""
+    _, source, _ = folders
+    int8 = kiln.Generator(kiln.convert(source, tmp_path / "q", quantization="int8"))
+    weight_only = kiln.Generator(int8.model_path, compute_type="float32")  # same int8 weights
+    prompt = random_prompt(40, VOCAB, 3)
+    expected, actual = logits(weight_only, prompt), logits(int8, prompt)
+    assert ((actual - expected).norm() / expected.norm()).item() < 1e-3
+
+
+def stepwise_argmax(generator, ids: list[int]) -> list[int]:
+    """Greedy choice after each prefix, one token per decode step (the one-row int8 path)."""
+    cache = KVCache(generator.spec, 1, len(ids), generator.dtype, "cpu")
+    choices = []
+    with torch.inference_mode():
+        for position, token in enumerate(ids):
+            step = generator.model(torch.tensor([[token]]), torch.tensor([[position]]), cache,
+                                   kv_length=position + 1)
+            choices.append(step[0, -1, :generator.spec.usable_vocab_size].argmax().item())
+    return choices
+
+
+@pytest.mark.parametrize("family", ["gpt_neox", "llama"])
+def test_int8_greedy_agrees_with_float32(tmp_path, family):
+    """At each of 64 generated positions, given the same prefix, int8 picks float32's token.
+
+    Teacher-forced: a random tiny model has many near-ties, so one early flip would make
+    free-running sequences differ everywhere after it without saying much about int8.
+    """
+    if family == "gpt_neox":
+        model = tiny_gpt_neox(seed=52)
+    else:
+        model = build("llama", dict(LLAMA), seed=52)
+    source = save_hf_model(model, tmp_path / "hf", tokenizer_vocab=96)
+    reference = kiln.Generator(kiln.convert(source, tmp_path / "f32"))
+    quantized = kiln.Generator(reference.model_path, compute_type="int8")
+    decode_same = prefill_same = 0
+    for seed in range(4):
+        prompt = random_prompt(16, 96, seed)
+        generated = reference.generate_batch([prompt], max_length=64, end_token=[],
+                                             include_prompt_in_result=False)[0].sequences_ids[0]
+        sequence = prompt + generated
+        positions = slice(len(prompt) - 1, len(sequence) - 1)  # predictions of the 64 tokens
+        expected = stepwise_argmax(reference, sequence)[positions]
+        decode_same += sum(a == b for a, b in zip(
+            expected, stepwise_argmax(quantized, sequence)[positions], strict=True))
+        prefill = quantized.forward_batch([sequence])[0, positions, :96].argmax(-1).tolist()
+        prefill_same += sum(a == b for a, b in zip(expected, prefill, strict=True))
+    assert decode_same / 256 >= 0.9 and prefill_same / 256 >= 0.9
+
+
+def test_backends_agree_and_the_fallback_works(folders, monkeypatch):
+    _, _, float_folder = folders
+    prompt = random_prompt(30, VOCAB, 4)
+    fbgemm = kiln.Generator(float_folder, compute_type="int8", int8_backend="fbgemm")
+    int_mm = kiln.Generator(float_folder, compute_type="int8", int8_backend="int_mm")
+    assert isinstance(fbgemm.model.layers[0].attn.qkv.kernel, kernels.FbgemmKernel)
+    assert isinstance(int_mm.model.layers[0].attn.qkv.kernel, kernels.IntMMKernel)
+    assert torch.allclose(logits(fbgemm, prompt), logits(int_mm, prompt), atol=1e-3)
+    options = dict(max_length=16, end_token=[], include_prompt_in_result=False)
+    assert fbgemm.generate_batch([prompt], **options)[0].sequences_ids == \
+        int_mm.generate_batch([prompt], **options)[0].sequences_ids
+    # A PyTorch without the quantized engine: kiln picks the fallback by itself.
+    monkeypatch.setattr(kernels, "fbgemm_available", lambda: False)
+    fallback = kiln.Generator(float_folder, compute_type="int8")
+    assert isinstance(fallback.model.layers[0].attn.qkv.kernel, kernels.IntMMKernel)
+
+
+def test_unknown_int8_backend(folders):
+    with pytest.raises(ValueError, match="fbgemm, int_mm"):
+        kiln.Generator(folders[2], compute_type="int8", int8_backend="magic")
+
+
+def test_tied_int8_head_shares_the_embedding(tmp_path):
+    model = build("llama", dict(LLAMA, tie_word_embeddings=True), seed=53)
+    folder = kiln.convert(save_hf_model(model, tmp_path / "hf", tokenizer_vocab=96),
+                          tmp_path / "q", quantization="int8")
+    from safetensors import safe_open
+
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as handle:
+        assert "lm_head.weight" not in handle.keys()
+    generator = kiln.Generator(folder, int8_backend="int_mm")
+    assert generator.model.lm_head.weight is generator.model.embed.weight
+
+
+DATA = Path(__file__).parent / "data"
+
+
+def test_smollm2_int8_perplexity_within_one_percent_of_float32(default_model_cache):
+    generator = kiln.Generator(cache_dir=default_model_cache, compute_type="int8")
+    ids = generator.tokenizer.encode((DATA / "GPL-3").read_text(encoding="utf-8"))[:2048]
+    nll = torch.nn.functional.cross_entropy(logits(generator, ids)[:-1], torch.tensor(ids[1:]))
+    assert math.exp(nll.item()) <= 19.715 * 1.01
