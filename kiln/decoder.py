@@ -126,13 +126,11 @@ class Attention(nn.Module):
                 values: torch.Tensor) -> torch.Tensor:
         spec = self.spec
         batch, length, _ = x.shape
-        q, k, v = self.qkv(x).split([spec.q_size, spec.kv_size, spec.kv_size], dim=-1)
-        q = q.view(batch, length, spec.num_heads, spec.head_dim)
-        k = k.view(batch, length, spec.num_kv_heads, spec.head_dim)
-        v = v.view(batch, length, spec.num_kv_heads, spec.head_dim)
-        if step.cos is not None:
-            q = apply_rotary(q, step.cos, step.sin)
-            k = apply_rotary(k, step.cos, step.sin)
+        heads = self.qkv(x).view(batch, length, spec.num_heads + 2 * spec.num_kv_heads, spec.head_dim)
+        query_and_key, v = heads.split([spec.num_heads + spec.num_kv_heads, spec.num_kv_heads], dim=2)
+        if step.cos is not None:  # queries and keys side by side: one rotation for both
+            query_and_key = apply_rotary(query_and_key, step.cos, step.sin)
+        q, k = query_and_key.split([spec.num_heads, spec.num_kv_heads], dim=2)
         # Advanced indices around a slice: the indexed view is [B, T, kv_heads, head_dim].
         keys[step.write_slots, :, step.write_positions] = k
         values[step.write_slots, :, step.write_positions] = v

@@ -24,16 +24,26 @@ import torch
 
 ONE_PASS_MAX_ROWS = 16
 BACKENDS = ("fbgemm", "int_mm")
-_RESIDUAL_GAIN = 254.0  # |x - round(x*127)/127| <= 1/254: scaled back to [-1, 1]
+
+
+def _has_vnni() -> bool:
+    """Without VNNI, fbgemm sums u8*s8 pairs in saturating int16: activations need 7 bits."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            flags = next((line for line in handle if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_vnni" in flags or "avx_vnni" in flags
 
 
 class Int8Kernel:
     """One linear layer's int8 weight, packed for a backend."""
 
     stored_weight: torch.Tensor | None  # the plain int8 weight if the kernel still needs it
+    levels = 127  # activations are quantized to multiples of 1 / levels in [-1, 1]
 
     def grid_matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """x [M, K] float32 in [-1, 1], rounded to multiples of 1/127 -> x @ W^T float32."""
+        """x [M, K] float32 in [-1, 1] -> x @ W^T float32, x rounded to multiples of 1/levels."""
         raise NotImplementedError
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -42,12 +52,17 @@ class Int8Kernel:
         x = x / row_max
         if x.shape[0] <= ONE_PASS_MAX_ROWS:
             return self.grid_matmul(x) * row_max
-        coarse = torch.round(x * 127.0) / 127.0
-        residual = (x - coarse) * _RESIDUAL_GAIN
-        return (self.grid_matmul(coarse) + self.grid_matmul(residual) / _RESIDUAL_GAIN) * row_max
+        # |x - coarse| <= 1 / (2 levels): the residual, scaled back to [-1, 1], is a second pass.
+        gain = 2.0 * self.levels
+        coarse = torch.round(x * self.levels) / self.levels
+        residual = (x - coarse) * gain
+        return (self.grid_matmul(coarse) + self.grid_matmul(residual) / gain) * row_max
 
 
 class FbgemmKernel(Int8Kernel):
+    full_range = _has_vnni()
+    levels = 127 if full_range else 63
+
     def __init__(self, weight: torch.Tensor, scale: torch.Tensor) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the quantized-tensor API warns it is deprecated
@@ -57,11 +72,16 @@ class FbgemmKernel(Int8Kernel):
             self.packed = torch.ops.quantized.linear_prepack(quantized, None)
         self.stored_weight = None  # the packed copy is all the kernel needs
 
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] == 1:  # one token: the dynamic per-tensor scale is a per-token scale
+            return torch.ops.quantized.linear_dynamic(x.float(), self.packed, not self.full_range)
+        return super().__call__(x)
+
     def grid_matmul(self, x: torch.Tensor) -> torch.Tensor:
-        # Quantizes x with scale 1/127 and zero point 128 (exact on the grid), int8 GEMM,
-        # dequantizes with the per-row weight scales: float32 out.
+        # Quantizes x to uint8 with scale 1/levels around the zero point levels+1 (exact on the
+        # grid), int8 GEMM, dequantizes with the per-row weight scales: float32 out.
         return torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
-            x, 1.0 / 127.0, 128, self.packed)
+            x, 1.0 / self.levels, self.levels + 1, self.packed)
 
 
 class IntMMKernel(Int8Kernel):

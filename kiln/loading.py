@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from .compute_types import ComputeType
 from .decoder import Decoder, build_decoder, expected_weight_shapes, quantizable_weight_names
 from .kernels import default_backend
 from .quant import QuantizedLinear, dequantize_rows, quantize_rows
+from .safetensors_mmap import MappedSafetensors
 from .spec import CONFIG_FILE, KilnConfig, ModelSpec, is_kiln_folder
 
 DEVICES = ("cpu", "cuda", "auto")
@@ -78,17 +79,16 @@ def verify_checksums(folder: Path, config: KilnConfig) -> None:
                              "the file is corrupt; convert the model again")
 
 
-def read_weights(folder: Path, config: KilnConfig) -> dict[str, torch.Tensor]:
-    """Every tensor of the folder, memory-mapped; shapes checked against the spec."""
+def read_weights(folder: Path, config: KilnConfig) -> tuple[dict[str, torch.Tensor],
+                                                             dict[str, MappedSafetensors]]:
+    """Every tensor of the folder, memory-mapped, with the file each comes from; names and
+    shapes checked against the spec."""
     tensors: dict[str, torch.Tensor] = {}
+    files: dict[str, MappedSafetensors] = {}
     for name in config.files:
-        path = Path(folder) / name
-        try:
-            handle = safe_open(str(path), framework="pt")
-            for key in handle.keys():
-                tensors[key] = handle.get_tensor(key)
-        except Exception as error:  # safetensors raises its own types for a bad header
-            raise ValueError(f"{path} could not be read (corrupt or truncated?): {error}") from error
+        mapped = MappedSafetensors(Path(folder) / name)
+        for key in mapped.keys():
+            tensors[key], files[key] = mapped.tensor(key), mapped
     expected = expected_weight_shapes(config.spec, config.weights)
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
@@ -99,48 +99,65 @@ def read_weights(folder: Path, config: KilnConfig) -> dict[str, torch.Tensor]:
         if tuple(tensors[key].shape) != shape:
             raise ValueError(f"{folder}: tensor {key} has shape {tuple(tensors[key].shape)}, "
                              f"config.json implies {shape}")
-    return tensors
+    return tensors, files
 
 
 def load_decoder(folder: Path, config: KilnConfig, compute: ComputeType,
                  device: torch.device, int8_backend: str | None = "auto") -> Decoder:
     """Build the decoder for `compute` and fill it with the folder's weights, converting
     between float and integer weights where the folder and the compute type differ."""
-    tensors = read_weights(folder, config)
+    tensors, files = read_weights(folder, config)
+    copied: list[str] = []  # stored tensors that were converted: their mapped pages are spare
     decoder = build_decoder(config.spec, compute.weights, compute.torch_dtype)
-    state = dict(_converted(tensors, config, compute, device))
+    state = dict(_converted(tensors, config, compute, device, copied))
     decoder.load_state_dict(state, strict=True, assign=True)
     del state, tensors
     if config.spec.tie_word_embeddings:
         decoder.tie_head(_tied_head(decoder, config.spec, compute))
     if compute.weights == "int8":
         backend = default_backend(device) if int8_backend == "auto" else int8_backend
-        for module in decoder.modules():
-            if isinstance(module, QuantizedLinear):
-                module.prepare(backend)
+        copied += pack_kernels(decoder, backend)
+    for name in copied:
+        files[name].release(name)
     decoder.prepare(device)
     decoder.eval().requires_grad_(False)
     return decoder
 
 
+def pack_kernels(decoder: Decoder, backend: str | None) -> list[str]:
+    """Pack every int8 projection for its kernel, on all cores; return the weights now copied."""
+    modules = {name: module for name, module in decoder.named_modules()
+               if isinstance(module, QuantizedLinear)}
+    with ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads())) as pool:
+        list(pool.map(lambda module: module.prepare(backend), modules.values()))
+    tied = decoder.spec.tie_word_embeddings
+    return [f"{name}.weight" for name, module in modules.items()
+            if module.weight is None and not (tied and name == "lm_head")]
+
+
 def _converted(tensors: dict[str, torch.Tensor], config: KilnConfig, compute: ComputeType,
-               device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
-    """The stored tensors as the compute type wants them; untouched (mmapped) when they match."""
+               device: torch.device, copied: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+    """The stored tensors as the compute type wants them; untouched (mmapped) when they match.
+    Names of tensors that had to be converted are appended to `copied`."""
     dtype = compute.torch_dtype
     for name in quantizable_weight_names(config.spec):
         stored = tensors.pop(name)
         scale = tensors.pop(f"{name}_scale", None)
-        if compute.weights is None:
-            weight = stored if scale is None else dequantize_rows(stored, scale)
-            yield name, weight.to(device=device, dtype=dtype)
-        elif scale is not None and config.weights == compute.weights:
+        if scale is not None and config.weights == compute.weights:
             yield name, stored.to(device)
             yield f"{name}_scale", scale.to(device)
+            continue
+        weight = stored if scale is None else dequantize_rows(stored, scale)
+        if compute.weights is None:
+            weight = weight.to(device=device, dtype=dtype)
+            yield name, weight
+            if weight.data_ptr() == stored.data_ptr():
+                continue  # used in place
         else:
-            weight = stored if scale is None else dequantize_rows(stored, scale)
             integers, scale = quantize_rows(weight, compute.weights)
             yield name, integers.to(device)
             yield f"{name}_scale", scale.to(device)
+        copied.append(name)
     for name, tensor in tensors.items():  # norms, biases, learned positions
         yield name, tensor.to(device=device, dtype=dtype)
 

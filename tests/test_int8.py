@@ -198,3 +198,18 @@ def test_smollm2_int8_perplexity_within_one_percent_of_float32(default_model_cac
     ids = generator.tokenizer.encode((DATA / "GPL-3").read_text(encoding="utf-8"))[:2048]
     nll = torch.nn.functional.cross_entropy(logits(generator, ids)[:-1], torch.tensor(ids[1:]))
     assert math.exp(nll.item()) <= 19.715 * 1.01
+
+
+def test_fbgemm_without_vnni_uses_seven_bit_activations(folders, monkeypatch):
+    """CPUs without VNNI saturate 8-bit activations in fbgemm; kiln then uses 7 bits."""
+    _, _, float_folder = folders
+    monkeypatch.setattr(kernels.FbgemmKernel, "full_range", False)
+    monkeypatch.setattr(kernels.FbgemmKernel, "levels", 63)
+    seven_bit = kiln.Generator(float_folder, compute_type="int8", int8_backend="fbgemm")
+    weight_only = kiln.Generator(float_folder, compute_type="int8", int8_backend=None)
+    prompt = random_prompt(40, VOCAB, 5)
+    expected, actual = logits(weight_only, prompt), logits(seven_bit, prompt)
+    assert ((actual - expected).norm() / expected.norm()).item() < 1e-3
+    one_token = seven_bit.forward_batch([prompt[:1]])[0]
+    reference = weight_only.forward_batch([prompt[:1]])[0]
+    assert ((one_token - reference).norm() / reference.norm()).item() < 0.05
