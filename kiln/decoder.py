@@ -10,7 +10,11 @@ Weight names (what a kiln folder stores):
     final_norm.{weight,bias}, lm_head.weight (absent when tied to embed.weight)
 
 Every projection is an attribute holding a module that maps [..., in] -> [..., out], so a
-quantized linear can replace `nn.Linear` (see `linear_modules`) without touching this file.
+quantized linear can replace `nn.Linear` (see `build_decoder`) without touching this file.
+
+Modules are created on the meta device (no memory, no init) and receive their weights from
+the loader with `load_state_dict(assign=True)`. Passing `device=META` explicitly rather than
+entering `with torch.device("meta")` keeps loading fast: that context imports torch._dynamo.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from .cache import KVCache
 from .quant import QuantizedEmbedding, QuantizedLinear
 from .spec import ModelSpec
 
+META = torch.device("meta")
 _ACTIVATIONS = {
     "gelu": lambda x: F.gelu(x),
     "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
@@ -38,7 +43,7 @@ _ACTIVATIONS = {
 class RMSNorm(nn.Module):
     def __init__(self, size: int, eps: float) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(size))
+        self.weight = nn.Parameter(torch.ones(size, device=META))
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -51,7 +56,7 @@ class RMSNorm(nn.Module):
 def make_norm(spec: ModelSpec) -> nn.Module:
     if spec.norm == "rmsnorm":
         return RMSNorm(spec.hidden_size, spec.norm_eps)
-    return nn.LayerNorm(spec.hidden_size, eps=spec.norm_eps, bias=spec.norm_bias)
+    return nn.LayerNorm(spec.hidden_size, eps=spec.norm_eps, bias=spec.norm_bias, device=META)
 
 
 @dataclass
@@ -118,8 +123,9 @@ class Attention(nn.Module):
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
         self.spec = spec
-        self.qkv = nn.Linear(spec.hidden_size, spec.q_size + 2 * spec.kv_size, bias=spec.qkv_bias)
-        self.out = nn.Linear(spec.q_size, spec.hidden_size, bias=spec.attn_out_bias)
+        self.qkv = nn.Linear(spec.hidden_size, spec.q_size + 2 * spec.kv_size, bias=spec.qkv_bias,
+                             device=META)
+        self.out = nn.Linear(spec.q_size, spec.hidden_size, bias=spec.attn_out_bias, device=META)
         self.scale = spec.attention_scale or spec.head_dim ** -0.5
 
     def forward(self, x: torch.Tensor, step: StepInputs, keys: torch.Tensor,
@@ -147,8 +153,8 @@ class MLP(nn.Module):
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
         up_size = spec.intermediate_size * (2 if spec.gated_mlp else 1)
-        self.up = nn.Linear(spec.hidden_size, up_size, bias=spec.mlp_bias)
-        self.down = nn.Linear(spec.intermediate_size, spec.hidden_size, bias=spec.mlp_bias)
+        self.up = nn.Linear(spec.hidden_size, up_size, bias=spec.mlp_bias, device=META)
+        self.down = nn.Linear(spec.intermediate_size, spec.hidden_size, bias=spec.mlp_bias, device=META)
         self.activation = _ACTIVATIONS[spec.activation]
         self.gated = spec.gated_mlp
 
@@ -180,17 +186,22 @@ class Block(nn.Module):
         return x + self.mlp(self.mlp_norm(x))
 
 
+def _meta_embedding(rows: int, size: int) -> nn.Embedding:
+    # Given a weight, nn.Embedding skips its random init (normal_ on meta imports torch._dynamo).
+    return nn.Embedding(rows, size, _weight=torch.empty(rows, size, device=META))
+
+
 class Decoder(nn.Module):
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
         self.spec = spec
-        self.embed = nn.Embedding(spec.vocab_size, spec.hidden_size)
+        self.embed = _meta_embedding(spec.vocab_size, spec.hidden_size)
         if spec.position == "learned":
-            self.pos_embed = nn.Embedding(spec.max_position_embeddings, spec.hidden_size)
+            self.pos_embed = _meta_embedding(spec.max_position_embeddings, spec.hidden_size)
         self.layers = nn.ModuleList(Block(spec) for _ in range(spec.num_layers))
         self.final_norm = make_norm(spec)
         if not spec.tie_word_embeddings:  # a tied head is made by tie_head() after loading
-            self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
+            self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False, device=META)
         self.rotary: RotaryTable | None = None
 
     def prepare(self, device: torch.device) -> None:
@@ -256,16 +267,15 @@ def quantizable_modules(decoder: Decoder) -> Iterator[tuple[str, nn.Module]]:
 def build_decoder(spec: ModelSpec, weights: str | None = None,
                   dtype: torch.dtype = torch.float32) -> Decoder:
     """The decoder on the meta device (no memory), with integer-weight modules if asked."""
-    with torch.device("meta"):
-        decoder = Decoder(spec)
-        if weights is not None:
-            for name, module in list(quantizable_modules(decoder)):
-                if isinstance(module, nn.Linear):
-                    replacement = QuantizedLinear(module.in_features, module.out_features,
-                                                  module.bias is not None, weights, dtype)
-                else:
-                    replacement = QuantizedEmbedding(spec.vocab_size, spec.hidden_size, weights, dtype)
-                decoder.set_submodule(name, replacement)
+    decoder = Decoder(spec)
+    if weights is not None:
+        for name, module in list(quantizable_modules(decoder)):
+            if isinstance(module, nn.Linear):
+                replacement = QuantizedLinear(module.in_features, module.out_features,
+                                              module.bias is not None, weights, dtype)
+            else:
+                replacement = QuantizedEmbedding(spec.vocab_size, spec.hidden_size, weights, dtype)
+            decoder.set_submodule(name, replacement)
     return decoder
 
 

@@ -165,12 +165,10 @@ def _converted(tensors: dict[str, torch.Tensor], config: KilnConfig, compute: Co
 def _tied_head(decoder: Decoder, spec: ModelSpec, compute: ComputeType) -> torch.nn.Module:
     """The output projection of a tied model: the embedding's own tensors, not a copy."""
     if compute.weights is None:
-        with torch.device("meta"):
-            head = torch.nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
+        head = torch.nn.Linear(spec.hidden_size, spec.vocab_size, bias=False, device="meta")
         head.weight = decoder.embed.weight
         return head
-    with torch.device("meta"):
-        head = QuantizedLinear(spec.hidden_size, spec.vocab_size, False, compute.weights,
-                               compute.torch_dtype)
+    head = QuantizedLinear(spec.hidden_size, spec.vocab_size, False, compute.weights,
+                           compute.torch_dtype)
     head.weight, head.weight_scale = decoder.embed.weight, decoder.embed.weight_scale
     return head

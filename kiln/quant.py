@@ -17,6 +17,7 @@ from torch import nn
 from .kernels import Int8Kernel, make_int8_kernel
 
 QMAX = {"int8": 127, "int16": 32767}
+META = torch.device("meta")
 INT_DTYPES = {"int8": torch.int8, "int16": torch.int16}
 
 
@@ -42,10 +43,12 @@ class QuantizedLinear(nn.Module):
                  dtype: torch.dtype) -> None:
         super().__init__()
         self.in_features, self.out_features, self.bits = in_features, out_features, bits
+        # Created empty on the meta device: the loader assigns the real tensors.
         self.register_buffer("weight", torch.empty(out_features, in_features,
-                                                   dtype=INT_DTYPES[bits]))
-        self.register_buffer("weight_scale", torch.empty(out_features, dtype=torch.float32))
-        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype)) if bias else None
+                                                   dtype=INT_DTYPES[bits], device=META))
+        self.register_buffer("weight_scale", torch.empty(out_features, dtype=torch.float32,
+                                                         device=META))
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=META)) if bias else None
         self.kernel: Int8Kernel | None = None
 
     def prepare(self, backend: str | None) -> None:
@@ -70,8 +73,9 @@ class QuantizedEmbedding(nn.Module):
                  dtype: torch.dtype) -> None:
         super().__init__()
         self.register_buffer("weight", torch.empty(num_embeddings, embedding_dim,
-                                                   dtype=INT_DTYPES[bits]))
-        self.register_buffer("weight_scale", torch.empty(num_embeddings, dtype=torch.float32))
+                                                   dtype=INT_DTYPES[bits], device=META))
+        self.register_buffer("weight_scale", torch.empty(num_embeddings, dtype=torch.float32,
+                                                         device=META))
         self.bits = bits
         self.dtype = dtype
 
