@@ -124,6 +124,82 @@ def _run_chat(args: argparse.Namespace) -> int:
         messages.append({"role": "assistant", "content": "".join(pieces)})
 
 
+def _add_bench(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "bench", help="benchmark kiln against CTranslate2 and transformers, side by side",
+        description="Build Pythia-shaped random models (and SmolLM2-135M) once, run every engine "
+                    "in its own fresh process, and write results.json, a markdown table, a chart "
+                    "and BENCHMARKS.md. Takes hours with the defaults.")
+    parser.add_argument("--models", nargs="+", default=None, metavar="MODEL",
+                        help="160m, 410m, 1b, smollm2, or names given by --model-config "
+                             "(default: 160m 410m 1b smollm2)")
+    parser.add_argument("--batch", nargs="+", type=int, default=[1, 8], metavar="B")
+    parser.add_argument("--prompt-tokens", nargs="+", type=int, default=[32, 512], metavar="P")
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--runs", type=int, default=3,
+                        help="fresh processes per engine and case (default: 3)")
+    parser.add_argument("--engines", nargs="+", metavar="ENGINE:TYPE",
+                        default=["kiln:int8", "kiln:float32", "ctranslate2:int8",
+                                 "ctranslate2:float32", "transformers:float32",
+                                 "transformers:bfloat16"])
+    parser.add_argument("--threads", type=int, default=None,
+                        help="threads for every engine (default: the physical cores)")
+    parser.add_argument("--work-dir", default="~/.cache/kiln/bench",
+                        help="where models are built once and reused (default: ~/.cache/kiln/bench)")
+    parser.add_argument("--output", default="benchmarks/results",
+                        help="folder for results.json, results.md and the chart")
+    parser.add_argument("--benchmarks-md", default="BENCHMARKS.md",
+                        help="the file whose section for this output folder is written")
+    parser.add_argument("--no-benchmarks-md", action="store_true", help="leave BENCHMARKS.md alone")
+    parser.add_argument("--model-config", action="append", metavar="NAME=JSON",
+                        help='an extra Pythia shape, e.g. tiny=\'{"hidden_size": 64, '
+                             '"num_layers": 2, "num_heads": 4}\'')
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    parser.add_argument("--bandwidth-gib", type=float, default=2.0,
+                        help="size of the bandwidth measurement's tensor (default: 2)")
+    parser.add_argument("--worker-timeout", type=float, default=3600.0,
+                        help="seconds before a worker is stopped and recorded as an error")
+    parser.add_argument("--prepare-only", action="store_true",
+                        help="build and convert the models into --work-dir, measure nothing")
+    parser.set_defaults(run=_run_bench)
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    from .bench.run import options_from_args, run_bench
+
+    run_bench(options_from_args(args))
+    return 0
+
+
+def _add_perplexity(subparsers) -> None:
+    parser = subparsers.add_parser("perplexity", help="measure a model's perplexity on a text file")
+    parser.add_argument("file", help="a UTF-8 text file")
+    parser.add_argument("--max-tokens", type=int, default=2048,
+                        help="score the first N tokens (default: 2048; 0: all)")
+    parser.add_argument("--window", type=int, default=None,
+                        help="tokens per forward pass (default: the model's context)")
+    parser.add_argument("--seed", type=int, default=None, help=argparse.SUPPRESS)
+    _add_model_options(parser)
+    parser.set_defaults(run=_run_perplexity)
+
+
+def _run_perplexity(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .perplexity import perplexity
+
+    try:
+        text = Path(args.file).read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{args.file} is not UTF-8 text: {error}") from error
+    generator = _load(args)
+    result = perplexity(generator, text, max_tokens=args.max_tokens or None, window=args.window)
+    print(f"perplexity {result.perplexity:.4f} over {result.tokens} tokens "
+          f"({generator.compute_type}, {result.windows} window(s))")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kiln", description="Convert causal language models and run them fast.")
@@ -132,6 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_convert(subparsers)
     _add_generate(subparsers)
     _add_chat(subparsers)
+    _add_perplexity(subparsers)
+    _add_bench(subparsers)
     return parser
 
 

@@ -41,35 +41,46 @@ class Int8Kernel:
 
     stored_weight: torch.Tensor | None  # the plain int8 weight if the kernel still needs it
     levels = 127  # activations are quantized to multiples of 1 / levels in [-1, 1]
+    bias: torch.Tensor | None  # float32; grid_matmul adds it to every product
 
     def grid_matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """x [M, K] float32 in [-1, 1] -> x @ W^T float32, x rounded to multiples of 1/levels."""
+        """x [M, K] float32 in [-1, 1] -> x @ W^T (+ bias) float32, x rounded to multiples
+        of 1/levels."""
         raise NotImplementedError
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ W^T + bias for float x [M, K]."""
         x = x.float()
         row_max = x.abs().amax(dim=-1, keepdim=True).clamp_min(1e-30)
         x = x / row_max
         if x.shape[0] <= ONE_PASS_MAX_ROWS:
-            return self.grid_matmul(x) * row_max
-        # |x - coarse| <= 1 / (2 levels): the residual, scaled back to [-1, 1], is a second pass.
-        gain = 2.0 * self.levels
-        coarse = torch.round(x * self.levels) / self.levels
-        residual = (x - coarse) * gain
-        return (self.grid_matmul(coarse) + self.grid_matmul(residual) / gain) * row_max
+            product = self.grid_matmul(x)
+        else:
+            # |x - coarse| <= 1/(2 levels): the residual, scaled back to [-1, 1], is a 2nd pass.
+            gain = 2.0 * self.levels
+            coarse = torch.round(x * self.levels) / self.levels
+            residual = (x - coarse) * gain
+            product = self.grid_matmul(coarse) + self.grid_matmul(residual) / gain
+            if self.bias is not None:
+                product -= self.bias / gain  # both passes added it
+        if self.bias is None:
+            return product * row_max
+        return (product - self.bias) * row_max + self.bias
 
 
 class FbgemmKernel(Int8Kernel):
     full_range = _has_vnni()
     levels = 127 if full_range else 63
 
-    def __init__(self, weight: torch.Tensor, scale: torch.Tensor) -> None:
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor,
+                 bias: torch.Tensor | None) -> None:
+        self.bias = None if bias is None else bias.detach().float()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the quantized-tensor API warns it is deprecated
             zero_points = torch.zeros(weight.shape[0], dtype=torch.long)
             quantized = torch._make_per_channel_quantized_tensor(
                 weight.contiguous(), (1.0 / scale).double(), zero_points, 0)
-            self.packed = torch.ops.quantized.linear_prepack(quantized, None)
+            self.packed = torch.ops.quantized.linear_prepack(quantized, self.bias)
         self.stored_weight = None  # the packed copy is all the kernel needs
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -85,14 +96,17 @@ class FbgemmKernel(Int8Kernel):
 
 
 class IntMMKernel(Int8Kernel):
-    def __init__(self, weight: torch.Tensor, scale: torch.Tensor) -> None:
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor,
+                 bias: torch.Tensor | None) -> None:
+        self.bias = None if bias is None else bias.detach().float()
         self.stored_weight = weight
         self.transposed = weight.t()  # a view: _int_mm reads it without a copy
         self.inverse_scale = (1.0 / scale.float()) / 127.0
 
     def grid_matmul(self, x: torch.Tensor) -> torch.Tensor:
         quantized = torch.round(x * 127.0).to(torch.int8)
-        return torch._int_mm(quantized, self.transposed).float() * self.inverse_scale
+        product = torch._int_mm(quantized, self.transposed).float() * self.inverse_scale
+        return product if self.bias is None else product + self.bias
 
 
 def fbgemm_available() -> bool:
@@ -100,7 +114,7 @@ def fbgemm_available() -> bool:
         if not any(engine in torch.backends.quantized.supported_engines
                    for engine in ("x86", "fbgemm")):
             return False
-        FbgemmKernel(torch.ones(8, 8, dtype=torch.int8), torch.ones(8))
+        FbgemmKernel(torch.ones(8, 8, dtype=torch.int8), torch.ones(8), None)
         return True
     except (RuntimeError, AttributeError, NotImplementedError):
         return False
@@ -113,9 +127,9 @@ def default_backend(device: torch.device) -> str | None:
     return "fbgemm" if fbgemm_available() else "int_mm"
 
 
-def make_int8_kernel(weight: torch.Tensor, scale: torch.Tensor, backend: str) -> Int8Kernel:
+def make_int8_kernel(weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                     backend: str) -> Int8Kernel:
     if backend not in BACKENDS:
         raise ValueError(f"unknown int8 backend {backend!r}; known: {', '.join(BACKENDS)}")
-    if backend == "fbgemm":
-        return FbgemmKernel(weight, scale)
-    return IntMMKernel(weight, scale)
+    kernel_class = FbgemmKernel if backend == "fbgemm" else IntMMKernel
+    return kernel_class(weight, scale, bias)

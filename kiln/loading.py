@@ -7,7 +7,7 @@ mmapped tensors themselves (when no dtype or device change is asked): no second 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -114,25 +114,30 @@ def load_decoder(folder: Path, config: KilnConfig, compute: ComputeType,
     del state, tensors
     if config.spec.tie_word_embeddings:
         decoder.tie_head(_tied_head(decoder, config.spec, compute))
-    if compute.weights == "int8":
-        backend = default_backend(device) if int8_backend == "auto" else int8_backend
-        copied += pack_kernels(decoder, backend)
     for name in copied:
         files[name].release(name)
+    if compute.weights == "int8":
+        backend = default_backend(device) if int8_backend == "auto" else int8_backend
+        pack_kernels(decoder, backend, release=lambda name: files[name].release(name))
     decoder.prepare(device)
     decoder.eval().requires_grad_(False)
     return decoder
 
 
-def pack_kernels(decoder: Decoder, backend: str | None) -> list[str]:
-    """Pack every int8 projection for its kernel, on all cores; return the weights now copied."""
-    modules = {name: module for name, module in decoder.named_modules()
-               if isinstance(module, QuantizedLinear)}
-    with ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads())) as pool:
-        list(pool.map(lambda module: module.prepare(backend), modules.values()))
+def pack_kernels(decoder: Decoder, backend: str | None, release: Callable[[str], None]) -> None:
+    """Pack every int8 projection for its kernel, on all cores. As soon as one is packed, the
+    pages of its stored copy are released, so memory never holds every weight twice."""
     tied = decoder.spec.tie_word_embeddings
-    return [f"{name}.weight" for name, module in modules.items()
-            if module.weight is None and not (tied and name == "lm_head")]
+
+    def pack(name: str, module: QuantizedLinear) -> None:
+        module.prepare(backend)
+        if module.weight is None and not (tied and name == "lm_head"):  # the embedding reads it
+            release(f"{name}.weight")
+
+    modules = [(name, module) for name, module in decoder.named_modules()
+               if isinstance(module, QuantizedLinear)]
+    with ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads())) as pool:
+        list(pool.map(lambda item: pack(*item), modules))
 
 
 def _converted(tensors: dict[str, torch.Tensor], config: KilnConfig, compute: ComputeType,

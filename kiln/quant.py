@@ -54,15 +54,14 @@ class QuantizedLinear(nn.Module):
     def prepare(self, backend: str | None) -> None:
         """Pack the weight for a kernel. int16 (and int8 without a backend) dequantize per call."""
         if self.bits == "int8" and backend is not None:
-            self.kernel = make_int8_kernel(self.weight, self.weight_scale, backend)
+            self.kernel = make_int8_kernel(self.weight, self.weight_scale, self.bias, backend)
             self.weight = self.kernel.stored_weight  # None when the kernel holds its own copy
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kernel is not None:
-            y = self.kernel(x.reshape(-1, self.in_features)).reshape(*x.shape[:-1], -1)
-            y = y.to(x.dtype)
-        else:
-            y = F.linear(x, dequantize_rows(self.weight, self.weight_scale, x.dtype))
+        if self.kernel is not None:  # the kernel adds the bias
+            y = self.kernel(x.reshape(-1, self.in_features))
+            return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+        y = F.linear(x, dequantize_rows(self.weight, self.weight_scale, x.dtype))
         return y if self.bias is None else y + self.bias
 
 
