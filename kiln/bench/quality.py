@@ -1,0 +1,97 @@
+"""Quality beside speed: perplexity of each engine and type on the same real text and tokens.
+
+Runs on SmolLM2-135M (the one trained model at hand) over the first 2048 tokens of the GPL-3
+text in tests/data, each engine in its own process like the speed runs, and reports the
+change against kiln's float32 perplexity.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+TEXT = Path(__file__).resolve().parents[2] / "tests" / "data" / "GPL-3"
+MAX_TOKENS = 2048
+ENGINES = ("kiln:float32", "kiln:int8", "ctranslate2:float32", "ctranslate2:int8",
+           "transformers:float32")
+
+
+def token_ids(kiln_folder: Path) -> list[int]:
+    from kiln.tokenizer import Tokenizer
+
+    return Tokenizer.from_folder(kiln_folder).encode(TEXT.read_text(encoding="utf-8"))[:MAX_TOKENS]
+
+
+def _perplexity(engine: str, compute_type: str, folder: Path, ids: list[int]) -> float:
+    """Runs inside the worker process."""
+    if engine == "kiln":
+        import kiln
+        from kiln.perplexity import perplexity
+
+        generator = kiln.Generator(folder, compute_type=compute_type)
+        return perplexity(generator, TEXT.read_text(encoding="utf-8"), MAX_TOKENS).perplexity
+    if engine == "ctranslate2":
+        import ctranslate2
+
+        vocabulary = json.loads((folder / "vocabulary.json").read_text(encoding="utf-8"))
+        tokens = [vocabulary[i] for i in ids]
+        generator = ctranslate2.Generator(str(folder), compute_type=compute_type)
+        result = generator.score_batch([tokens], max_input_length=len(tokens))[0]
+        return math.exp(-sum(result.log_probs) / len(result.log_probs))
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, compute_type))
+    with torch.inference_mode():
+        loss = model(torch.tensor([ids]), labels=torch.tensor([ids])).loss
+    return math.exp(loss.item())
+
+
+def measure(folders: dict[str, Path], kiln_float_folder: Path) -> dict[str, float | str]:
+    """{engine:type: perplexity or an error message}, each in a fresh process."""
+    ids = token_ids(kiln_float_folder)
+    results: dict[str, float | str] = {}
+    for key, folder in folders.items():
+        engine, compute_type = key.split(":")
+        code = ("import json, sys; from pathlib import Path; from kiln.bench.quality import "
+                "_perplexity; print(json.dumps(_perplexity(sys.argv[1], sys.argv[2], "
+                "Path(sys.argv[3]), json.loads(sys.argv[4]))))")
+        process = subprocess.run([sys.executable, "-c", code, engine, compute_type, str(folder),
+                                  json.dumps(ids)], capture_output=True, text=True)
+        if process.returncode == 0:
+            results[key] = float(process.stdout.strip().splitlines()[-1])
+        else:
+            results[key] = f"error: {process.stderr.strip().splitlines()[-1][:200]}"
+    return results
+
+
+def markdown(results: dict[str, float | str], reference_key: str = "kiln:float32") -> str:
+    reference = results.get(reference_key)
+    lines = [f"Perplexity, SmolLM2-135M-Instruct, first {MAX_TOKENS} tokens of GPL-3 "
+             f"(change against {reference_key}):", "",
+             "| engine:type | perplexity | change |", "|---|---|---|"]
+    for key, value in results.items():
+        if isinstance(value, float) and isinstance(reference, float):
+            lines.append(f"| {key} | {value:.3f} | {100 * (value / reference - 1):+.2f}% |")
+        else:
+            lines.append(f"| {key} | {value} | |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """python -m kiln.bench.quality [WORK_DIR]: print the perplexity table (markdown)."""
+    from .folders import DEFAULT_WORK_DIR, EngineType, engine_folder, resolve_models
+
+    argv = sys.argv[1:] if argv is None else argv
+    work_dir = Path(argv[0] if argv else DEFAULT_WORK_DIR).expanduser()
+    model = resolve_models(["smollm2"])[0]
+    folders = {key: engine_folder(model, EngineType.parse(key), work_dir) for key in ENGINES}
+    print(markdown(measure(folders, folders["kiln:float32"])), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
