@@ -9,14 +9,16 @@ import sys
 from collections.abc import Sequence
 
 from . import __version__
+from .compute_types import NAMED
 
 
 def _add_convert(subparsers) -> None:
     parser = subparsers.add_parser("convert", help="convert a checkpoint into a kiln folder")
-    parser.add_argument("source", help="a Hugging Face checkpoint folder")
+    parser.add_argument("source", help="a Hugging Face checkpoint folder, a .gguf file or a hub id")
     parser.add_argument("output_dir", help="the kiln folder to write")
-    parser.add_argument("--quantization", choices=["float32", "float16", "bfloat16"],
+    parser.add_argument("--quantization", choices=list(NAMED),
                         help="weight type to store (default: the checkpoint's)")
+    parser.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
     parser.add_argument("--force", action="store_true", help="replace an existing output folder")
     parser.add_argument("--copy-files", nargs="+", default=None, metavar="FILE",
                         help="extra files of the source folder to copy")
@@ -27,14 +29,19 @@ def _run_convert(args: argparse.Namespace) -> int:
     from .conversion import convert
 
     output = convert(args.source, args.output_dir, quantization=args.quantization,
-                     force=args.force, copy_files=args.copy_files)
+                     force=args.force, copy_files=args.copy_files, revision=args.revision,
+                     progress=sys.stderr.isatty())
     print(f"wrote {output}")
     return 0
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
-                        help="a kiln folder (default: kiln's default model, SmolLM2-135M-Instruct)")
+                        help="a kiln folder, a Hugging Face folder, a .gguf file or a hub id "
+                             "(converted once into the cache); default: kiln's default model, "
+                             "SmolLM2-135M-Instruct")
+    parser.add_argument("--revision", default=None,
+                        help="hub revision (branch, tag or commit), e.g. step3000")
     parser.add_argument("--cache-dir", default=None,
                         help="where converted models are kept (default: $KILN_CACHE_DIR or the "
                              "per-user cache folder)")
@@ -55,8 +62,14 @@ def _add_sampling_options(parser: argparse.ArgumentParser, max_length: int) -> N
 def _load(args: argparse.Namespace):
     from .generator import Generator
 
-    return Generator(args.model, device=args.device, compute_type=args.compute_type,
-                     seed=args.seed, cache_dir=args.cache_dir)
+    if args.model is None:
+        if args.revision is not None:
+            raise ValueError("--revision needs --model (a hub id)")
+        return Generator(device=args.device, compute_type=args.compute_type, seed=args.seed,
+                         cache_dir=args.cache_dir)
+    return Generator.from_pretrained(args.model, revision=args.revision, device=args.device,
+                                     compute_type=args.compute_type, seed=args.seed,
+                                     cache_dir=args.cache_dir)
 
 
 def _sampling(args: argparse.Namespace) -> dict:
@@ -200,6 +213,28 @@ def _run_perplexity(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_cache(subparsers) -> None:
+    parser = subparsers.add_parser("cache", help="list or remove converted models")
+    parser.add_argument("action", choices=["ls", "rm"])
+    parser.add_argument("pattern", nargs="?", default=None,
+                        help="for rm: part of a source or folder, or 'all'")
+    parser.add_argument("--cache-dir", default=None)
+    parser.set_defaults(run=_run_cache)
+
+
+def _run_cache(args: argparse.Namespace) -> int:
+    from .cache_cli import cached_models, format_table, remove
+
+    if args.action == "ls":
+        print(format_table(cached_models(args.cache_dir)))
+        return 0
+    if not args.pattern:
+        raise ValueError("kiln cache rm needs what to remove: part of a source, or 'all'")
+    for folder in remove(args.pattern, args.cache_dir):
+        print(f"removed {folder}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kiln", description="Convert causal language models and run them fast.")
@@ -209,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(subparsers)
     _add_chat(subparsers)
     _add_perplexity(subparsers)
+    _add_cache(subparsers)
     _add_bench(subparsers)
     return parser
 

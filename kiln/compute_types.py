@@ -12,8 +12,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is imported only when used: `kiln --help` stays instant
+    import torch
 
 FLOATS = ("float32", "float16", "bfloat16")
 NAMED = ("int8", "int8_float32", "int8_float16", "int8_bfloat16", "int16", *FLOATS)
@@ -33,6 +35,8 @@ class ComputeType:
 
     @property
     def torch_dtype(self) -> torch.dtype:
+        import torch
+
         return getattr(torch, self.dtype)
 
     @classmethod
@@ -52,6 +56,8 @@ class ComputeType:
 def supported(device: torch.device) -> list[str]:
     """Explicit types the device can run."""
     if device.type == "cuda":
+        import torch
+
         bf16 = torch.cuda.is_bf16_supported()
         return [name for name in NAMED if name != "int16" and (bf16 or "bfloat16" not in name)]
     return list(NAMED)

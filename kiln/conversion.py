@@ -21,6 +21,7 @@ from .archs import get_adapter
 from .compute_types import NAMED, ComputeType
 from .decoder import expected_weight_shapes, quantizable_weight_names
 from .formats import hf
+from .hub import HUB_ID, download
 from .quant import quantize_rows
 from .spec import WEIGHTS_FILE, KilnConfig, ModelSpec
 
@@ -30,13 +31,24 @@ DEFAULT_SHARD_BYTES = 4 * 1024**3
 
 def convert(source: str | Path, output_dir: str | Path, quantization: str | None = None,
             force: bool = False, copy_files: Iterable[str] | None = None, *,
-            max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+            max_shard_bytes: int = DEFAULT_SHARD_BYTES, progress: bool = False,
+            origin: dict[str, Any] | None = None, revision: str | None = None,
+            token: str | bool | None = None) -> Path:
     """Convert a local Hugging Face checkpoint folder or GGUF file into a kiln folder.
 
     `quantization` is a compute type name (float32, float16, bfloat16, int8, int8_float32,
     int8_float16, int8_bfloat16, int16); None keeps the checkpoint's float type.
+    A source that is not a local path but a hub id (ORG/NAME) is downloaded first (only the
+    files kiln reads), at `revision`. `progress` shows a bar over the tensors; `origin`
+    (hub id, revision, commit) is recorded in config.json.
     """
     source, output_dir = Path(source), Path(output_dir)
+    if not source.exists() and HUB_ID.match(str(source)):
+        snapshot = download(str(source), revision, None, False, token, progress)
+        origin = {"hub_id": str(source), "revision": revision or "main", "commit": snapshot.name}
+        source = snapshot
+    elif revision is not None:
+        raise ValueError(f"revision={revision!r} applies to hub ids; {source} is a local path")
     if quantization is not None and quantization not in QUANTIZATIONS:
         raise ValueError(f"unknown quantization {quantization!r}; supported: {', '.join(QUANTIZATIONS)}")
     if output_dir.exists() and not force:
@@ -58,14 +70,19 @@ def convert(source: str | Path, output_dir: str | Path, quantization: str | None
     partial = output_dir.parent / f".{output_dir.name}.partial-{uuid.uuid4().hex[:8]}"
     partial.mkdir()
     try:
-        weights = _write_weights(adapter.convert_weights(spec, checkpoint.tensors), spec, target,
-                                 partial, max_shard_bytes)
+        tensors = adapter.convert_weights(spec, checkpoint.tensors)
+        if progress:
+            from tqdm.auto import tqdm
+
+            tensors = tqdm(tensors, total=len(expected_weight_shapes(spec)), unit="tensor",
+                           desc=f"converting {source.name}")
+        weights = _write_weights(tensors, spec, target, partial, max_shard_bytes)
         checkpoint.write_tokenizer(partial, extra_files)
         kiln_config = KilnConfig(
             spec=spec, dtype=target.dtype, weights=target.weights, tokens=adapter.token_ids(config),
             files=weights,
             source={"format": checkpoint.format_name, "path": str(source.resolve()),
-                    "model_type": config.get("model_type")},
+                    "model_type": config.get("model_type"), **({"origin": origin} if origin else {})},
         )
         kiln_config.save(partial)  # written last: a folder without it never loads
         _make_readable(partial)

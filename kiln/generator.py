@@ -123,6 +123,35 @@ class Generator:
         self._rng = torch.Generator(device=self._device)
         self._rng.manual_seed(seed if seed is not None else torch.seed())
 
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path, *, revision: str | None = None,
+                        device: str = "auto", compute_type: str = "auto",
+                        cache_dir: str | Path | None = None,
+                        hub_cache_dir: str | Path | None = None, local_files_only: bool = False,
+                        token: str | bool | None = None, progress: bool | None = None,
+                        **kwargs) -> Generator:
+        """Load a kiln folder, a Hugging Face folder or GGUF file, or a hub id (at `revision`).
+
+        Anything that is not a kiln folder is converted once, to the storage type of the
+        compute type on this device, into the converted-model cache (`cache_dir`, default
+        $KILN_CACHE_DIR or the per-user cache); later calls load the cached folder without
+        touching the network or converting. Hub downloads honour HF_HUB_OFFLINE, HF_HOME /
+        HF_HUB_CACHE (or `hub_cache_dir`), `local_files_only` and `token`. Progress bars show
+        on a terminal unless `progress=False`. Other keyword arguments go to `Generator`.
+        """
+        from .hub import resolve
+
+        target = resolve_device(device, kwargs.get("device_index", 0))
+        quantization = None
+        if compute_type != "default":  # store what the compute type runs, so loading is direct
+            quantization = resolve_compute_type(compute_type, ComputeType(None, "float32"),
+                                                target).name
+        resolved = resolve(name_or_path, revision=revision, quantization=quantization,
+                           cache_dir=cache_dir, hub_cache_dir=hub_cache_dir,
+                           local_files_only=local_files_only, token=token, progress=progress)
+        return cls(resolved.folder, device=device, compute_type=compute_type,
+                   cache_dir=cache_dir, **kwargs)
+
     @property
     def device(self) -> str:
         return self._device.type

@@ -47,10 +47,14 @@ def check_folder(folder: Path) -> KilnConfig:
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} is a file, not a model folder")
     if not is_kiln_folder(folder):
+        from .hub import ctranslate2_error, is_ctranslate2_folder
+
+        if is_ctranslate2_folder(folder):
+            raise ctranslate2_error(str(folder))
         if (folder / CONFIG_FILE).is_file():
             raise ValueError(f"{folder} is not a kiln folder (its {CONFIG_FILE} has no "
-                             "'format': 'kiln'); convert it first: kiln convert "
-                             f"{folder} OUTPUT_DIR")
+                             "'format': 'kiln'); convert it first (kiln convert "
+                             f"{folder} OUTPUT_DIR) or load it with Generator.from_pretrained")
         raise FileNotFoundError(f"{folder} is not a model folder: looked for {CONFIG_FILE} "
                                 "and model.safetensors, found neither")
     config = KilnConfig.load(folder)

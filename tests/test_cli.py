@@ -60,3 +60,9 @@ def test_generate_errors_are_one_line_with_exit_2(tmp_path, capsys):
     assert main(["generate", "--model", str(tmp_path / "none"), "hello"]) == 2
     error = capsys.readouterr().err
     assert error.startswith("kiln generate: error: no model at") and "Traceback" not in error
+
+
+def test_help_and_version_do_not_import_torch():
+    code = "import sys; from kiln.cli import build_parser; build_parser(); print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"

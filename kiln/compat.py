@@ -1,0 +1,57 @@
+"""hf-hub-ctranslate2's classes on kiln, for users who migrate by changing one import line.
+
+    from kiln.compat import GeneratorCT2fromHfHub
+    model = GeneratorCT2fromHfHub(model_name_or_path="EleutherAI/pythia-410m",
+                                  device="cpu", compute_type="int8")
+    outputs = model.generate(text=["def fibonacci(n):"], max_length=64)
+
+Same constructor and `generate` conventions: token strings in, the first hypothesis decoded
+out (prompt included, since include_prompt_in_result=True is the default), a `str` for a
+`str` and a list for a list. Asking for CUDA on a machine without it is a clear ValueError
+(kiln does not silently move the model to another device).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from .generator import Generator
+
+
+class GeneratorCT2fromHfHub:
+    def __init__(self, model_name_or_path: str, device: str = "cuda", device_index: int = 0,
+                 compute_type: str = "int8_float16", tokenizer: Any = None,
+                 hub_kwargs: dict | None = None, **kwargs: Any) -> None:
+        hub_kwargs = dict(hub_kwargs or {})  # never a shared mutable default
+        options = {key: hub_kwargs.pop(key) for key in
+                   ("revision", "cache_dir", "local_files_only", "token") if key in hub_kwargs}
+        if "cache_dir" in options:
+            options["hub_cache_dir"] = options.pop("cache_dir")
+        if hub_kwargs:
+            raise ValueError(f"hub_kwargs {sorted(hub_kwargs)} are not supported; supported: "
+                             "revision, cache_dir, local_files_only, token")
+        self.model = Generator.from_pretrained(
+            model_name_or_path, device=device, device_index=device_index,
+            compute_type=compute_type, **options, **kwargs)
+        self.tokenizer = tokenizer if tokenizer is not None else self.model.require_tokenizer()
+
+    def _encode(self, text: str, encode_tok_kwargs: dict) -> list[str] | list[int]:
+        if hasattr(self.tokenizer, "convert_ids_to_tokens"):  # a transformers tokenizer
+            return self.tokenizer.convert_ids_to_tokens(
+                self.tokenizer.encode(text, **encode_tok_kwargs))
+        return self.tokenizer.encode(text, **encode_tok_kwargs)
+
+    def _decode(self, ids: Sequence[int], decode_tok_kwargs: dict) -> str:
+        options = {"skip_special_tokens": False, **decode_tok_kwargs}  # transformers' default
+        return self.tokenizer.decode(list(ids), **options)
+
+    def generate(self, text: str | list[str], encode_tok_kwargs: dict | None = None,
+                 decode_tok_kwargs: dict | None = None,
+                 **generate_batch_kwargs: Any) -> str | list[str]:
+        prompts = [text] if isinstance(text, str) else list(text)
+        tokens = [self._encode(prompt, dict(encode_tok_kwargs or {})) for prompt in prompts]
+        results = self.model.generate_batch(tokens, **generate_batch_kwargs)
+        texts = [self._decode(result.sequences_ids[0], dict(decode_tok_kwargs or {}))
+                 for result in results]
+        return texts[0] if isinstance(text, str) else texts

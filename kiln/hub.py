@@ -1,0 +1,177 @@
+"""From a name to a loadable kiln folder: local folders and files, Hugging Face hub ids with
+revisions, and the converted-model cache that makes the second load instant.
+
+    kiln folder            used as it is
+    HF folder / GGUF file  converted once into the cache (keyed on path, content, type)
+    hub id                 resolved with huggingface_hub (revision, HF_HUB_OFFLINE, HF_HOME,
+                           HF_HUB_CACHE, local_files_only, token), then converted once into
+                           the cache, keyed on repo id, resolved commit and storage type
+    CTranslate2 folder     recognised and reported: kiln does not read model.bin yet
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from .formats import hf
+from .paths import cache_dir as kiln_cache_dir
+from .spec import CONFIG_FILE, is_kiln_folder
+
+# Only what kiln reads: never a CTranslate2 model.bin, ONNX or TF weights.
+ALLOW_PATTERNS = [
+    "config.json", "*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin",
+    "pytorch_model.bin.index.json", "vocabulary.*", *hf.TOKENIZER_FILES,
+]
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass
+class Resolved:
+    """A loadable kiln folder and where it came from."""
+
+    folder: Path
+    source: dict
+
+
+def is_ctranslate2_folder(folder: Path) -> bool:
+    folder = Path(folder)
+    if (folder / "model.bin").is_file() or any(folder.glob("model-*-of-*.bin")):
+        return True
+    config = folder / CONFIG_FILE
+    if not config.is_file() or not any((folder / v).is_file()
+                                       for v in ("vocabulary.json", "vocabulary.txt")):
+        return False
+    try:
+        return "model_type" not in json.loads(config.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
+
+
+def ctranslate2_error(where: str) -> ValueError:
+    return ValueError(f"{where} is a CTranslate2 model (model.bin + vocabulary); kiln cannot read "
+                      "CTranslate2 folders yet: point kiln at the original Hugging Face checkpoint "
+                      "(for ct2fast-* repos, the model they were converted from)")
+
+
+def storage_type(compute_type: str) -> str | None:
+    """What to store when converting for a compute type: the type itself, or for 'default'
+    the checkpoint's own float type (None)."""
+    return None if compute_type == "default" else compute_type
+
+
+def resolve(name_or_path: str | Path, *, revision: str | None = None,
+            quantization: str | None = None, cache_dir: str | Path | None = None,
+            hub_cache_dir: str | Path | None = None, local_files_only: bool = False,
+            token: str | bool | None = None, progress: bool | None = None) -> Resolved:
+    """A kiln folder for `name_or_path`, converting (once) what needs converting."""
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if revision is not None:
+            raise ValueError(f"revision={revision!r} applies to hub ids; {path} is a local path")
+        return _resolve_local(path, quantization, cache_dir, progress)
+    name = str(name_or_path)
+    if not HUB_ID.match(name):
+        raise FileNotFoundError(f"no model at {name}: it is neither an existing path nor a hub "
+                                "id (ORG/NAME)")
+    snapshot = download(name, revision, hub_cache_dir, local_files_only, token, progress)
+    if is_ctranslate2_folder(snapshot):
+        raise ctranslate2_error(f"{name} (revision {revision or 'main'})")
+    commit = snapshot.name
+    folder = (kiln_cache_dir(cache_dir) / "models" / "hub" / name.replace("/", "--") / commit /
+              (quantization or "default"))
+    source = {"hub_id": name, "revision": revision or "main", "commit": commit}
+    return Resolved(_convert_once(snapshot, folder, quantization, source, progress), source)
+
+
+def download(repo_id: str, revision: str | None, hub_cache_dir: str | Path | None,
+             local_files_only: bool, token: str | bool | None, progress: bool | None) -> Path:
+    """The snapshot folder of the files kiln needs (from the local hub cache when offline)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+    from huggingface_hub.utils import tqdm as hub_tqdm
+
+    class SilentProgress(hub_tqdm):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **{**kwargs, "disable": True})
+
+    try:
+        return Path(snapshot_download(
+            repo_id, revision=revision, cache_dir=hub_cache_dir, allow_patterns=ALLOW_PATTERNS,
+            local_files_only=local_files_only, token=token,
+            tqdm_class=None if _show_progress(progress) else SilentProgress))
+    except LocalEntryNotFoundError as error:
+        raise FileNotFoundError(
+            f"{repo_id} (revision {revision or 'main'}) is not in the local hub cache and the hub "
+            "cannot be reached (offline, or local_files_only): download it once online, or "
+            "check the name, revision and HF_HOME / HF_HUB_CACHE") from error
+    except RevisionNotFoundError as error:
+        raise ValueError(f"{repo_id} has no revision {revision!r}") from error
+    except RepositoryNotFoundError as error:
+        raise FileNotFoundError(f"no hub repository {repo_id!r} (or it is private: pass token=)") \
+            from error
+
+
+def _resolve_local(path: Path, quantization: str | None, cache_dir: str | Path | None,
+                   progress: bool | None) -> Resolved:
+    if path.is_dir() and is_kiln_folder(path):
+        return Resolved(path, {"path": str(path)})
+    if path.is_dir() and is_ctranslate2_folder(path):
+        raise ctranslate2_error(str(path))
+    if not (path.suffix == ".gguf" and path.is_file()) and not hf.is_hf_folder(path):
+        raise FileNotFoundError(f"{path} is not a model: expected a kiln folder, a Hugging Face "
+                                "checkpoint folder (config.json + weights) or a .gguf file")
+    fingerprint = _fingerprint(path)
+    folder = (kiln_cache_dir(cache_dir) / "models" / "local" / f"{path.name}-{fingerprint}" /
+              (quantization or "default"))
+    source = {"path": str(path.resolve()), "fingerprint": fingerprint}
+    return Resolved(_convert_once(path, folder, quantization, source, progress), source)
+
+
+def _fingerprint(path: Path) -> str:
+    """Changes when the path or any of its files changes (name, size, modification time)."""
+    digest = hashlib.sha256(str(path.resolve()).encode())
+    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())
+    for file in files:
+        stat = file.stat()
+        digest.update(f"{file.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()[:16]
+
+
+def cached_folder_is_sound(folder: Path) -> bool:
+    """A cached conversion that loads: config readable, weight files present, sizes as written."""
+    from .loading import check_folder
+
+    try:
+        check_folder(folder)
+    except (ValueError, FileNotFoundError, OSError):
+        return False
+    return True
+
+
+def _convert_once(source: Path, folder: Path, quantization: str | None, origin: dict,
+                  progress: bool | None) -> Path:
+    if is_kiln_folder(folder) and cached_folder_is_sound(folder):
+        return folder  # a cache hit: nothing is read or converted
+    from .conversion import convert
+
+    try:
+        # A broken or partial entry is replaced; conversion itself writes atomically.
+        convert(source, folder, quantization=quantization, force=folder.exists(),
+                progress=_show_progress(progress), origin=origin)
+    except OSError:
+        if not (is_kiln_folder(folder) and cached_folder_is_sound(folder)):
+            raise  # unless another process finished the same conversion first
+    return folder
+
+
+def _show_progress(progress: bool | None) -> bool:
+    return sys.stderr.isatty() if progress is None else progress
