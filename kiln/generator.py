@@ -113,8 +113,18 @@ class Generator:
         if intra_threads:
             torch.set_num_threads(intra_threads)
         self.dtype = self._compute.torch_dtype
-        self.model = load_decoder(self.model_path, self.config, self._compute, self._device,
-                                  int8_backend)
+        if self._device.type == "cuda" and self.dtype == torch.float16:
+            # Pythia's activations overflow float16 sums: keep cuBLAS accumulating in float32.
+            torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
+        try:
+            self.model = load_decoder(self.model_path, self.config, self._compute, self._device,
+                                      int8_backend)
+        except torch.OutOfMemoryError as error:
+            needed = sum(info.get("bytes", 0) for info in self.config.files.values())
+            raise MemoryError(
+                f"out of memory loading {self.model_path} on {self._device}: its weights take "
+                f"{needed / 2**30:.1f} GiB as stored ({self.config.weights or self.config.dtype}); "
+                "free memory, use an int8 compute type, or load on another device") from error
         self.spec = self.config.spec
         self.tokenizer = Tokenizer.from_folder(self.model_path)
         self.chat_template = ChatTemplate.from_folder(self.model_path)
@@ -407,7 +417,16 @@ class Generator:
         if self._cache is None or not self._cache.fits(num_slots, max_length, self.dtype,
                                                        self._device):
             self._cache = None  # release the old one before allocating
-            self._cache = KVCache(self.spec, num_slots, max_length, self.dtype, self._device)
+            try:
+                self._cache = KVCache(self.spec, num_slots, max_length, self.dtype, self._device)
+            except torch.OutOfMemoryError as error:
+                spec = self.spec
+                needed = (2 * spec.num_layers * num_slots * spec.num_kv_heads * (max_length + 1)
+                          * spec.head_dim * torch.finfo(self.dtype).bits // 8)
+                raise MemoryError(
+                    f"out of memory allocating the KV cache: {num_slots} sequences x "
+                    f"{max_length} positions need {needed / 2**30:.2f} GiB on {self._device}; "
+                    "lower the batch size (max_batch_size) or max_length") from error
         return self._cache
 
     def _decode_steps(self, batch: list[_Request], rows: list[_RowState],

@@ -61,8 +61,20 @@ class QuantizedLinear(nn.Module):
         if self.kernel is not None:  # the kernel adds the bias
             y = self.kernel(x.reshape(-1, self.in_features))
             return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
-        y = F.linear(x, dequantize_rows(self.weight, self.weight_scale, x.dtype))
+        return self.weight_only(x)
+
+    def weight_only(self, x: torch.Tensor) -> torch.Tensor:
+        """Dequantize inside the matmul: the integer weight is cast to the activations' type
+        (exact for int8 in float16/bfloat16/float32) and the row scales applied to the
+        product, so no float copy of the weight outlives the call. int16 runs in float32."""
+        compute = x.dtype if self.bits == "int8" else torch.float32
+        y = F.linear(x.to(compute), self.weight.to(compute)) * self.inverse_scale.to(compute)
+        y = y.to(x.dtype)
         return y if self.bias is None else y + self.bias
+
+    @property
+    def inverse_scale(self) -> torch.Tensor:
+        return 1.0 / self.weight_scale
 
 
 class QuantizedEmbedding(nn.Module):

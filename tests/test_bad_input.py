@@ -228,3 +228,19 @@ def test_generator_still_works_after_bad_input(generator):
     with pytest.raises(ValueError):
         generator.generate_batch([[5, 96]])
     assert len(generator.generate_batch([[5, 6]], max_length=4)[0].sequences_ids[0]) >= 2
+
+
+def test_out_of_memory_says_what_to_reduce_and_leaves_the_generator_usable(generator, monkeypatch):
+    from kiln import generator as generator_module
+
+    real_cache = generator_module.KVCache
+
+    def exhausted(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    generator._cache = None
+    monkeypatch.setattr(generator_module, "KVCache", exhausted)
+    with pytest.raises(MemoryError, match=r"4 sequences x \d+ positions need .* GiB.*max_batch_size"):
+        generator.generate_batch([[5, 6]] * 4, max_length=100)
+    monkeypatch.setattr(generator_module, "KVCache", real_cache)
+    assert len(generator.generate_batch([[5, 6]], max_length=4)[0].sequences_ids[0]) >= 2

@@ -1,0 +1,213 @@
+"""kiln on a GPU in one call: (a) correctness against transformers on the same card, (b) decode
+speed at Pythia shapes against transformers float16, with the fraction of the measured copy
+bandwidth. Prints a table last and writes JSON. Runs from the source tree; needs only torch
+and transformers (plus kiln's small dependencies). `--device cpu --shapes tiny` is a smoke run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import kiln  # noqa: E402
+from kiln.bench.random_folder import pythia_spec, write_random_folder  # noqa: E402
+from kiln.compute_types import ComputeType  # noqa: E402
+
+SHAPES = {"tiny": (128, 2, 4), "1b": (2048, 16, 8), "2.8b": (2560, 32, 32), "12b": (5120, 36, 40)}
+CORRECTNESS_TYPES = ("float32", "bfloat16", "int8_float16", "int8_bfloat16")
+
+
+def tiny_models():
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    yield "gpt_neox", GPTNeoXForCausalLM(GPTNeoXConfig(
+        vocab_size=512, hidden_size=128, num_hidden_layers=3, num_attention_heads=4,
+        intermediate_size=512, rotary_pct=0.25, max_position_embeddings=256))
+    yield "llama", LlamaForCausalLM(LlamaConfig(
+        vocab_size=512, hidden_size=128, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, intermediate_size=256, max_position_embeddings=256))
+
+
+def correctness(device: str, work: Path) -> list[dict]:
+    torch.backends.cuda.matmul.allow_tf32 = False  # float32 must mean float32 on both sides
+    rows = []
+    prompt = torch.randint(3, 500, (1, 40), generator=torch.Generator().manual_seed(1))
+    for family, model in tiny_models():
+        model.eval().save_pretrained(work / family)
+        folder = kiln.convert(work / family, work / f"{family}-kiln", force=True)
+        reference = model.to(device)
+        with torch.inference_mode():
+            expected = reference(prompt.to(device)).logits.float().cpu()
+            expected_ids = reference.generate(prompt.to(device), max_new_tokens=32, do_sample=False,
+                                              eos_token_id=None, pad_token_id=0)[0, 40:].tolist()
+        for compute_type in CORRECTNESS_TYPES:
+            row = {"family": family, "compute_type": compute_type}
+            try:
+                generator = kiln.Generator(folder, device=device, compute_type=compute_type)
+                actual = generator.forward_batch(prompt.tolist()).cpu()
+                ids = generator.generate_batch(prompt.tolist(), max_length=32, end_token=[],
+                                               include_prompt_in_result=False)[0].sequences_ids[0]
+                row.update(max_abs_diff=(actual - expected).abs().max().item(),
+                           relative_error=((actual - expected).norm() / expected.norm()).item(),
+                           greedy_agreement=sum(a == b for a, b in zip(ids, expected_ids, strict=True)) / 32)
+                row["ok"] = (row["max_abs_diff"] <= 1e-3 and row["greedy_agreement"] == 1.0
+                             if compute_type == "float32" else row["relative_error"] < 0.05)
+            except Exception as error:  # one failing type must not hide the others
+                row.update(ok=False, error=f"{type(error).__name__}: {error}")
+            rows.append(row)
+    return rows
+
+
+def copy_bandwidth(device: str) -> float:
+    source = torch.empty(2**28, dtype=torch.float32, device=device)  # 1 GiB
+    target = torch.empty_like(source)
+    target.copy_(source)
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(10):
+        target.copy_(source)
+    _sync(device)
+    return 2 * source.nbytes * 10 / (time.perf_counter() - start)
+
+
+def _free(device: str) -> None:
+    import gc
+
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def decode_rate(run, batch: int, new_tokens: int, device: str) -> float:
+    run(batch, 1)
+    _sync(device)
+    start = time.perf_counter()
+    run(batch, 1)
+    _sync(device)
+    first = time.perf_counter() - start
+    start = time.perf_counter()
+    run(batch, new_tokens)
+    _sync(device)
+    return batch * (new_tokens - 1) / (time.perf_counter() - start - first)
+
+
+def kiln_speed(shape: str, compute_type: str, batches, new_tokens: int, device: str,
+               work: Path) -> dict:
+    spec = pythia_spec(*SHAPES[shape])
+    compute = ComputeType.parse(compute_type)
+    folder = write_random_folder(spec, work / f"{shape}-{compute_type}", compute)
+    weight_bytes = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    generator = kiln.Generator(folder, device=device, compute_type=compute_type)
+    prompt = list(range(10, 42))
+
+    def run(batch, tokens):
+        generator.generate_batch([prompt] * batch, max_length=tokens, min_length=tokens,
+                                 end_token=[], include_prompt_in_result=False)
+
+    rates = {batch: decode_rate(run, batch, new_tokens, device) for batch in batches}
+    peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else None
+    shutil.rmtree(folder)
+    return {"rates": rates, "weight_bytes": weight_bytes, "peak_gpu_bytes": peak}
+
+
+def transformers_speed(shape: str, batches, new_tokens: int, device: str) -> dict:
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    hidden, layers, heads = SHAPES[shape]
+    config = GPTNeoXConfig(vocab_size=50304, hidden_size=hidden, num_hidden_layers=layers,
+                           num_attention_heads=heads, intermediate_size=4 * hidden,
+                           rotary_pct=0.25, max_position_embeddings=2048)
+    dtype = torch.float16 if device.startswith("cuda") else torch.float32
+    with torch.device(device):
+        model = GPTNeoXForCausalLM._from_config(config, dtype=dtype).eval()
+    prompt = torch.arange(10, 42, device=device)
+
+    def run(batch, tokens):
+        with torch.inference_mode():
+            model.generate(prompt.repeat(batch, 1), max_new_tokens=tokens, min_new_tokens=tokens,
+                           do_sample=False, pad_token_id=0)
+
+    rates = {batch: decode_rate(run, batch, new_tokens, device) for batch in batches}
+    return {"rates": rates}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--shapes", nargs="+", default=["1b", "2.8b", "12b"])
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 16])
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--output", default="benchmarks/results/gpu_check.json")
+    args = parser.parse_args()
+    report = {"device": args.device, "date": time.strftime("%Y-%m-%d"),
+              "card": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+              "torch": torch.__version__}
+    with tempfile.TemporaryDirectory() as work:
+        work = Path(work)
+        report["correctness"] = correctness(args.device, work)
+        report["copy_bandwidth_bytes_per_s"] = bandwidth = copy_bandwidth(args.device)
+        report["speed"] = []
+        for shape in args.shapes:
+            for compute_type in ("int8_float16", "bfloat16"):
+                try:
+                    result = kiln_speed(shape, compute_type, args.batches, args.new_tokens,
+                                        args.device, work)
+                except Exception as error:
+                    result = {"error": f"{type(error).__name__}: {error}"}
+                report["speed"].append({"shape": shape, "engine": f"kiln:{compute_type}", **result})
+                _free(args.device)
+            try:
+                result = transformers_speed(shape, args.batches, args.new_tokens, args.device)
+            except Exception as error:
+                result = {"error": f"{type(error).__name__}: {error}"}
+            report["speed"].append({"shape": shape, "engine": "transformers:float16", **result})
+            _free(args.device)
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(json.dumps(report, indent=2))
+    print_table(report, bandwidth)
+    return 0 if all(row["ok"] for row in report["correctness"]) else 1
+
+
+def print_table(report: dict, bandwidth: float) -> None:
+    print(f"\n{report['card']} ({report['device']}), torch {report['torch']}, {report['date']}; "
+          f"copy bandwidth {bandwidth / 1e9:.0f} GB/s (read + write)")
+    print("\ncorrectness (tiny random models, kiln vs transformers on the same device):")
+    for row in report["correctness"]:
+        detail = row.get("error") or (f"max|diff| {row['max_abs_diff']:.2e}  "
+                                      f"rel {row['relative_error']:.2e}  "
+                                      f"greedy {row['greedy_agreement']:.0%}")
+        print(f"  {'ok  ' if row['ok'] else 'FAIL'} {row['family']:9} {row['compute_type']:14} {detail}")
+    print("\ndecode tokens/s (fraction of the copy-bandwidth ceiling at batch 1; peak GPU memory):")
+    for row in report["speed"]:
+        if "error" in row:
+            print(f"  {row['shape']:5} {row['engine']:22} error: {row['error'][:100]}")
+            continue
+        rates = "  ".join(f"b{b}: {r:8.1f}" for b, r in row["rates"].items())
+        extra = ""
+        if row.get("weight_bytes"):
+            ceiling = bandwidth / 2 / row["weight_bytes"]  # read bandwidth ~ half of copy traffic
+            extra = f"  {row['rates'][min(row['rates'])] / ceiling:.0%} of ceiling"
+        if row.get("peak_gpu_bytes"):
+            extra += f"  peak {row['peak_gpu_bytes'] / 2**30:.1f} GiB"
+        print(f"  {row['shape']:5} {row['engine']:22} {rates}{extra}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

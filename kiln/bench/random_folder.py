@@ -1,0 +1,64 @@
+"""A kiln folder with random weights, written tensor by tensor: the way to get a Pythia-12B
+shape onto a machine without first building a 48 GB float32 Hugging Face checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from ..compute_types import ComputeType
+from ..decoder import expected_weight_shapes, quantizable_weight_names
+from ..quant import INT_DTYPES, QMAX
+from ..spec import KilnConfig, ModelSpec, TokenIds
+
+SHARD_BYTES = 2 * 1024**3
+
+
+def pythia_spec(hidden_size: int, num_layers: int, num_heads: int, vocab_size: int = 50304,
+                tokenizer_size: int = 50277, max_positions: int = 2048) -> ModelSpec:
+    head_dim = hidden_size // num_heads
+    return ModelSpec(vocab_size=vocab_size, hidden_size=hidden_size, num_layers=num_layers,
+                     num_heads=num_heads, num_kv_heads=num_heads, head_dim=head_dim,
+                     intermediate_size=4 * hidden_size, max_position_embeddings=max_positions,
+                     parallel_residual=True, rotary_dim=head_dim // 4, qkv_bias=True,
+                     attn_out_bias=True, mlp_bias=True, tokenizer_vocab_size=tokenizer_size)
+
+
+def write_random_folder(spec: ModelSpec, folder: Path, compute: ComputeType,
+                        seed: int = 0) -> Path:
+    """Random weights (std 0.02, norms 1) stored as `compute` stores them."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(seed)
+    quantized = quantizable_weight_names(spec) if compute.weights else set()
+    shard: dict[str, torch.Tensor] = {}
+    files: dict[str, dict] = {}
+
+    def flush() -> None:
+        name = f"model-{len(files) + 1:05d}.safetensors"
+        save_file(shard, str(folder / name))
+        files[name] = {"bytes": (folder / name).stat().st_size}
+        shard.clear()
+
+    size = 0
+    for name, shape in expected_weight_shapes(spec).items():
+        if name in quantized:  # integers drawn directly: 12B values in seconds, not minutes
+            qmax = QMAX[compute.weights]
+            shard[name] = torch.randint(-qmax, qmax + 1, shape, generator=generator,
+                                        dtype=INT_DTYPES[compute.weights])
+            shard[f"{name}_scale"] = torch.full(shape[:1], qmax / 0.06)  # |w| <= 3 sigma
+        elif name.endswith("norm.weight"):
+            shard[name] = torch.ones(shape, dtype=compute.torch_dtype)
+        else:
+            shard[name] = torch.randn(shape, generator=generator, dtype=compute.torch_dtype) * 0.02
+        size += sum(shard[key].nbytes for key in (name, f"{name}_scale") if key in shard)
+        if size > SHARD_BYTES:
+            flush()
+            size = 0
+    if shard:
+        flush()
+    KilnConfig(spec=spec, dtype=compute.dtype, weights=compute.weights, files=files,
+               tokens=TokenIds(bos=0, eos=[0]), source={"format": "random"}).save(folder)
+    return folder
