@@ -6,7 +6,6 @@ loads; an existing output is replaced only with `force`, and only once the new o
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import uuid
@@ -15,15 +14,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from .archs import get_adapter
 from .compute_types import NAMED, ComputeType
 from .decoder import expected_weight_shapes, quantizable_weight_names
 from .formats import hf
 from .hub import HUB_ID, download
-from .quant import quantize_rows
-from .spec import WEIGHTS_FILE, KilnConfig, ModelSpec
+from .quant import INT_DTYPES, IntegerWeight, quantize_rows
+from .safetensors_writer import ShardedWriter
+from .spec import KilnConfig, ModelSpec
 
 QUANTIZATIONS = NAMED
 DEFAULT_SHARD_BYTES = 4 * 1024**3
@@ -57,10 +56,9 @@ def convert(source: str | Path, output_dir: str | Path, quantization: str | None
     if output_dir.exists() and not output_dir.is_dir():
         raise FileExistsError(f"{output_dir} exists and is not a folder")
     checkpoint = open_checkpoint(source)
-    config = checkpoint.config
-    adapter = get_adapter(config.get("model_type"))
-    spec = adapter.spec_from_config(config, _usable_tokenizer_size(checkpoint))
-    target = ComputeType.parse(quantization or checkpoint.dtype(), saved_dtype=checkpoint.dtype())
+    spec, tensors, tokens = _kiln_model(checkpoint)
+    saved = ComputeType(getattr(checkpoint, "weights", lambda: None)(), checkpoint.dtype())
+    target = ComputeType.parse(quantization or saved.name, saved_dtype=saved.dtype)
     extra_files = list(copy_files or [])
     missing = [name for name in extra_files if not checkpoint.has_file(name)]
     if missing:
@@ -70,7 +68,6 @@ def convert(source: str | Path, output_dir: str | Path, quantization: str | None
     partial = output_dir.parent / f".{output_dir.name}.partial-{uuid.uuid4().hex[:8]}"
     partial.mkdir()
     try:
-        tensors = adapter.convert_weights(spec, checkpoint.tensors)
         if progress:
             from tqdm.auto import tqdm
 
@@ -79,10 +76,11 @@ def convert(source: str | Path, output_dir: str | Path, quantization: str | None
         weights = _write_weights(tensors, spec, target, partial, max_shard_bytes)
         checkpoint.write_tokenizer(partial, extra_files)
         kiln_config = KilnConfig(
-            spec=spec, dtype=target.dtype, weights=target.weights, tokens=adapter.token_ids(config),
+            spec=spec, dtype=target.dtype, weights=target.weights, tokens=tokens,
             files=weights,
             source={"format": checkpoint.format_name, "path": str(source.resolve()),
-                    "model_type": config.get("model_type"), **({"origin": origin} if origin else {})},
+                    "model_type": checkpoint.config.get("model_type"),
+                    **({"origin": origin} if origin else {})},
         )
         kiln_config.save(partial)  # written last: a folder without it never loads
         _make_readable(partial)
@@ -94,15 +92,32 @@ def convert(source: str | Path, output_dir: str | Path, quantization: str | None
 
 
 def open_checkpoint(source: Path):
-    """A reader for the source: a Hugging Face folder or a GGUF file."""
+    """A reader for the source: a Hugging Face folder, a GGUF file or a CTranslate2 folder."""
+    from .hub import is_ctranslate2_folder
+
     if source.is_file() and source.suffix == ".gguf":
         from .formats.gguf import GGUFCheckpoint
 
         return GGUFCheckpoint(source)
     if not source.is_dir():
         raise FileNotFoundError(f"no model folder at {source}: give a Hugging Face checkpoint "
-                                "folder (config.json + weights) or a .gguf file")
+                                "folder (config.json + weights), a .gguf file or a CTranslate2 "
+                                "folder")
+    if is_ctranslate2_folder(source):
+        from .formats.ctranslate2 import CTranslate2Checkpoint
+
+        return CTranslate2Checkpoint(source)
     return hf.HFCheckpoint(source)
+
+
+def _kiln_model(checkpoint) -> tuple[ModelSpec, Iterator[tuple[str, Any]], Any]:
+    """(spec, kiln-named tensors, special token ids): through the family's adapter, or
+    directly for formats that map to kiln's spec themselves (CTranslate2)."""
+    if hasattr(checkpoint, "kiln_model"):
+        return checkpoint.kiln_model()
+    adapter = get_adapter(checkpoint.config.get("model_type"))
+    spec = adapter.spec_from_config(checkpoint.config, _usable_tokenizer_size(checkpoint))
+    return spec, adapter.convert_weights(spec, checkpoint.tensors), adapter.token_ids(checkpoint.config)
 
 
 def _usable_tokenizer_size(checkpoint) -> int | None:
@@ -117,13 +132,19 @@ def _stored_tensors(named_tensors: Iterator[tuple[str, torch.Tensor]], spec: Mod
     """Checked, cast or quantized (weight + weight_scale) tensors, in the order they come."""
     expected = expected_weight_shapes(spec)
     quantized = quantizable_weight_names(spec) if target.weights else set()
-    for name, tensor in named_tensors:
+    for name, tensor in _unshared(named_tensors):
         if name not in expected:
             raise ValueError(f"converter produced an unexpected tensor {name!r}")
         want = expected.pop(name)
         if tuple(tensor.shape) != want:
             raise ValueError(f"tensor {name!r} has shape {tuple(tensor.shape)}; the config implies "
                              f"{want}: config.json and weights disagree")
+        if isinstance(tensor, IntegerWeight):
+            if tensor.bits == target.weights:  # stored integers and scales, used as they are
+                yield name, tensor.values.contiguous()
+                yield f"{name}_scale", tensor.scale.contiguous()
+                continue
+            tensor = tensor.dequantize()
         if name in quantized:
             integers, scale = quantize_rows(tensor, target.weights)
             yield name, integers
@@ -134,29 +155,41 @@ def _stored_tensors(named_tensors: Iterator[tuple[str, torch.Tensor]], spec: Mod
         raise ValueError(f"the checkpoint lacks tensors the config requires: {sorted(expected)}")
 
 
+def _unshared(named_tensors: Iterator[tuple[str, Any]]) -> Iterator[tuple[str, Any]]:
+    """Copies of tensors that share memory with an earlier one (CTranslate2 aliases identical
+    variables); safetensors stores every tensor on its own."""
+    seen: set[int] = set()
+    for name, tensor in named_tensors:
+        if isinstance(tensor, torch.Tensor) and tensor.numel():
+            if tensor.data_ptr() in seen:
+                tensor = tensor.clone()
+            seen.add(tensor.data_ptr())
+        yield name, tensor
+
+
 def _write_weights(named_tensors: Iterator[tuple[str, torch.Tensor]], spec: ModelSpec,
                    target: ComputeType, folder: Path, max_shard_bytes: int) -> dict[str, Any]:
-    """Stream tensors into safetensors shards of at most max_shard_bytes each."""
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    shard_bytes = 0
-    files: list[Path] = []
+    """Stream tensors into safetensors shards of at most max_shard_bytes each, laid out from
+    the spec in advance, so only the tensor being written is in memory."""
+    shapes = expected_weight_shapes(spec, target.weights)
+    quantized = quantizable_weight_names(spec) if target.weights else set()
 
-    def flush() -> None:
-        path = folder / f"model-{len(files) + 1:05d}.safetensors"
-        save_file(shards[-1], str(path), metadata={"format": "pt"})
-        files.append(path)
-        shards.append({})
+    def dtype_of(name: str) -> torch.dtype:
+        if name in quantized:
+            return INT_DTYPES[target.weights]
+        if name.endswith("_scale") and name[: -len("_scale")] in quantized:
+            return torch.float32
+        return target.torch_dtype
 
-    for name, tensor in _stored_tensors(named_tensors, spec, target):
-        if shard_bytes and shard_bytes + tensor.nbytes > max_shard_bytes:
-            flush()
-            shard_bytes = 0
-        shards[-1][name] = tensor
-        shard_bytes += tensor.nbytes
-    flush()
-    if len(files) == 1:
-        files[0] = files[0].rename(folder / WEIGHTS_FILE)
-    return {path.name: {"bytes": path.stat().st_size, "sha256": _sha256(path)} for path in files}
+    writer = ShardedWriter(folder, {name: (dtype_of(name), shape) for name, shape in shapes.items()},
+                           max_shard_bytes)
+    try:
+        for name, tensor in _stored_tensors(named_tensors, spec, target):
+            writer.write(name, tensor)
+    except BaseException:
+        writer.abort()
+        raise
+    return writer.close()
 
 
 def _make_readable(folder: Path) -> None:
@@ -165,14 +198,6 @@ def _make_readable(folder: Path) -> None:
     os.umask(umask)
     for path in folder.iterdir():
         path.chmod(0o666 & ~umask)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _move_into_place(partial: Path, output_dir: Path) -> None:

@@ -16,6 +16,7 @@ from .compute_types import resolve as resolve_compute_type
 from .loading import check_folder, load_decoder, resolve_device
 from .loading import verify_checksums as verify_folder_checksums
 from .sampling import SamplingParams, choose_tokens
+from .spec import is_kiln_folder
 from .tokenizer import StreamingDetokenizer, Tokenizer
 
 
@@ -95,12 +96,17 @@ class Generator:
                  intra_threads: int = 0, seed: int | None = None,
                  verify_checksums: bool = False, cache_dir: str | Path | None = None,
                  int8_backend: str = "auto") -> None:
-        """Load a kiln folder; with no `model_path`, kiln's default model (SmolLM2-135M-Instruct,
-        converted once into `cache_dir`)."""
+        """Load a kiln folder. Anything else `from_pretrained` takes (a Hugging Face, GGUF or
+        CTranslate2 checkpoint, a hub id) is converted once into the cache (`cache_dir`) in its
+        own type. With no `model_path`: kiln's default model, SmolLM2-135M-Instruct."""
         if model_path is None:
             from .default_model import default_model_path
 
             model_path = default_model_path(cache_dir)
+        elif not is_kiln_folder(Path(model_path)):
+            from .hub import resolve
+
+            model_path = resolve(model_path, cache_dir=cache_dir).folder
         self.model_path = Path(model_path)
         self.config = check_folder(self.model_path)
         if verify_checksums:

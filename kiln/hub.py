@@ -6,7 +6,7 @@ revisions, and the converted-model cache that makes the second load instant.
     hub id                 resolved with huggingface_hub (revision, HF_HUB_OFFLINE, HF_HOME,
                            HF_HUB_CACHE, local_files_only, token), then converted once into
                            the cache, keyed on repo id, resolved commit and storage type
-    CTranslate2 folder     recognised and reported: kiln does not read model.bin yet
+    CTranslate2 folder     read in place (model.bin) and converted once into the cache
 """
 
 from __future__ import annotations
@@ -22,7 +22,9 @@ from .formats import hf
 from .paths import cache_dir as kiln_cache_dir
 from .spec import CONFIG_FILE, is_kiln_folder
 
-# Only what kiln reads: never a CTranslate2 model.bin, ONNX or TF weights.
+# Only what kiln reads (no ONNX, TF or Flax weights); a CTranslate2 repo's model.bin is
+# fetched in a second step, once the small files show the repo is one.
+CTRANSLATE2_WEIGHTS = ["model.bin", "model-*-of-*.bin"]
 ALLOW_PATTERNS = [
     "config.json", "*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin",
     "pytorch_model.bin.index.json", "vocabulary.*", *hf.TOKENIZER_FILES,
@@ -52,12 +54,6 @@ def is_ctranslate2_folder(folder: Path) -> bool:
         return False
 
 
-def ctranslate2_error(where: str) -> ValueError:
-    return ValueError(f"{where} is a CTranslate2 model (model.bin + vocabulary); kiln cannot read "
-                      "CTranslate2 folders yet: point kiln at the original Hugging Face checkpoint "
-                      "(for ct2fast-* repos, the model they were converted from)")
-
-
 def storage_type(compute_type: str) -> str | None:
     """What to store when converting for a compute type: the type itself, or for 'default'
     the checkpoint's own float type (None)."""
@@ -79,8 +75,6 @@ def resolve(name_or_path: str | Path, *, revision: str | None = None,
         raise FileNotFoundError(f"no model at {name}: it is neither an existing path nor a hub "
                                 "id (ORG/NAME)")
     snapshot = download(name, revision, hub_cache_dir, local_files_only, token, progress)
-    if is_ctranslate2_folder(snapshot):
-        raise ctranslate2_error(f"{name} (revision {revision or 'main'})")
     commit = snapshot.name
     folder = (kiln_cache_dir(cache_dir) / "models" / "hub" / name.replace("/", "--") / commit /
               (quantization or "default"))
@@ -103,11 +97,17 @@ def download(repo_id: str, revision: str | None, hub_cache_dir: str | Path | Non
         def __init__(self, *args, **kwargs) -> None:
             super().__init__(*args, **{**kwargs, "disable": True})
 
-    try:
+    def fetch(patterns: list[str]) -> Path:
         return Path(snapshot_download(
-            repo_id, revision=revision, cache_dir=hub_cache_dir, allow_patterns=ALLOW_PATTERNS,
+            repo_id, revision=revision, cache_dir=hub_cache_dir, allow_patterns=patterns,
             local_files_only=local_files_only, token=token,
             tqdm_class=None if _show_progress(progress) else SilentProgress))
+
+    try:
+        snapshot = fetch(ALLOW_PATTERNS)
+        if is_ctranslate2_folder(snapshot) and not (snapshot / "model.bin").is_file():
+            snapshot = fetch(CTRANSLATE2_WEIGHTS)
+        return snapshot
     except LocalEntryNotFoundError as error:
         raise FileNotFoundError(
             f"{repo_id} (revision {revision or 'main'}) is not in the local hub cache and the hub "
@@ -124,11 +124,11 @@ def _resolve_local(path: Path, quantization: str | None, cache_dir: str | Path |
                    progress: bool | None) -> Resolved:
     if path.is_dir() and is_kiln_folder(path):
         return Resolved(path, {"path": str(path)})
-    if path.is_dir() and is_ctranslate2_folder(path):
-        raise ctranslate2_error(str(path))
-    if not (path.suffix == ".gguf" and path.is_file()) and not hf.is_hf_folder(path):
+    if not (path.suffix == ".gguf" and path.is_file()) and not hf.is_hf_folder(path) \
+            and not (path.is_dir() and is_ctranslate2_folder(path)):
         raise FileNotFoundError(f"{path} is not a model: expected a kiln folder, a Hugging Face "
-                                "checkpoint folder (config.json + weights) or a .gguf file")
+                                "checkpoint folder (config.json + weights), a CTranslate2 folder "
+                                "(model.bin) or a .gguf file")
     fingerprint = _fingerprint(path)
     folder = (kiln_cache_dir(cache_dir) / "models" / "local" / f"{path.name}-{fingerprint}" /
               (quantization or "default"))

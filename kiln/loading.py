@@ -47,10 +47,6 @@ def check_folder(folder: Path) -> KilnConfig:
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} is a file, not a model folder")
     if not is_kiln_folder(folder):
-        from .hub import ctranslate2_error, is_ctranslate2_folder
-
-        if is_ctranslate2_folder(folder):
-            raise ctranslate2_error(str(folder))
         if (folder / CONFIG_FILE).is_file():
             raise ValueError(f"{folder} is not a kiln folder (its {CONFIG_FILE} has no "
                              "'format': 'kiln'); convert it first (kiln convert "

@@ -10,6 +10,8 @@ at load time (kiln/kernels.py).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -19,6 +21,23 @@ from .kernels import Int8Kernel, make_int8_kernel
 QMAX = {"int8": 127, "int16": 32767}
 META = torch.device("meta")
 INT_DTYPES = {"int8": torch.int8, "int16": torch.int16}
+
+
+@dataclass
+class IntegerWeight:
+    """An already-quantized weight from a checkpoint (values, float32 scale per row): kept as
+    it is when the target has the same integer type, never requantized."""
+
+    values: torch.Tensor
+    scale: torch.Tensor
+    bits: str
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.values.shape
+
+    def dequantize(self) -> torch.Tensor:
+        return dequantize_rows(self.values, self.scale)
 
 
 def quantize_rows(weight: torch.Tensor, bits: str) -> tuple[torch.Tensor, torch.Tensor]:

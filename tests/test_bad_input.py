@@ -38,13 +38,16 @@ def test_missing_folder(tmp_path):
 
 
 def test_folder_that_is_not_a_model(tmp_path):
-    with pytest.raises(FileNotFoundError, match="looked for config.json"):
+    with pytest.raises(FileNotFoundError, match="is not a model: expected a kiln folder, a "
+                                                "Hugging Face checkpoint folder"):
         kiln.Generator(tmp_path)
 
 
-def test_hf_folder_says_to_convert_first(folders):
-    with pytest.raises(ValueError, match="kiln convert"):
-        kiln.Generator(folders[0])
+def test_hf_folder_is_converted_once_into_the_cache(folders, tmp_path):
+    generator = kiln.Generator(folders[0], cache_dir=tmp_path)
+    assert tmp_path in generator.model_path.parents
+    assert torch.equal(generator.forward_batch([[5, 6, 7]]),
+                       kiln.Generator(folders[1]).forward_batch([[5, 6, 7]]))
 
 
 def test_missing_weight_file(folders, tmp_path):

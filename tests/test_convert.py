@@ -78,7 +78,7 @@ def test_large_models_are_written_in_shards(model, tmp_path):
     source = save_hf_model(model, tmp_path / "hf")
     output = kiln.convert(source, tmp_path / "kiln", max_shard_bytes=60_000)
     shards = sorted(path.name for path in output.glob("*.safetensors"))
-    assert len(shards) > 2 and shards[0] == "model-00001.safetensors"
+    assert len(shards) > 2 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
     generator = kiln.Generator(output)
     prompt = random_prompt(10, 96, seed=2)
     assert (generator.forward_batch([prompt]) - reference_logits(model, prompt)).abs().max() <= 1e-4

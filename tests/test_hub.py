@@ -114,17 +114,6 @@ def test_local_hf_folder_converts_once_into_the_cache(hub, tmp_path, monkeypatch
                                           cache_dir=tmp_path).model_path == generator.model_path
 
 
-def test_ctranslate2_folders_are_recognised(hub, tmp_path):
-    pytest.importorskip("ctranslate2")
-    from .ct2_oracle import convert_with_ctranslate2
-
-    source = hub[0] / ("models--" + REPO.replace("/", "--")) / "snapshots" / COMMITS["main"]
-    folder = convert_with_ctranslate2(source, tmp_path / "ct2")
-    for load in (kiln.Generator, kiln.Generator.from_pretrained):
-        with pytest.raises(ValueError, match="is a CTranslate2 model"):
-            load(folder)
-
-
 def test_cache_ls_and_rm(offline, tmp_path, capsys):
     kiln.Generator.from_pretrained(REPO, revision="step3000", device="cpu",
                                    compute_type="float32", cache_dir=tmp_path)
