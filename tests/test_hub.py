@@ -190,3 +190,28 @@ def test_convert_a_hub_id_at_a_revision(hub, tmp_path):
     assert config["source"]["origin"]["commit"] == COMMITS["step3000"]
     assert config["quantization"]["weights"] == "int8"
     shutil.rmtree(tmp_path / "out")
+
+
+def test_ctranslate2_repo_by_name(hub, tmp_path, monkeypatch):
+    """A ct2fast-style repo (model.bin + vocabulary) resolves and loads like any other."""
+    pytest.importorskip("ctranslate2")
+    from huggingface_hub import constants
+
+    from .ct2_oracle import convert_with_ctranslate2
+
+    root, models = hub
+    source = root / ("models--" + REPO.replace("/", "--")) / "snapshots" / COMMITS["main"]
+    repo = tmp_path / "hub" / "models--someone--ct2fast-pythia-tiny"
+    commit = "c" * 40
+    convert_with_ctranslate2(source, repo / "snapshots" / commit, "int8")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    generator = kiln.Generator("someone/ct2fast-pythia-tiny", cache_dir=tmp_path / "cache")
+    assert generator.compute_type == "int8_float32"
+    assert generator.config.source["format"] == "ctranslate2"
+    prompt = random_prompt(20, 90, seed=5)
+    expected = logits_of(models["main"], prompt)
+    relative = (generator.forward_batch([prompt]) - expected).norm() / expected.norm()
+    assert relative.item() < 0.05
