@@ -13,10 +13,10 @@ import pytest
 import torch
 
 import kiln
+from kiln.bench.ct2_convert import convert_with_ctranslate2
 from kiln.formats.ctranslate2 import ModelBin
 
 from .conftest import random_prompt, save_hf_model, tiny_gpt_neox
-from .ct2_oracle import convert_with_ctranslate2
 from .test_families import LLAMA, build
 
 ctranslate2 = pytest.importorskip("ctranslate2")

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import kiln
+from kiln.bench.ct2_convert import convert_with_ctranslate2
 
 from .conftest import random_prompt, save_hf_model, tiny_gpt_neox
-from .ct2_oracle import convert_with_ctranslate2
 
 VOCAB = 90
 

@@ -197,7 +197,7 @@ def test_ctranslate2_repo_by_name(hub, tmp_path, monkeypatch):
     pytest.importorskip("ctranslate2")
     from huggingface_hub import constants
 
-    from .ct2_oracle import convert_with_ctranslate2
+    from kiln.bench.ct2_convert import convert_with_ctranslate2
 
     root, models = hub
     source = root / ("models--" + REPO.replace("/", "--")) / "snapshots" / COMMITS["main"]
