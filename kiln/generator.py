@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,6 +41,16 @@ class _Request:
 
 
 @dataclass
+class ScoringResult:
+    """Per-token log-probabilities of tokens[1:], as CTranslate2's `ScoringResult`;
+    `truncated` says the input was cut to max_input_length."""
+
+    tokens: list[str]
+    log_probs: list[float]
+    truncated: bool = False
+
+
+@dataclass
 class GenerationStepResult:
     """One generated token, as CTranslate2's `GenerationStepResult`."""
 
@@ -59,6 +69,7 @@ class _DecodeOptions:
     end_ids: set[int]
     return_end_token: bool
     generator: torch.Generator
+    callback: Callable[[GenerationStepResult], bool] | None = None
 
 
 @dataclass
@@ -193,6 +204,7 @@ class Generator:
         return_end_token: bool = False,
         include_prompt_in_result: bool = True,
         return_scores: bool = False,
+        callback: Callable[[GenerationStepResult], bool] | None = None,
         seed: int | None = None,
     ) -> list[GenerationResult]:
         """Continue each prompt (token strings or ids; no special tokens are added).
@@ -201,23 +213,27 @@ class Generator:
         prompt (a leading BOS dropped) and `max_length`/`min_length` count the prompt's
         tokens after the first; otherwise they count generated tokens only. `scores` holds
         the log-probability sum of the generated tokens (end token included) over the decoded
-        length, which with the prompt included counts the prompt tokens too.
+        length, which with the prompt included counts the prompt tokens too. `callback` gets
+        each generated token as a GenerationStepResult (batch_id: the prompt's index); when it
+        returns True, that prompt stops.
         """
         sampling = SamplingParams(sampling_topk, sampling_topp, sampling_temperature)
+        if callback is not None and not callable(callback):
+            raise TypeError("callback must be callable: step_result -> bool (True stops the item)")
         if not isinstance(max_batch_size, int) or max_batch_size < 0:
             raise ValueError(f"max_batch_size must be an int >= 0 (0: no limit), got "
                              f"{max_batch_size!r}")
         end_ids = self._end_ids(end_token)
         requests = [self._request(prompt, max_length, min_length, include_prompt_in_result)
                     for prompt in self._check_batch(start_tokens)]
-        options = _DecodeOptions(sampling, end_ids, return_end_token, self._random(seed))
+        options = _DecodeOptions(sampling, end_ids, return_end_token, self._random(seed), callback)
         chunk = max_batch_size or len(requests)
         results: list[GenerationResult] = []
         with self._lock, torch.inference_mode():
             for start in range(0, len(requests), chunk):
                 batch = requests[start:start + chunk]
                 rows = [_RowState(scored=request.counted_prompt) for request in batch]
-                for _ in self._decode_steps(batch, rows, options):
+                for _ in self._decode_steps(batch, rows, options, batch_offset=start):
                     pass
                 results.extend(self._result(request, row, return_scores)
                                for request, row in zip(batch, rows, strict=True))
@@ -301,6 +317,39 @@ class Generator:
         generator.manual_seed(seed)
         return generator
 
+    def score_batch(self, tokens: Sequence[Sequence[str | int]], *, max_batch_size: int = 0,
+                    max_input_length: int | None = None) -> list[ScoringResult]:
+        """Log-probability of each token given the ones before it (tokens[1:]).
+
+        Unlike CTranslate2, nothing is cut silently: inputs longer than `max_input_length`
+        (default: none) are truncated only when it is given, and the result says so; an input
+        beyond the model's context is an error.
+        """
+        if max_input_length is not None and (not isinstance(max_input_length, int)
+                                             or max_input_length < 2):
+            raise ValueError(f"max_input_length must be an int >= 2 (or None), got "
+                             f"{max_input_length!r}")
+        if not isinstance(max_batch_size, int) or max_batch_size < 0:
+            raise ValueError(f"max_batch_size must be an int >= 0, got {max_batch_size!r}")
+        prompts = self._check_batch(tokens)
+        truncated = [max_input_length is not None and len(p) > max_input_length for p in prompts]
+        prompts = [p[:max_input_length] if cut else p for p, cut in zip(prompts, truncated,
+                                                                         strict=True)]
+        for index, prompt in enumerate(prompts):
+            if len(prompt) < 2:
+                raise ValueError(f"input {index} has {len(prompt)} token; scoring needs at least 2")
+        chunk = max_batch_size or len(prompts)
+        results = []
+        for start in range(0, len(prompts), chunk):
+            batch = prompts[start:start + chunk]
+            log_probs = self.forward_batch(batch).log_softmax(dim=-1)
+            for row, prompt in enumerate(batch):
+                targets = torch.tensor(prompt[1:], device=log_probs.device).unsqueeze(1)
+                scores = log_probs[row, : len(prompt) - 1].gather(1, targets).squeeze(1)
+                names = self.tokenizer.ids_to_tokens(prompt[1:]) if self.tokenizer else []
+                results.append(ScoringResult(names, scores.tolist(), truncated[start + row]))
+        return results
+
     def forward_batch(self, inputs: Sequence[Sequence[str | int]]) -> torch.Tensor:
         """Float32 logits [batch, time, vocab] for every position of every prompt.
 
@@ -323,12 +372,17 @@ class Generator:
 
     def generate(self, text: str | Sequence[str], max_length: int = 64, *,
                  include_prompt_in_result: bool = True, skip_special_tokens: bool = True,
-                 **kwargs) -> str | list[str]:
+                 stop: str | Sequence[str] | None = None, **kwargs) -> str | list[str]:
         """Generate from text; a str gives a str, a list gives a list.
 
         The output includes the prompt by default, as hf-hub-ctranslate2's `generate` does.
-        Other keyword arguments go to `generate_batch`.
+        `stop`: strings that end a prompt's generation as soon as its decoded continuation
+        contains one (even across token boundaries); the text is cut before it. Other keyword
+        arguments go to `generate_batch`.
         """
+        if stop is not None:
+            return self._generate_until(text, max_length, include_prompt_in_result,
+                                        skip_special_tokens, stop, kwargs)
         tokenizer = self.require_tokenizer()
         prompts = [text] if isinstance(text, str) else list(text)
         if not prompts:
@@ -341,6 +395,46 @@ class Generator:
                                       include_prompt_in_result=include_prompt_in_result, **kwargs)
         texts = [tokenizer.decode(result.sequences_ids[0], skip_special_tokens=skip_special_tokens)
                  for result in results]
+        return texts[0] if isinstance(text, str) else texts
+
+    def _generate_until(self, text: str | Sequence[str], max_length: int, include_prompt: bool,
+                        skip_special_tokens: bool, stop: str | Sequence[str],
+                        kwargs: dict) -> str | list[str]:
+        """`generate` with stop strings: each prompt's continuation is decoded as it grows."""
+        stops = [stop] if isinstance(stop, str) else list(stop)
+        if not stops or not all(isinstance(s, str) and s for s in stops):
+            raise ValueError(f"stop must be a non-empty string or a list of them, got {stop!r}")
+        if "callback" in kwargs:
+            raise ValueError("stop and callback cannot be combined; check stop strings in the "
+                             "callback instead")
+        tokenizer = self.require_tokenizer()
+        prompts = [text] if isinstance(text, str) else list(text)
+        if not prompts:
+            raise ValueError("the batch is empty; give at least one prompt")
+        ids = [tokenizer.encode(prompt) for prompt in prompts]
+        streams = [StreamingDetokenizer(tokenizer, prompt_ids, skip_special_tokens)
+                   for prompt_ids in ids]
+        continuations = [""] * len(prompts)
+        generated: list[list[int]] = [[] for _ in prompts]
+
+        def until_stop(step: GenerationStepResult) -> bool:
+            row = step.batch_id
+            generated[row].append(step.token_id)
+            continuations[row] += streams[row].add(step.token_id)
+            return any(s in continuations[row] for s in stops)
+
+        results = self.generate_batch(ids, max_length=max_length, callback=until_stop,
+                                      include_prompt_in_result=include_prompt, **kwargs)
+        texts = []
+        for row, result in enumerate(results):
+            # Decoded as generate() decodes (prompt and continuation together when included),
+            # then cut before the first stop string of the continuation.
+            full = tokenizer.decode(result.sequences_ids[0], skip_special_tokens)
+            returned_prompt = result.sequences_ids[0][: len(result.sequences_ids[0])
+                                                      - len(generated[row])]
+            start = len(tokenizer.decode(returned_prompt, skip_special_tokens)) if include_prompt else 0
+            cut = min((i for i in (full.find(s, start) for s in stops) if i >= 0), default=len(full))
+            texts.append(full[:cut])
         return texts[0] if isinstance(text, str) else texts
 
     # ---------------------------------------------------------------- checks
@@ -435,8 +529,8 @@ class Generator:
                     "lower the batch size (max_batch_size) or max_length") from error
         return self._cache
 
-    def _decode_steps(self, batch: list[_Request], rows: list[_RowState],
-                      options: _DecodeOptions) -> Iterator[list[tuple[int, int, float]]]:
+    def _decode_steps(self, batch: list[_Request], rows: list[_RowState], options: _DecodeOptions,
+                      batch_offset: int = 0) -> Iterator[list[tuple[int, int, float]]]:
         """Prefill every prompt in one forward pass, then one token per step for all rows.
 
         Updates `rows` and yields, after each step, (row, token, log_prob) for the rows that
@@ -461,9 +555,17 @@ class Generator:
             for index, (row, request, token, log_prob) in enumerate(zip(
                     rows, batch, ids.tolist(), log_probs.tolist(), strict=True)):
                 if not row.done:
-                    row.add(token, log_prob, token in options.end_ids, options.return_end_token,
+                    is_end = token in options.end_ids
+                    row.add(token, log_prob, is_end, options.return_end_token,
                             step + 1 >= request.max_new_tokens)
                     picks.append((index, token, log_prob))
+                    if options.callback is not None and (not is_end or options.return_end_token):
+                        result = GenerationStepResult(
+                            step=step, batch_id=batch_offset + index, token_id=token,
+                            hypothesis_id=0, log_prob=log_prob, is_last=row.done,
+                            token=self.tokenizer.id_to_token(token) if self.tokenizer else None)
+                        if options.callback(result):
+                            row.done = True
             yield picks
             if all(row.done for row in rows):
                 return

@@ -55,6 +55,11 @@ def test_greedy_completion_is_paris(generator):
     assert text.startswith("The capital of France is Paris.")
 
 
+def test_stop_string_on_real_tokens(generator):
+    assert generator.generate("The capital of France is", max_length=30, stop="\n") == \
+        "The capital of France is Paris."
+
+
 def test_chat_answers_paris_and_stops_at_end_of_turn(generator):
     reply = generator.chat("What is the capital of France?", max_length=40)
     assert reply == "The capital of France is Paris."

@@ -200,3 +200,99 @@ def test_perplexity_equals_the_mean_token_log_likelihood(neox):
     assert (windowed.windows, windowed.tokens) == (3, 19 + 19 + 9)
     with pytest.raises(ValueError, match="max_tokens must be >= 2"):
         perplexity(generator, text, max_tokens=1)
+
+
+def test_score_batch_matches_ctranslate2(neox, ctranslate2_generator):
+    _, _, generator = neox
+    prompts = [[f"t{i}" for i in random_prompt(length, VOCAB, seed=length)] for length in (2, 9, 30)]
+    expected = ctranslate2_generator.score_batch(prompts)
+    actual = generator.score_batch(prompts, max_batch_size=2)
+    for ours, theirs in zip(actual, expected, strict=True):
+        assert ours.tokens == theirs.tokens
+        assert ours.log_probs == pytest.approx(theirs.log_probs, abs=1e-4)
+        assert not ours.truncated
+
+
+def test_score_batch_truncates_only_when_asked_and_says_so(neox):
+    _, _, generator = neox
+    prompt = random_prompt(30, VOCAB, seed=15)
+    whole, cut = generator.score_batch([prompt])[0], generator.score_batch(
+        [prompt], max_input_length=10)[0]
+    assert len(whole.log_probs) == 29 and not whole.truncated
+    assert len(cut.log_probs) == 9 and cut.truncated
+    assert cut.log_probs == pytest.approx(whole.log_probs[:9], abs=1e-5)
+    with pytest.raises(ValueError, match="scoring needs at least 2"):
+        generator.score_batch([[5]])
+
+
+def test_callback_stops_its_item_only(neox):
+    _, _, generator = neox
+    prompts = [random_prompt(6, VOCAB, seed=16), random_prompt(6, VOCAB, seed=17)]
+    seen = []
+
+    def stop_first_after_three(step):
+        seen.append((step.batch_id, step.step))
+        return step.batch_id == 0 and step.step == 2
+
+    results = generator.generate_batch(prompts, max_length=8, end_token=[], callback=stop_first_after_three,
+                                       include_prompt_in_result=False)
+    assert [len(r.sequences_ids[0]) for r in results] == [3, 8]
+    assert greedy(generator, prompts)[1][:8] == results[1].sequences_ids[0]
+    assert (0, 3) not in seen and (1, 7) in seen
+
+
+def test_stop_strings_spanning_tokens_cut_the_text(neox):
+    _, _, generator = neox
+    prompt = "t5 t6 t7"
+    free = generator.generate(prompt, max_length=20, include_prompt_in_result=False, end_token=[])
+    words = free.split(" ")
+    stop = words[3][-1:] + " " + words[4][:2]  # the end of one token and the start of the next
+    assert stop not in " ".join(words[:4])[:-1]  # it first appears across tokens 4 and 5
+    cut = generator.generate(prompt, max_length=20, include_prompt_in_result=False, end_token=[],
+                             stop=[stop, "never appears"])
+    assert cut == free[: free.find(stop)]
+    with_prompt = generator.generate(prompt, max_length=20, end_token=[], stop=stop)
+    assert with_prompt == prompt + " " + cut
+    batch = generator.generate([prompt, prompt], max_length=20, end_token=[], stop=stop,
+                               include_prompt_in_result=False)
+    assert batch == [cut, cut]
+    with pytest.raises(ValueError, match="stop must be a non-empty string"):
+        generator.generate(prompt, stop=[""])
+
+
+def test_threads_share_one_generator_safely(neox):
+    """4 threads x 8 requests give what sequential calls give (calls are serialised)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    _, _, generator = neox
+    requests = [[random_prompt(3 + i % 5, VOCAB, seed=100 + i)] for i in range(32)]
+
+    def run(prompts):
+        return generator.generate_batch(prompts, max_length=12, end_token=[],
+                                        include_prompt_in_result=False)[0].sequences_ids
+
+    sequential = [run(prompts) for prompts in requests]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        concurrent = list(pool.map(run, requests))
+    assert concurrent == sequential
+
+
+def test_breaking_out_of_generate_tokens_stops_the_work(neox, monkeypatch):
+    _, _, generator = neox
+    calls = []
+    forward = type(generator.model).forward
+
+    def counting(self, *args, **kwargs):
+        calls.append(1)
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(generator.model), "forward", counting)
+    prompt = random_prompt(5, VOCAB, seed=18)
+    steps = []
+    for step in generator.generate_tokens(prompt, max_length=50, end_token=[]):
+        steps.append(step.token_id)
+        if len(steps) == 3:
+            break
+    assert len(calls) == 3  # the prefill and two decode steps: nothing after the break
+    assert not generator._lock.locked()
+    assert greedy(generator, [prompt])[0][:3] == steps  # and the next call works
