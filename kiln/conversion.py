@@ -57,6 +57,8 @@ def convert(source: str | Path, output_dir: str | Path, quantization: str | None
         raise FileExistsError(f"{output_dir} exists and is not a folder")
     checkpoint = open_checkpoint(source)
     spec, tensors, tokens = _kiln_model(checkpoint)
+    if tokens.unk is None and hasattr(checkpoint, "unk_token_id"):
+        tokens.unk = checkpoint.unk_token_id()
     saved = ComputeType(getattr(checkpoint, "weights", lambda: None)(), checkpoint.dtype())
     target = ComputeType.parse(quantization or saved.name, saved_dtype=saved.dtype)
     extra_files = list(copy_files or [])

@@ -15,6 +15,7 @@ from .compute_types import ComputeType
 from .compute_types import resolve as resolve_compute_type
 from .loading import check_folder, load_decoder, resolve_device
 from .loading import verify_checksums as verify_folder_checksums
+from .processors import Processors
 from .sampling import SamplingParams, choose_tokens
 from .spec import is_kiln_folder
 from .tokenizer import StreamingDetokenizer, Tokenizer
@@ -70,6 +71,7 @@ class _DecodeOptions:
     return_end_token: bool
     generator: torch.Generator
     callback: Callable[[GenerationStepResult], bool] | None = None
+    processors: Processors = field(default_factory=Processors)
 
 
 @dataclass
@@ -204,6 +206,10 @@ class Generator:
         return_end_token: bool = False,
         include_prompt_in_result: bool = True,
         return_scores: bool = False,
+        repetition_penalty: float = 1.0,
+        no_repeat_ngram_size: int = 0,
+        disable_unk: bool = False,
+        suppress_sequences: Sequence[Sequence[str | int]] | None = None,
         callback: Callable[[GenerationStepResult], bool] | None = None,
         seed: int | None = None,
     ) -> list[GenerationResult]:
@@ -226,7 +232,10 @@ class Generator:
         end_ids = self._end_ids(end_token)
         requests = [self._request(prompt, max_length, min_length, include_prompt_in_result)
                     for prompt in self._check_batch(start_tokens)]
-        options = _DecodeOptions(sampling, end_ids, return_end_token, self._random(seed), callback)
+        processors = self._processors(repetition_penalty, no_repeat_ngram_size, disable_unk,
+                                      suppress_sequences)
+        options = _DecodeOptions(sampling, end_ids, return_end_token, self._random(seed), callback,
+                                 processors)
         chunk = max_batch_size or len(requests)
         results: list[GenerationResult] = []
         with self._lock, torch.inference_mode():
@@ -469,6 +478,23 @@ class Generator:
                              f"[0, {self.spec.vocab_size}): {bad[:5]}")
         return list(prompt)
 
+    def _processors(self, repetition_penalty: float, no_repeat_ngram_size: int,
+                    disable_unk: bool,
+                    suppress_sequences: Sequence[Sequence[str | int]] | None) -> Processors:
+        suppressed_ids, sequences = [], []
+        if disable_unk:
+            if self.config.tokens.unk is None:
+                raise ValueError("disable_unk=True but this model has no unknown token")
+            suppressed_ids.append(self.config.tokens.unk)
+        for index, sequence in enumerate(suppress_sequences or []):
+            ids = self._to_ids(sequence, index)
+            if len(ids) == 1:
+                suppressed_ids.append(ids[0])
+            else:
+                sequences.append(tuple(ids))
+        return Processors(repetition_penalty, no_repeat_ngram_size, tuple(suppressed_ids),
+                          tuple(sequences))
+
     def _end_ids(self, end_token: str | int | Sequence[str | int] | None) -> set[int]:
         if end_token is None:
             return set(self.config.tokens.eos)
@@ -548,6 +574,10 @@ class Generator:
         end_mask = self._end_mask(options.end_ids)
         next_positions = list(lengths)  # where each row's next token goes
         for step in range(max(request.max_new_tokens for request in batch)):
+            if options.processors.active:
+                histories = [request.prompt_ids[len(request.prompt_ids) - request.counted_prompt:]
+                             + row.tokens for request, row in zip(batch, rows, strict=True)]
+                logits = options.processors.apply(logits, histories)
             logits = self._mask_end_tokens(logits, end_mask, batch, step)
             ids, log_probs = choose_tokens(logits, options.sampling, options.generator,
                                            self.spec.usable_vocab_size)

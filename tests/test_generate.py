@@ -145,6 +145,16 @@ def ctranslate2_generator(neox, tmp_path_factory):
 
 CASES = [
     dict(include_prompt_in_result=False, max_length=8, end_token=[]),
+    dict(include_prompt_in_result=False, max_length=16, end_token=[], repetition_penalty=1.3,
+         prompt=[5, 6, 7, 5, 6]),
+    dict(include_prompt_in_result=True, max_length=16, end_token=[], repetition_penalty=3.0,
+         prompt=[5, 6, 7, 5, 6]),
+    dict(include_prompt_in_result=False, max_length=16, end_token=[], repetition_penalty=0.7),
+    dict(include_prompt_in_result=False, max_length=20, end_token=[], no_repeat_ngram_size=2),
+    dict(include_prompt_in_result=True, max_length=20, end_token=[], no_repeat_ngram_size=1),
+    dict(include_prompt_in_result=False, max_length=12, end_token=[], disable_unk=True,
+         suppress_sequences=[["t15"], ["t79", "t59"]], prompt=[0, 0, 9]),
+    dict(include_prompt_in_result=False, max_length=12, end_token=["t9", "t84"], min_length=2),
     dict(include_prompt_in_result=True, max_length=8, end_token=[]),
     dict(include_prompt_in_result=True, max_length=8, min_length=6),
     dict(include_prompt_in_result=False, max_length=12, min_length=3),
@@ -159,7 +169,8 @@ def test_generate_batch_matches_ctranslate2(neox, ctranslate2_generator, case):
     """Same prompt counting, BOS handling, min_length and scores as CTranslate2 (float32)."""
     _, _, generator = neox
     case = dict(case)
-    prompt = [f"t{i}" for i in random_prompt(case.pop("prompt_length", 5), VOCAB, seed=12)]
+    prompt = [f"t{i}" for i in (case.pop("prompt", None)
+                                or random_prompt(case.pop("prompt_length", 5), VOCAB, seed=12))]
     if case.pop("bos", False):
         prompt = ["t1", *prompt]
     expected = ctranslate2_generator.generate_batch([prompt], return_scores=True, **case)[0]
@@ -296,3 +307,34 @@ def test_breaking_out_of_generate_tokens_stops_the_work(neox, monkeypatch):
     assert len(calls) == 3  # the prefill and two decode steps: nothing after the break
     assert not generator._lock.locked()
     assert greedy(generator, [prompt])[0][:3] == steps  # and the next call works
+
+
+@pytest.fixture(scope="module")
+def llama_pair(tmp_path_factory):
+    from .test_families import LLAMA, build
+
+    root = tmp_path_factory.mktemp("llama-ct2")
+    source = save_hf_model(build("llama", dict(LLAMA), seed=19), root / "hf", tokenizer_vocab=96)
+    peer = ctranslate2_module().Generator(str(convert_with_ctranslate2(source, root / "ct2")))
+    return kiln.Generator(kiln.convert(source, root / "kiln")), peer
+
+
+def ctranslate2_module():
+    return pytest.importorskip("ctranslate2")
+
+
+@pytest.mark.parametrize("case", [
+    dict(include_prompt_in_result=False, max_length=16, end_token=[]),
+    dict(include_prompt_in_result=True, max_length=16, end_token=[], repetition_penalty=1.3),
+    dict(include_prompt_in_result=False, max_length=20, end_token=[], no_repeat_ngram_size=3),
+    dict(include_prompt_in_result=False, max_length=12, min_length=4, end_token=["t9", "t15"],
+         suppress_sequences=[["t3"]]),
+], ids=["greedy", "repetition", "ngram", "min-length-end-suppress"])
+def test_llama_generate_batch_matches_ctranslate2(llama_pair, case):
+    generator, peer = llama_pair
+    prompts = [[f"t{i}" for i in random_prompt(length, 96, seed=length)] for length in (3, 7)]
+    expected = peer.generate_batch(prompts, return_scores=True, **case)
+    actual = generator.generate_batch(prompts, return_scores=True, **case)
+    for ours, theirs in zip(actual, expected, strict=True):
+        assert ours.sequences_ids == theirs.sequences_ids
+        assert ours.scores == pytest.approx(theirs.scores, abs=1e-3)

@@ -115,6 +115,20 @@ class HFCheckpoint:
     def dtype(self) -> str:
         return checkpoint_dtype(self.config, self.tensors)
 
+    def unk_token_id(self) -> int | None:
+        """The unknown token's id, from tokenizer_config.json and tokenizer.json."""
+        config_path, tokenizer_path = self.path / "tokenizer_config.json", self.path / "tokenizer.json"
+        if not (config_path.is_file() and tokenizer_path.is_file()):
+            return None
+        token = json.loads(config_path.read_text(encoding="utf-8")).get("unk_token")
+        if isinstance(token, dict):
+            token = token.get("content")
+        if not isinstance(token, str):
+            return None
+        from tokenizers import Tokenizer
+
+        return Tokenizer.from_file(str(tokenizer_path)).token_to_id(token)
+
     def has_file(self, name: str) -> bool:
         return (self.path / name).is_file()
 
