@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from .beam import BeamOptions, beam_search
 from .cache import KVCache
 from .chat import ChatTemplate, Message
 from .compute_types import ComputeType
@@ -81,6 +82,7 @@ class _RowState:
     tokens: list[int] = field(default_factory=list)
     log_prob_sum: float = 0.0
     scored: int = 0  # decoded length the score is normalised by
+    length_penalty: float = 1.0
     done: bool = False
 
     def add(self, token: int, log_prob: float, is_end: bool, return_end_token: bool,
@@ -95,7 +97,7 @@ class _RowState:
     def score(self) -> float:
         """CTranslate2's score with length_penalty 1: the log-prob sum over the decoded length
         (prompt tokens that count in max_length add 0 to the sum but count in the length)."""
-        return self.log_prob_sum / max(1, self.scored)
+        return self.log_prob_sum / max(1, self.scored) ** self.length_penalty
 
 
 class Generator:
@@ -206,6 +208,10 @@ class Generator:
         return_end_token: bool = False,
         include_prompt_in_result: bool = True,
         return_scores: bool = False,
+        beam_size: int = 1,
+        patience: float = 1.0,
+        num_hypotheses: int = 1,
+        length_penalty: float = 1.0,
         repetition_penalty: float = 1.0,
         no_repeat_ngram_size: int = 0,
         disable_unk: bool = False,
@@ -226,6 +232,14 @@ class Generator:
         sampling = SamplingParams(sampling_topk, sampling_topp, sampling_temperature)
         if callback is not None and not callable(callback):
             raise TypeError("callback must be callable: step_result -> bool (True stops the item)")
+        beam = BeamOptions(beam_size, patience, num_hypotheses, length_penalty)
+        if beam_size == 1 and num_hypotheses > 1:
+            raise ValueError(f"num_hypotheses={num_hypotheses} needs beam_size >= {num_hypotheses}")
+        if beam_size > 1 and not sampling.greedy:
+            raise ValueError("beam search is deterministic here: use sampling_topk=1 with "
+                             "beam_size > 1, or beam_size=1 to sample")
+        if beam_size > 1 and callback is not None:
+            raise ValueError("callback works with greedy or sampled decoding (beam_size=1) only")
         if not isinstance(max_batch_size, int) or max_batch_size < 0:
             raise ValueError(f"max_batch_size must be an int >= 0 (0: no limit), got "
                              f"{max_batch_size!r}")
@@ -241,7 +255,13 @@ class Generator:
         with self._lock, torch.inference_mode():
             for start in range(0, len(requests), chunk):
                 batch = requests[start:start + chunk]
-                rows = [_RowState(scored=request.counted_prompt) for request in batch]
+                if beam_size > 1:
+                    results.extend(self._beam_result(request, hypotheses, return_scores)
+                                   for request, hypotheses in zip(
+                                       batch, beam_search(self, batch, options, beam), strict=True))
+                    continue
+                rows = [_RowState(scored=request.counted_prompt, length_penalty=length_penalty)
+                        for request in batch]
                 for _ in self._decode_steps(batch, rows, options, batch_offset=start):
                     pass
                 results.extend(self._result(request, row, return_scores)
@@ -630,6 +650,13 @@ class Generator:
             if rows:
                 logits[torch.tensor(rows, device=logits.device).unsqueeze(1), end_mask] = float("-inf")
         return logits
+
+    def _beam_result(self, request: _Request, hypotheses: list[tuple[list[int], float]],
+                     return_scores: bool) -> GenerationResult:
+        ids = [request.returned_prompt + tokens for tokens, _ in hypotheses]
+        names = [self.tokenizer.ids_to_tokens(seq) for seq in ids] if self.tokenizer else []
+        return GenerationResult(sequences=names, sequences_ids=ids,
+                                scores=[score for _, score in hypotheses] if return_scores else [])
 
     def _result(self, request: _Request, row: _RowState,
                 return_scores: bool) -> GenerationResult:
