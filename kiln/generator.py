@@ -29,6 +29,44 @@ class GenerationResult:
     sequences: list[list[str]]
     sequences_ids: list[list[int]]
     scores: list[float] = field(default_factory=list)
+    logits: list[torch.Tensor] = field(default_factory=list)  # per hypothesis: [steps, vocab]
+
+
+class AsyncGenerationResult:
+    """A result still being computed (generate_batch(..., asynchronous=True))."""
+
+    def __init__(self, future, index: int) -> None:
+        self._future, self._index = future, index
+
+    def done(self) -> bool:
+        return self._future.done()
+
+    def result(self) -> GenerationResult:
+        """Wait for the result; an error in generation is raised here."""
+        return self._future.result()[self._index]
+
+
+BATCH_TYPES = ("examples", "tokens")
+
+
+def batches(lengths: list[int], max_batch_size: int, batch_type: str) -> list[tuple[int, int]]:
+    """Consecutive [start, stop) ranges of at most max_batch_size prompts ("examples") or
+    prompt tokens ("tokens"); 0 means one batch. A prompt longer than the limit goes alone."""
+    if batch_type not in BATCH_TYPES:
+        raise ValueError(f"batch_type must be one of {BATCH_TYPES}, got {batch_type!r}")
+    if not isinstance(max_batch_size, int) or isinstance(max_batch_size, bool) or max_batch_size < 0:
+        raise ValueError(f"max_batch_size must be an int >= 0 (0: no limit), got {max_batch_size!r}")
+    if max_batch_size == 0:
+        return [(0, len(lengths))]
+    ranges, start, size = [], 0, 0
+    for index, length in enumerate(lengths):
+        cost = 1 if batch_type == "examples" else length
+        if index > start and size + cost > max_batch_size:
+            ranges.append((start, index))
+            start, size = index, 0
+        size += cost
+    ranges.append((start, len(lengths)))
+    return ranges
 
 
 @dataclass
@@ -73,6 +111,7 @@ class _DecodeOptions:
     generator: torch.Generator
     callback: Callable[[GenerationStepResult], bool] | None = None
     processors: Processors = field(default_factory=Processors)
+    keep_logits: bool = False
 
 
 @dataclass
@@ -80,6 +119,7 @@ class _RowState:
     """A row's generated tokens and the log-probs behind its score."""
 
     tokens: list[int] = field(default_factory=list)
+    logits: list[torch.Tensor] = field(default_factory=list)  # kept for return_logits_vocab
     log_prob_sum: float = 0.0
     scored: int = 0  # decoded length the score is normalised by
     length_penalty: float = 1.0
@@ -150,6 +190,7 @@ class Generator:
         self.tokenizer = Tokenizer.from_folder(self.model_path)
         self.chat_template = ChatTemplate.from_folder(self.model_path)
         self._lock = threading.Lock()
+        self._executor = None
         self._cache: KVCache | None = None
         self._rng = torch.Generator(device=self._device)
         self._rng.manual_seed(seed if seed is not None else torch.seed())
@@ -199,6 +240,8 @@ class Generator:
         start_tokens: Sequence[Sequence[str | int]],
         *,
         max_batch_size: int = 0,
+        batch_type: str = "examples",
+        asynchronous: bool = False,
         max_length: int = 512,
         min_length: int = 0,
         sampling_topk: int = 1,
@@ -208,6 +251,7 @@ class Generator:
         return_end_token: bool = False,
         include_prompt_in_result: bool = True,
         return_scores: bool = False,
+        return_logits_vocab: bool = False,
         beam_size: int = 1,
         patience: float = 1.0,
         num_hypotheses: int = 1,
@@ -227,8 +271,24 @@ class Generator:
         the log-probability sum of the generated tokens (end token included) over the decoded
         length, which with the prompt included counts the prompt tokens too. `callback` gets
         each generated token as a GenerationStepResult (batch_id: the prompt's index); when it
-        returns True, that prompt stops.
+        returns True, that prompt stops. `max_batch_size` splits the work into batches of that
+        many prompts (batch_type="examples") or prompt tokens ("tokens"). With
+        `asynchronous=True` the call returns at once with AsyncGenerationResult objects.
         """
+        if asynchronous:
+            future = self._background().submit(
+                self.generate_batch, start_tokens, max_batch_size=max_batch_size,
+                batch_type=batch_type, max_length=max_length, min_length=min_length,
+                sampling_topk=sampling_topk, sampling_topp=sampling_topp,
+                sampling_temperature=sampling_temperature, end_token=end_token,
+                return_end_token=return_end_token,
+                include_prompt_in_result=include_prompt_in_result, return_scores=return_scores,
+                return_logits_vocab=return_logits_vocab, beam_size=beam_size, patience=patience,
+                num_hypotheses=num_hypotheses, length_penalty=length_penalty,
+                repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
+                disable_unk=disable_unk, suppress_sequences=suppress_sequences, callback=callback,
+                seed=seed)
+            return [AsyncGenerationResult(future, index) for index in range(len(start_tokens))]
         sampling = SamplingParams(sampling_topk, sampling_topp, sampling_temperature)
         if callback is not None and not callable(callback):
             raise TypeError("callback must be callable: step_result -> bool (True stops the item)")
@@ -238,23 +298,22 @@ class Generator:
         if beam_size > 1 and not sampling.greedy:
             raise ValueError("beam search is deterministic here: use sampling_topk=1 with "
                              "beam_size > 1, or beam_size=1 to sample")
-        if beam_size > 1 and callback is not None:
-            raise ValueError("callback works with greedy or sampled decoding (beam_size=1) only")
-        if not isinstance(max_batch_size, int) or max_batch_size < 0:
-            raise ValueError(f"max_batch_size must be an int >= 0 (0: no limit), got "
-                             f"{max_batch_size!r}")
+        if beam_size > 1 and (callback is not None or return_logits_vocab):
+            raise ValueError("callback and return_logits_vocab work with greedy or sampled "
+                             "decoding (beam_size=1) only")
+        batches([], max_batch_size, batch_type)  # checks the options before any work
         end_ids = self._end_ids(end_token)
         requests = [self._request(prompt, max_length, min_length, include_prompt_in_result)
                     for prompt in self._check_batch(start_tokens)]
         processors = self._processors(repetition_penalty, no_repeat_ngram_size, disable_unk,
                                       suppress_sequences)
         options = _DecodeOptions(sampling, end_ids, return_end_token, self._random(seed), callback,
-                                 processors)
-        chunk = max_batch_size or len(requests)
+                                 processors, return_logits_vocab)
         results: list[GenerationResult] = []
         with self._lock, torch.inference_mode():
-            for start in range(0, len(requests), chunk):
-                batch = requests[start:start + chunk]
+            for start, stop in batches([len(r.prompt_ids) for r in requests], max_batch_size,
+                                       batch_type):
+                batch = requests[start:stop]
                 if beam_size > 1:
                     results.extend(self._beam_result(request, hypotheses, return_scores)
                                    for request, hypotheses in zip(
@@ -337,6 +396,14 @@ class Generator:
         prompt = self.chat_template.render(messages, add_generation_prompt=True)
         # The template writes the special tokens itself: the tokenizer must not add more.
         return self.stream(prompt, max_length=max_length, add_special_tokens=False, **kwargs)
+
+    def _background(self):
+        """One worker for asynchronous calls (generation itself runs one call at a time)."""
+        if self._executor is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kiln")
+        return self._executor
 
     def _random(self, seed: int | None) -> torch.Generator:
         """The generator's own random stream, or a fresh one for an explicit seed."""
@@ -605,6 +672,8 @@ class Generator:
             for index, (row, request, token, log_prob) in enumerate(zip(
                     rows, batch, ids.tolist(), log_probs.tolist(), strict=True)):
                 if not row.done:
+                    if options.keep_logits:
+                        row.logits.append(logits[index].float().cpu())
                     is_end = token in options.end_ids
                     row.add(token, log_prob, is_end, options.return_end_token,
                             step + 1 >= request.max_new_tokens)
@@ -662,5 +731,6 @@ class Generator:
                 return_scores: bool) -> GenerationResult:
         ids = request.returned_prompt + row.tokens
         tokens = self.tokenizer.ids_to_tokens(ids) if self.tokenizer is not None else []
+        logits = [torch.stack(row.logits)] if row.logits else []
         return GenerationResult(sequences=[tokens], sequences_ids=[ids],
-                                scores=[row.score] if return_scores else [])
+                                scores=[row.score] if return_scores else [], logits=logits)

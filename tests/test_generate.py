@@ -375,3 +375,49 @@ def test_beam_search_matches_ctranslate2(neox, ctranslate2_generator, case):
         assert ours.scores == pytest.approx(theirs.scores, abs=1e-3)
         alone = generator.generate_batch([prompt], **ours_options)[0]
         assert alone.sequences_ids == ours.sequences_ids
+
+
+def test_token_batches_and_asynchronous_results(neox):
+    from kiln.generator import batches
+
+    assert batches([3, 3, 3, 10, 1], 6, "tokens") == [(0, 2), (2, 3), (3, 4), (4, 5)]
+    assert batches([3, 3, 3], 2, "examples") == [(0, 2), (2, 3)]
+    _, _, generator = neox
+    prompts = [random_prompt(n, VOCAB, seed=n) for n in (3, 8, 5, 12)]
+    expected = greedy(generator, prompts)
+    assert greedy(generator, prompts, max_batch_size=9, batch_type="tokens") == expected
+    pending = generator.generate_batch(prompts, max_length=24, end_token=[], asynchronous=True,
+                                       include_prompt_in_result=False)
+    assert [result.result().sequences_ids[0] for result in pending] == expected
+    assert all(result.done() for result in pending)
+    with pytest.raises(ValueError, match="batch_type must be one of"):
+        generator.generate_batch(prompts, batch_type="sentences")
+
+
+def test_return_logits_vocab_matches_ctranslate2(neox, ctranslate2_generator):
+    import numpy as np
+
+    _, _, generator = neox
+    prompt = [f"t{i}" for i in random_prompt(6, VOCAB, seed=21)]
+    options = dict(max_length=5, end_token=[], include_prompt_in_result=False,
+                   return_logits_vocab=True)
+    ours = generator.generate_batch([prompt], **options)[0]
+    theirs = ctranslate2_generator.generate_batch([prompt], **options)[0]
+    expected = np.stack([np.asarray(step) for step in theirs.logits])
+    assert ours.logits[0].shape == (5, 96)
+    assert np.abs(ours.logits[0].numpy() - expected.reshape(5, 96)).max() <= 1e-4
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("beam_size", 0, "beam_size must be an int >= 1"),
+    ("num_hypotheses", 3, "num_hypotheses=3 needs beam_size >= 3"),
+    ("patience", 0.0, "patience must be > 0"),
+    ("repetition_penalty", 0.0, "repetition_penalty must be > 0"),
+    ("no_repeat_ngram_size", -1, "no_repeat_ngram_size must be an int >= 0"),
+])
+def test_bad_search_options(neox, option, value, message):
+    _, _, generator = neox
+    with pytest.raises(ValueError, match=message):
+        generator.generate_batch([[5, 6]], max_length=4, **{option: value})
+    with pytest.raises(ValueError, match="num_hypotheses \\(5\\) cannot exceed beam_size"):
+        generator.generate_batch([[5, 6]], max_length=4, beam_size=2, num_hypotheses=5)
