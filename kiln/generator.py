@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -338,15 +338,43 @@ class Generator:
         sampling_temperature: float = 1.0,
         end_token: str | int | Sequence[str | int] | None = None,
         return_end_token: bool = False,
+        repetition_penalty: float = 1.0,
+        no_repeat_ngram_size: int = 0,
+        disable_unk: bool = False,
+        suppress_sequences: Sequence[Sequence[str | int]] | None = None,
         seed: int | None = None,
     ) -> Iterator[GenerationStepResult]:
         """Yield each new token of one prompt as it is generated (`max_length` new tokens at
-        most). Breaking out of the loop or closing the iterator stops the generation."""
+        most). Breaking out of the loop or closing the iterator stops the generation and
+        frees the generator for the next call (CTranslate2 keeps computing in the background)."""
         sampling = SamplingParams(sampling_topk, sampling_topp, sampling_temperature)
         end_ids = self._end_ids(end_token)
         request = self._request(self._check_batch([prompt])[0], max_length, min_length, False)
-        options = _DecodeOptions(sampling, end_ids, return_end_token, self._random(seed))
+        processors = self._processors(repetition_penalty, no_repeat_ngram_size, disable_unk,
+                                      suppress_sequences)
+        options = _DecodeOptions(sampling, end_ids, return_end_token, self._random(seed),
+                                 processors=processors)
         return self._stream_tokens(request, options)
+
+    async def async_generate_tokens(self, prompt: Sequence[str | int],
+                                    **kwargs) -> AsyncIterator[GenerationStepResult]:
+        """`generate_tokens` for asyncio: tokens are produced in a worker thread and awaited
+        here; leaving the loop early stops the generation."""
+        import asyncio
+
+        # The loop's default executor, not this Generator's worker: an asynchronous
+        # generate_batch waiting there for the lock must not block this stream's steps.
+        loop = asyncio.get_running_loop()
+        steps = self.generate_tokens(prompt, **kwargs)
+        finished = object()
+        try:
+            while True:
+                step = await loop.run_in_executor(None, next, steps, finished)
+                if step is finished:
+                    return
+                yield step
+        finally:
+            await loop.run_in_executor(None, steps.close)
 
     def _stream_tokens(self, request: _Request,
                        options: _DecodeOptions) -> Iterator[GenerationStepResult]:

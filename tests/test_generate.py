@@ -421,3 +421,32 @@ def test_bad_search_options(neox, option, value, message):
         generator.generate_batch([[5, 6]], max_length=4, **{option: value})
     with pytest.raises(ValueError, match="num_hypotheses \\(5\\) cannot exceed beam_size"):
         generator.generate_batch([[5, 6]], max_length=4, beam_size=2, num_hypotheses=5)
+
+
+def test_async_generate_tokens_streams_and_stops_early(neox):
+    import asyncio
+
+    _, _, generator = neox
+    prompt = random_prompt(5, VOCAB, seed=22)
+    expected = greedy(generator, [prompt])[0]
+
+    async def first(count):
+        tokens = []
+        async for step in generator.async_generate_tokens(prompt, max_length=24, end_token=[]):
+            tokens.append(step.token_id)
+            if len(tokens) == count:
+                break
+        return tokens
+
+    assert asyncio.run(first(24)) == expected
+    assert asyncio.run(first(3)) == expected[:3]
+    assert greedy(generator, [prompt])[0] == expected  # the generator is free again
+
+
+def test_generate_tokens_takes_the_penalties(neox):
+    _, _, generator = neox
+    prompt = [5, 6, 7, 5, 6]
+    streamed = [step.token_id for step in generator.generate_tokens(
+        prompt, max_length=16, end_token=[], repetition_penalty=1.3, no_repeat_ngram_size=2)]
+    assert streamed == greedy(generator, [prompt], repetition_penalty=1.3,
+                              no_repeat_ngram_size=2)[0][:16]
