@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +48,7 @@ class AsyncGenerationResult:
 
 
 BATCH_TYPES = ("examples", "tokens")
+STATIC_PROMPT_CACHE_SIZE = 8  # static prompts whose keys/values are kept (CTranslate2: unbounded)
 
 
 def batches(lengths: list[int], max_batch_size: int, batch_type: str) -> list[tuple[int, int]]:
@@ -78,6 +80,7 @@ class _Request:
     min_new_tokens: int
     returned_prompt: list[int]  # prompt part of the result (empty unless include_prompt)
     counted_prompt: int  # prompt tokens counted in max_length and in the score's length
+    static_length: int = 0  # leading prompt_ids that are the (shared) static prompt
 
 
 @dataclass
@@ -112,6 +115,7 @@ class _DecodeOptions:
     callback: Callable[[GenerationStepResult], bool] | None = None
     processors: Processors = field(default_factory=Processors)
     keep_logits: bool = False
+    cache_static_prompt: bool = False
 
 
 @dataclass
@@ -191,6 +195,7 @@ class Generator:
         self.chat_template = ChatTemplate.from_folder(self.model_path)
         self._lock = threading.Lock()
         self._executor = None
+        self._static_states: OrderedDict = OrderedDict()  # static prompt -> (keys, values)
         self._cache: KVCache | None = None
         self._rng = torch.Generator(device=self._device)
         self._rng.manual_seed(seed if seed is not None else torch.seed())
@@ -260,6 +265,8 @@ class Generator:
         no_repeat_ngram_size: int = 0,
         disable_unk: bool = False,
         suppress_sequences: Sequence[Sequence[str | int]] | None = None,
+        static_prompt: Sequence[str | int] | None = None,
+        cache_static_prompt: bool = True,
         callback: Callable[[GenerationStepResult], bool] | None = None,
         seed: int | None = None,
     ) -> list[GenerationResult]:
@@ -274,6 +281,9 @@ class Generator:
         returns True, that prompt stops. `max_batch_size` splits the work into batches of that
         many prompts (batch_type="examples") or prompt tokens ("tokens"). With
         `asynchronous=True` the call returns at once with AsyncGenerationResult objects.
+        `static_prompt` runs before every prompt without being returned or counted; with
+        `cache_static_prompt` its keys and values are computed once and reused (the last
+        STATIC_PROMPT_CACHE_SIZE static prompts are kept).
         """
         if asynchronous:
             future = self._background().submit(
@@ -286,8 +296,9 @@ class Generator:
                 return_logits_vocab=return_logits_vocab, beam_size=beam_size, patience=patience,
                 num_hypotheses=num_hypotheses, length_penalty=length_penalty,
                 repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
-                disable_unk=disable_unk, suppress_sequences=suppress_sequences, callback=callback,
-                seed=seed)
+                disable_unk=disable_unk, suppress_sequences=suppress_sequences,
+                static_prompt=static_prompt, cache_static_prompt=cache_static_prompt,
+                callback=callback, seed=seed)
             return [AsyncGenerationResult(future, index) for index in range(len(start_tokens))]
         sampling = SamplingParams(sampling_topk, sampling_topp, sampling_temperature)
         if callback is not None and not callable(callback):
@@ -303,12 +314,13 @@ class Generator:
                              "decoding (beam_size=1) only")
         batches([], max_batch_size, batch_type)  # checks the options before any work
         end_ids = self._end_ids(end_token)
-        requests = [self._request(prompt, max_length, min_length, include_prompt_in_result)
+        static = self._to_ids(static_prompt, 0) if static_prompt is not None else None
+        requests = [self._request(prompt, max_length, min_length, include_prompt_in_result, static)
                     for prompt in self._check_batch(start_tokens)]
         processors = self._processors(repetition_penalty, no_repeat_ngram_size, disable_unk,
                                       suppress_sequences)
         options = _DecodeOptions(sampling, end_ids, return_end_token, self._random(seed), callback,
-                                 processors, return_logits_vocab)
+                                 processors, return_logits_vocab, bool(cache_static_prompt))
         results: list[GenerationResult] = []
         with self._lock, torch.inference_mode():
             for start, stop in batches([len(r.prompt_ids) for r in requests], max_batch_size,
@@ -625,19 +637,23 @@ class Generator:
                                  f"[0, {self.spec.vocab_size})")
         return ids
 
-    def _request(self, prompt: list[int], max_length: int, min_length: int,
-                 include_prompt: bool) -> _Request:
+    def _request(self, user_prompt: list[int], max_length: int, min_length: int,
+                 include_prompt: bool, static: list[int] | None = None) -> _Request:
+        """A validated request; a static prompt runs before the prompt but, as in CTranslate2,
+        is neither returned nor counted in max_length."""
+        static = static or []
+        prompt = static + user_prompt
         if not isinstance(max_length, int) or max_length <= 0:
             raise ValueError(f"max_length must be a positive int, got {max_length!r}")
         if not isinstance(min_length, int) or min_length < 0:
             raise ValueError(f"min_length must be an int >= 0, got {min_length!r}")
         # CTranslate2 feeds the first prompt token as the start token: the rest counts.
-        counted_prompt = len(prompt) - 1 if include_prompt else 0
+        counted_prompt = len(user_prompt) - 1 if include_prompt else 0
         max_new = max_length - counted_prompt
         if max_new <= 0:
             raise ValueError(
                 f"max_length={max_length} leaves no room to generate: with "
-                f"include_prompt_in_result=True it counts the prompt's {len(prompt)} tokens "
+                f"include_prompt_in_result=True it counts the prompt's {len(user_prompt)} tokens "
                 "(all but the first); raise max_length or set include_prompt_in_result=False")
         context = self.spec.max_position_embeddings
         if len(prompt) + max_new > context:
@@ -647,9 +663,10 @@ class Generator:
         returned = []
         if include_prompt:
             bos = self.config.tokens.bos
-            returned = prompt[1:] if bos is not None and prompt[0] == bos else list(prompt)
+            returned = user_prompt[1:] if bos is not None and user_prompt[0] == bos \
+                else list(user_prompt)
         return _Request(prompt, max_new, max(0, min_length - counted_prompt), returned,
-                        counted_prompt)
+                        counted_prompt, len(static))
 
     # ---------------------------------------------------------------- decoding
 
@@ -682,9 +699,7 @@ class Generator:
         total = max(length + request.max_new_tokens
                     for length, request in zip(lengths, batch, strict=True))
         cache = self._kv_cache(len(batch), total)
-        tokens, positions = self._pack([request.prompt_ids for request in batch], cache)
-        last = torch.tensor(lengths, device=device) - 1
-        logits = self.model(tokens, positions, cache, kv_length=tokens.shape[1], last_index=last)
+        logits = self._prefill(batch, cache, options.cache_static_prompt)
 
         end_mask = self._end_mask(options.end_ids)
         next_positions = list(lengths)  # where each row's next token goes
@@ -723,16 +738,51 @@ class Generator:
             positions = torch.tensor(next_positions, device=device).unsqueeze(1)
             logits = self.model(ids.unsqueeze(1), positions, cache, kv_length=kv_length)[:, -1]
 
-    def _pack(self, prompts: list[list[int]],
-              cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
-        """Right-pad prompts into [B, T]; padding goes to the cache's scratch column."""
+    def _pack(self, prompts: list[list[int]], cache: KVCache,
+              offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Right-pad prompts into [B, T] at positions offset..; padding goes to the cache's
+        scratch column."""
         width = max(len(prompt) for prompt in prompts)
         tokens = torch.zeros(len(prompts), width, dtype=torch.long)
         positions = torch.full((len(prompts), width), cache.scratch_position, dtype=torch.long)
         for row, prompt in enumerate(prompts):
             tokens[row, : len(prompt)] = torch.tensor(prompt)
-            positions[row, : len(prompt)] = torch.arange(len(prompt))
+            positions[row, : len(prompt)] = torch.arange(offset, offset + len(prompt))
         return tokens.to(self._device), positions.to(self._device)
+
+    def _prefill(self, batch: list[_Request], cache: KVCache, reuse_static: bool) -> torch.Tensor:
+        """Run the prompts into slots 0..B-1; return the logits of each one's last token.
+        A cached static prompt is copied into the slots instead of being computed again."""
+        static = batch[0].static_length
+        if not (static and reuse_static):
+            tokens, positions = self._pack([request.prompt_ids for request in batch], cache)
+            last = torch.tensor([len(r.prompt_ids) for r in batch], device=self._device) - 1
+            return self.model(tokens, positions, cache, kv_length=tokens.shape[1], last_index=last)
+        keys, values = self._static_state(tuple(batch[0].prompt_ids[:static]), cache)
+        for layer_keys, layer_values, stored_keys, stored_values in zip(
+                cache.keys, cache.values, keys, values, strict=True):
+            layer_keys[: len(batch), :, :static] = stored_keys
+            layer_values[: len(batch), :, :static] = stored_values
+        tokens, positions = self._pack([r.prompt_ids[static:] for r in batch], cache, static)
+        last = torch.tensor([len(r.prompt_ids) - static for r in batch], device=self._device) - 1
+        return self.model(tokens, positions, cache, kv_length=static + tokens.shape[1],
+                          last_index=last)
+
+    def _static_state(self, static: tuple[int, ...], cache: KVCache):
+        """The keys and values of a static prompt (per layer), from a bounded LRU cache."""
+        if static in self._static_states:
+            self._static_states.move_to_end(static)
+            return self._static_states[static]
+        tokens = torch.tensor([static], device=self._device)
+        positions = torch.arange(len(static), device=self._device).unsqueeze(0)
+        self.model(tokens, positions, cache, kv_length=len(static),
+                   last_index=torch.tensor([len(static) - 1], device=self._device))
+        state = ([keys[0, :, : len(static)].clone() for keys in cache.keys],
+                 [values[0, :, : len(static)].clone() for values in cache.values])
+        self._static_states[static] = state
+        while len(self._static_states) > STATIC_PROMPT_CACHE_SIZE:
+            self._static_states.popitem(last=False)
+        return state
 
     def _end_mask(self, end_ids: set[int]) -> torch.Tensor | None:
         if not end_ids:

@@ -450,3 +450,29 @@ def test_generate_tokens_takes_the_penalties(neox):
         prompt, max_length=16, end_token=[], repetition_penalty=1.3, no_repeat_ngram_size=2)]
     assert streamed == greedy(generator, [prompt], repetition_penalty=1.3,
                               no_repeat_ngram_size=2)[0][:16]
+
+
+@pytest.mark.parametrize("include_prompt", [False, True])
+def test_static_prompt_matches_ctranslate2_and_is_cached(neox, ctranslate2_generator,
+                                                         include_prompt, monkeypatch):
+    from kiln import generator as generator_module
+
+    _, _, generator = neox
+    static = [f"t{i}" for i in random_prompt(9, VOCAB, seed=23)]
+    prompts = [[f"t{i}" for i in random_prompt(n, VOCAB, seed=n + 30)] for n in (2, 5)]
+    options = dict(max_length=10, end_token=[], include_prompt_in_result=include_prompt,
+                   return_scores=True)
+    generator._static_states.clear()
+    first = generator.generate_batch(prompts, static_prompt=static, **options)
+    for prompt, ours in zip(prompts, first, strict=True):
+        theirs = ctranslate2_generator.generate_batch([prompt], static_prompt=static, **options)[0]
+        assert ours.sequences_ids == theirs.sequences_ids
+        assert ours.scores == pytest.approx(theirs.scores, abs=1e-4)
+    assert len(generator._static_states) == 1
+    uncached = generator.generate_batch(prompts, static_prompt=static, cache_static_prompt=False,
+                                        **options)
+    assert [r.sequences_ids for r in uncached] == [r.sequences_ids for r in first]
+    monkeypatch.setattr(generator_module, "STATIC_PROMPT_CACHE_SIZE", 2)
+    for seed in range(3):  # bounded: the least recently used static prompts are dropped
+        generator.generate_batch(prompts, static_prompt=random_prompt(4, VOCAB, seed), **options)
+    assert len(generator._static_states) == 2
