@@ -9,10 +9,11 @@ __all__ = ["GenerationResult", "Generator", "ModelSpec", "convert", "__version__
 
 if TYPE_CHECKING:
     from .conversion import convert
-    from .generator import GenerationResult, Generator
+    from .generator import Generator
+    from .results import GenerationResult
     from .spec import ModelSpec
 
-_LAZY = {"convert": "conversion", "Generator": "generator", "GenerationResult": "generator",
+_LAZY = {"convert": "conversion", "Generator": "generator", "GenerationResult": "results",
          "ModelSpec": "spec"}
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from .batching import batches
 from .beam import BeamOptions, beam_search
 from .cache import KVCache
 from .chat import ChatTemplate, Message
@@ -18,57 +19,12 @@ from .compute_types import resolve as resolve_compute_type
 from .loading import check_folder, load_decoder, resolve_device
 from .loading import verify_checksums as verify_folder_checksums
 from .processors import Processors
+from .results import AsyncGenerationResult, GenerationResult, GenerationStepResult, ScoringResult
 from .sampling import SamplingParams, choose_tokens
 from .spec import is_kiln_folder
 from .tokenizer import StreamingDetokenizer, Tokenizer
 
-
-@dataclass
-class GenerationResult:
-    """One prompt's result, as CTranslate2's `GenerationResult`."""
-
-    sequences: list[list[str]]
-    sequences_ids: list[list[int]]
-    scores: list[float] = field(default_factory=list)
-    logits: list[torch.Tensor] = field(default_factory=list)  # per hypothesis: [steps, vocab]
-
-
-class AsyncGenerationResult:
-    """A result still being computed (generate_batch(..., asynchronous=True))."""
-
-    def __init__(self, future, index: int) -> None:
-        self._future, self._index = future, index
-
-    def done(self) -> bool:
-        return self._future.done()
-
-    def result(self) -> GenerationResult:
-        """Wait for the result; an error in generation is raised here."""
-        return self._future.result()[self._index]
-
-
-BATCH_TYPES = ("examples", "tokens")
 STATIC_PROMPT_CACHE_SIZE = 8  # static prompts whose keys/values are kept (CTranslate2: unbounded)
-
-
-def batches(lengths: list[int], max_batch_size: int, batch_type: str) -> list[tuple[int, int]]:
-    """Consecutive [start, stop) ranges of at most max_batch_size prompts ("examples") or
-    prompt tokens ("tokens"); 0 means one batch. A prompt longer than the limit goes alone."""
-    if batch_type not in BATCH_TYPES:
-        raise ValueError(f"batch_type must be one of {BATCH_TYPES}, got {batch_type!r}")
-    if not isinstance(max_batch_size, int) or isinstance(max_batch_size, bool) or max_batch_size < 0:
-        raise ValueError(f"max_batch_size must be an int >= 0 (0: no limit), got {max_batch_size!r}")
-    if max_batch_size == 0:
-        return [(0, len(lengths))]
-    ranges, start, size = [], 0, 0
-    for index, length in enumerate(lengths):
-        cost = 1 if batch_type == "examples" else length
-        if index > start and size + cost > max_batch_size:
-            ranges.append((start, index))
-            start, size = index, 0
-        size += cost
-    ranges.append((start, len(lengths)))
-    return ranges
 
 
 @dataclass
@@ -81,29 +37,6 @@ class _Request:
     returned_prompt: list[int]  # prompt part of the result (empty unless include_prompt)
     counted_prompt: int  # prompt tokens counted in max_length and in the score's length
     static_length: int = 0  # leading prompt_ids that are the (shared) static prompt
-
-
-@dataclass
-class ScoringResult:
-    """Per-token log-probabilities of tokens[1:], as CTranslate2's `ScoringResult`;
-    `truncated` says the input was cut to max_input_length."""
-
-    tokens: list[str]
-    log_probs: list[float]
-    truncated: bool = False
-
-
-@dataclass
-class GenerationStepResult:
-    """One generated token, as CTranslate2's `GenerationStepResult`."""
-
-    step: int
-    batch_id: int
-    token_id: int
-    hypothesis_id: int
-    token: str | None
-    log_prob: float
-    is_last: bool
 
 
 @dataclass

@@ -378,7 +378,7 @@ def test_beam_search_matches_ctranslate2(neox, ctranslate2_generator, case):
 
 
 def test_token_batches_and_asynchronous_results(neox):
-    from kiln.generator import batches
+    from kiln.batching import batches
 
     assert batches([3, 3, 3, 10, 1], 6, "tokens") == [(0, 2), (2, 3), (3, 4), (4, 5)]
     assert batches([3, 3, 3], 2, "examples") == [(0, 2), (2, 3)]
