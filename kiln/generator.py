@@ -16,6 +16,7 @@ from .cache import KVCache
 from .chat import ChatTemplate, Message
 from .compute_types import ComputeType
 from .compute_types import resolve as resolve_compute_type
+from .device_loop import decode_on_device
 from .loading import check_folder, load_decoder, resolve_device
 from .loading import verify_checksums as verify_folder_checksums
 from .processors import Processors
@@ -127,6 +128,7 @@ class Generator:
         self.tokenizer = Tokenizer.from_folder(self.model_path)
         self.chat_template = ChatTemplate.from_folder(self.model_path)
         self._lock = threading.Lock()
+        self.device_loop = True  # plain generation keeps its loop on the device (device_loop.py)
         self._executor = None
         self._static_states: OrderedDict = OrderedDict()  # static prompt -> (keys, values)
         self._cache: KVCache | None = None
@@ -266,8 +268,12 @@ class Generator:
                     continue
                 rows = [_RowState(scored=request.counted_prompt, length_penalty=length_penalty)
                         for request in batch]
-                for _ in self._decode_steps(batch, rows, options, batch_offset=start):
-                    pass
+                if self.device_loop and not (callback or return_logits_vocab
+                                             or options.processors.active):
+                    decode_on_device(self, batch, rows, options)
+                else:
+                    for _ in self._decode_steps(batch, rows, options, batch_offset=start):
+                        pass
                 results.extend(self._result(request, row, return_scores)
                                for request, row in zip(batch, rows, strict=True))
         return results

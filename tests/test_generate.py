@@ -476,3 +476,23 @@ def test_static_prompt_matches_ctranslate2_and_is_cached(neox, ctranslate2_gener
     for seed in range(3):  # bounded: the least recently used static prompts are dropped
         generator.generate_batch(prompts, static_prompt=random_prompt(4, VOCAB, seed), **options)
     assert len(generator._static_states) == 2
+
+
+@pytest.mark.parametrize("options", [
+    dict(max_length=20, end_token=[]),
+    dict(max_length=20, min_length=5, end_token=["t9", "t15", "t84", "t23"]),
+    dict(max_length=12, sampling_topk=0, sampling_temperature=1.5, seed=4),
+    dict(max_length=30, sampling_topk=10, sampling_topp=0.9, seed=5, return_end_token=True,
+         end_token=["t9", "t15", "t84", "t23"], include_prompt_in_result=True),
+])
+def test_device_loop_equals_the_general_loop(neox, monkeypatch, options):
+    """Plain generation runs in kiln/device_loop.py (no host sync per token); it must give
+    exactly what the general per-row loop gives."""
+    _, _, generator = neox
+    prompts = [random_prompt(n, VOCAB, seed=n + 40) for n in (1, 6, 13)]
+    options = {"include_prompt_in_result": False, "return_scores": True, **options}
+    fast = generator.generate_batch(prompts, **options)
+    monkeypatch.setattr(generator, "device_loop", False)
+    general = generator.generate_batch(prompts, **options)
+    assert [r.sequences_ids for r in fast] == [r.sequences_ids for r in general]
+    assert [r.scores[0] for r in fast] == pytest.approx([r.scores[0] for r in general], abs=1e-6)
