@@ -14,9 +14,10 @@ from .batching import batches
 from .beam import BeamOptions, beam_search
 from .cache import KVCache
 from .chat import ChatTemplate, Message
-from .compute_types import ComputeType
+from .compute_types import COMPUTE_TYPES, ComputeType
 from .compute_types import resolve as resolve_compute_type
 from .device_loop import decode_on_device
+from .kernels import BACKENDS
 from .loading import check_folder, load_decoder, resolve_device
 from .loading import verify_checksums as verify_folder_checksums
 from .processors import Processors
@@ -92,6 +93,13 @@ class Generator:
         """Load a kiln folder. Anything else `from_pretrained` takes (a Hugging Face, GGUF or
         CTranslate2 checkpoint, a hub id) is converted once into the cache (`cache_dir`) in its
         own type. With no `model_path`: kiln's default model, SmolLM2-135M-Instruct."""
+        # Options first: a bad one must fail before any conversion or loading.
+        self._device = resolve_device(device, device_index)
+        if compute_type not in COMPUTE_TYPES:
+            resolve_compute_type(compute_type, ComputeType(None, "float32"), self._device)
+        if int8_backend not in ("auto", None, *BACKENDS):
+            raise ValueError(f"unknown int8 backend {int8_backend!r}; known: auto, "
+                             f"{', '.join(BACKENDS)}, None (dequantize per call)")
         if model_path is None:
             from .default_model import default_model_path
 
@@ -104,7 +112,6 @@ class Generator:
         self.config = check_folder(self.model_path)
         if verify_checksums:
             verify_folder_checksums(self.model_path, self.config)
-        self._device = resolve_device(device, device_index)
         saved = ComputeType(self.config.weights, self.config.dtype)
         self._compute = resolve_compute_type(compute_type, saved, self._device)
         if intra_threads < 0:

@@ -247,3 +247,13 @@ def test_out_of_memory_says_what_to_reduce_and_leaves_the_generator_usable(gener
         generator.generate_batch([[5, 6]] * 4, max_length=100)
     monkeypatch.setattr(generator_module, "KVCache", real_cache)
     assert len(generator.generate_batch([[5, 6]], max_length=4)[0].sequences_ids[0]) >= 2
+
+
+def test_bad_options_fail_before_any_conversion(folders, tmp_path):
+    """An HF folder would be converted into the cache: a bad option must stop that first."""
+    for options, message in ((dict(device="tpu"), "unknown device"),
+                             (dict(compute_type="int4"), "unknown compute_type"),
+                             (dict(int8_backend="magic"), "unknown int8 backend")):
+        with pytest.raises(ValueError, match=message):
+            kiln.Generator(folders[0], cache_dir=tmp_path, **options)
+    assert not (tmp_path / "models").exists()
