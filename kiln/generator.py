@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from .alternatives import alternatives
 from .batching import batches
 from .beam import BeamOptions, beam_search
 from .cache import KVCache
@@ -24,7 +25,7 @@ from .processors import Processors
 from .results import AsyncGenerationResult, GenerationResult, GenerationStepResult, ScoringResult
 from .sampling import SamplingParams, choose_tokens
 from .spec import is_kiln_folder
-from .tokenizer import StreamingDetokenizer, Tokenizer
+from .tokenizer import StreamingDetokenizer, Tokenizer, Vocabulary
 
 STATIC_PROMPT_CACHE_SIZE = 8  # static prompts whose keys/values are kept (CTranslate2: unbounded)
 
@@ -133,6 +134,8 @@ class Generator:
                 "free memory, use an int8 compute type, or load on another device") from error
         self.spec = self.config.spec
         self.tokenizer = Tokenizer.from_folder(self.model_path)
+        # Token strings <-> ids: the tokenizer, or a bare vocabulary (CTranslate2 folders).
+        self.vocabulary = self.tokenizer or Vocabulary.from_folder(self.model_path)
         self.chat_template = ChatTemplate.from_folder(self.model_path)
         self._lock = threading.Lock()
         self.device_loop = True  # plain generation keeps its loop on the device (device_loop.py)
@@ -199,6 +202,8 @@ class Generator:
         include_prompt_in_result: bool = True,
         return_scores: bool = False,
         return_logits_vocab: bool = False,
+        return_alternatives: bool = False,
+        min_alternative_expansion_prob: float = 0.0,
         beam_size: int = 1,
         patience: float = 1.0,
         num_hypotheses: int = 1,
@@ -235,7 +240,9 @@ class Generator:
                 sampling_temperature=sampling_temperature, end_token=end_token,
                 return_end_token=return_end_token,
                 include_prompt_in_result=include_prompt_in_result, return_scores=return_scores,
-                return_logits_vocab=return_logits_vocab, beam_size=beam_size, patience=patience,
+                return_logits_vocab=return_logits_vocab, return_alternatives=return_alternatives,
+                min_alternative_expansion_prob=min_alternative_expansion_prob,
+                beam_size=beam_size, patience=patience,
                 num_hypotheses=num_hypotheses, length_penalty=length_penalty,
                 repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
                 disable_unk=disable_unk, suppress_sequences=suppress_sequences,
@@ -245,9 +252,17 @@ class Generator:
         sampling = SamplingParams(sampling_topk, sampling_topp, sampling_temperature)
         if callback is not None and not callable(callback):
             raise TypeError("callback must be callable: step_result -> bool (True stops the item)")
-        beam = BeamOptions(beam_size, patience, num_hypotheses, length_penalty)
-        if beam_size == 1 and num_hypotheses > 1:
-            raise ValueError(f"num_hypotheses={num_hypotheses} needs beam_size >= {num_hypotheses}")
+        beam = BeamOptions(beam_size, patience,
+                           1 if return_alternatives else num_hypotheses, length_penalty)
+        if beam_size == 1 and num_hypotheses > 1 and not return_alternatives:
+            raise ValueError(f"num_hypotheses={num_hypotheses} needs beam_size >= {num_hypotheses} "
+                             "(or return_alternatives=True)")
+        if not 0.0 <= min_alternative_expansion_prob <= 1.0:
+            raise ValueError(f"min_alternative_expansion_prob must be in [0, 1], got "
+                             f"{min_alternative_expansion_prob!r}")
+        if return_alternatives and (callback is not None or return_logits_vocab):
+            raise ValueError("return_alternatives cannot be combined with callback or "
+                             "return_logits_vocab")
         if beam_size > 1 and not sampling.greedy:
             raise ValueError("beam search is deterministic here: use sampling_topk=1 with "
                              "beam_size > 1, or beam_size=1 to sample")
@@ -268,6 +283,14 @@ class Generator:
             for start, stop in batches([len(r.prompt_ids) for r in requests], max_batch_size,
                                        batch_type):
                 batch = requests[start:stop]
+                if return_alternatives:
+                    found = alternatives(
+                        self, batch, options, num_hypotheses, min_alternative_expansion_prob,
+                        max_length, min_length, beam,
+                        lambda suffixes: self._search(suffixes, options, beam, length_penalty))
+                    results.extend(self._beam_result(request, hypotheses, return_scores)
+                                   for request, hypotheses in zip(batch, found, strict=True))
+                    continue
                 if beam_size > 1:
                     results.extend(self._beam_result(request, hypotheses, return_scores)
                                    for request, hypotheses in zip(
@@ -284,6 +307,16 @@ class Generator:
                 results.extend(self._result(request, row, return_scores)
                                for request, row in zip(batch, rows, strict=True))
         return results
+
+    def _search(self, requests: list[_Request], options: _DecodeOptions, beam: BeamOptions,
+                length_penalty: float) -> list[tuple[list[int], float]]:
+        """The best (tokens, score) of each request by the configured search."""
+        if beam.beam_size > 1:
+            return [hypotheses[0] for hypotheses in beam_search(self, requests, options, beam)]
+        rows = [_RowState(length_penalty=length_penalty) for _ in requests]
+        for _ in self._decode_steps(requests, rows, options):
+            pass
+        return [(row.tokens, row.score) for row in rows]
 
     def generate_tokens(
         self,
@@ -344,7 +377,7 @@ class Generator:
                         return
                     yield GenerationStepResult(
                         step=step, batch_id=0, token_id=token, hypothesis_id=0,
-                        token=self.tokenizer.id_to_token(token) if self.tokenizer else None,
+                        token=self.vocabulary.id_to_token(token) if self.vocabulary else None,
                         log_prob=log_prob, is_last=row.done)
 
     def stream(self, text: str, max_length: int = 64, *, skip_special_tokens: bool = True,
@@ -428,7 +461,7 @@ class Generator:
             for row, prompt in enumerate(batch):
                 targets = torch.tensor(prompt[1:], device=log_probs.device).unsqueeze(1)
                 scores = log_probs[row, : len(prompt) - 1].gather(1, targets).squeeze(1)
-                names = self.tokenizer.ids_to_tokens(prompt[1:]) if self.tokenizer else []
+                names = self.vocabulary.ids_to_tokens(prompt[1:]) if self.vocabulary else []
                 results.append(ScoringResult(names, scores.tolist(), truncated[start + row]))
         return results
 
@@ -527,6 +560,12 @@ class Generator:
                              "encoded; pass token ids to generate_batch instead")
         return self.tokenizer
 
+    def _require_vocabulary(self):
+        if self.vocabulary is None:
+            raise ValueError(f"{self.model_path} has no tokenizer.json or vocabulary.json, so "
+                             "token strings cannot be mapped; pass token ids instead")
+        return self.vocabulary
+
     def _check_batch(self, start_tokens: Sequence[Sequence[str | int]]) -> list[list[int]]:
         if isinstance(start_tokens, str) or not isinstance(start_tokens, Sequence):
             raise TypeError("start_tokens must be a list of prompts, each a list of token "
@@ -542,7 +581,7 @@ class Generator:
         if len(prompt) == 0:
             raise ValueError(f"prompt {index} is empty; give at least one token")
         if all(isinstance(token, str) for token in prompt):
-            return self.require_tokenizer().tokens_to_ids(prompt)
+            return self._require_vocabulary().tokens_to_ids(prompt)
         if not all(isinstance(token, int) and not isinstance(token, bool) for token in prompt):
             raise TypeError(f"prompt {index} mixes types; give all token strings or all ints")
         bad = [token for token in prompt if not 0 <= token < self.spec.vocab_size]
@@ -575,7 +614,7 @@ class Generator:
         ids = set()
         for token in tokens:
             if isinstance(token, str):
-                ids.update(self.require_tokenizer().tokens_to_ids([token]))
+                ids.update(self._require_vocabulary().tokens_to_ids([token]))
             elif isinstance(token, int) and 0 <= token < self.spec.vocab_size:
                 ids.add(token)
             else:
@@ -671,7 +710,7 @@ class Generator:
                         result = GenerationStepResult(
                             step=step, batch_id=batch_offset + index, token_id=token,
                             hypothesis_id=0, log_prob=log_prob, is_last=row.done,
-                            token=self.tokenizer.id_to_token(token) if self.tokenizer else None)
+                            token=self.vocabulary.id_to_token(token) if self.vocabulary else None)
                         if options.callback(result):
                             row.done = True
             yield picks
@@ -747,14 +786,14 @@ class Generator:
     def _beam_result(self, request: _Request, hypotheses: list[tuple[list[int], float]],
                      return_scores: bool) -> GenerationResult:
         ids = [request.returned_prompt + tokens for tokens, _ in hypotheses]
-        names = [self.tokenizer.ids_to_tokens(seq) for seq in ids] if self.tokenizer else []
+        names = [self.vocabulary.ids_to_tokens(seq) for seq in ids] if self.vocabulary else []
         return GenerationResult(sequences=names, sequences_ids=ids,
                                 scores=[score for _, score in hypotheses] if return_scores else [])
 
     def _result(self, request: _Request, row: _RowState,
                 return_scores: bool) -> GenerationResult:
         ids = request.returned_prompt + row.tokens
-        tokens = self.tokenizer.ids_to_tokens(ids) if self.tokenizer is not None else []
+        tokens = self.vocabulary.ids_to_tokens(ids) if self.vocabulary is not None else []
         logits = [torch.stack(row.logits)] if row.logits else []
         return GenerationResult(sequences=[tokens], sequences_ids=[ids],
                                 scores=[row.score] if return_scores else [], logits=logits)

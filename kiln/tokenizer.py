@@ -95,3 +95,41 @@ class StreamingDetokenizer:
         text = self._decode(self._ids[self._prefix:])
         self._prefix = self._read = len(self._ids)
         return text[len(emitted):]
+
+
+VOCABULARY_FILE = "vocabulary.json"
+
+
+class Vocabulary:
+    """Token strings <-> ids from a plain list (CTranslate2's vocabulary), for models without
+    a tokenizer.json: the token-level API works, text encoding does not."""
+
+    def __init__(self, tokens: list[str]) -> None:
+        self.tokens = tokens
+        self.index = {token: i for i, token in enumerate(tokens)}
+        self.vocab_size = len(tokens)
+
+    @classmethod
+    def from_folder(cls, folder: Path) -> Vocabulary | None:
+        import json
+
+        path = Path(folder) / VOCABULARY_FILE
+        if not path.is_file():
+            return None
+        return cls(json.loads(path.read_text(encoding="utf-8")))
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.index.get(token)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self.tokens[token_id] if 0 <= token_id < len(self.tokens) else None
+
+    def tokens_to_ids(self, tokens: Sequence[str]) -> list[int]:
+        unknown = [token for token in tokens if token not in self.index]
+        if unknown:
+            raise ValueError(f"tokens not in the vocabulary: {unknown[:5]}; give token strings "
+                             "of this model's vocabulary, or token ids")
+        return [self.index[token] for token in tokens]
+
+    def ids_to_tokens(self, ids: Sequence[int]) -> list[str]:
+        return [self.id_to_token(token_id) or "" for token_id in ids]

@@ -205,3 +205,16 @@ def test_loading_a_1gb_model_bin_stays_under_1_3_gb(tmp_path):
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert int(result.stdout.strip()) * 1024 < 1.3e9
+
+
+def test_token_strings_work_without_a_tokenizer_json(family):
+    """CTranslate2 users pass token strings; the folder's vocabulary maps them."""
+    name, _, folders, root = family
+    if name != "llama":
+        pytest.skip("one family is enough")
+    generator = kiln.Generator(folders["float32"], cache_dir=root / "cache")
+    peer = ctranslate2.Generator(str(folders["float32"]))
+    prompt = ["t5", "t6", "t7"]
+    ours = generator.generate_batch([prompt], max_length=8, end_token=[])[0]
+    theirs = peer.generate_batch([prompt], max_length=8, end_token=[])[0]
+    assert ours.sequences == theirs.sequences and ours.sequences_ids == theirs.sequences_ids

@@ -496,3 +496,35 @@ def test_device_loop_equals_the_general_loop(neox, monkeypatch, options):
     general = generator.generate_batch(prompts, **options)
     assert [r.sequences_ids for r in fast] == [r.sequences_ids for r in general]
     assert [r.scores[0] for r in fast] == pytest.approx([r.scores[0] for r in general], abs=1e-6)
+
+
+@pytest.mark.parametrize("case", [
+    dict(include_prompt_in_result=False, max_length=9, end_token=[]),
+    dict(include_prompt_in_result=True, max_length=7, end_token=[]),
+    dict(include_prompt_in_result=False, max_length=9, min_length=6, length_penalty=0),
+    dict(include_prompt_in_result=False, max_length=4, end_token=[]),
+    dict(include_prompt_in_result=False, max_length=10, end_token=[], beam_size=2),
+], ids=["greedy", "with-prompt", "min-length-lp0", "no-room-after-expansion", "beam"])
+def test_return_alternatives_matches_ctranslate2(neox, ctranslate2_generator, case):
+    _, _, generator = neox
+    prompt = [f"t{i}" for i in random_prompt(4, VOCAB, seed=33)]
+    options = dict(return_alternatives=True, num_hypotheses=3, return_scores=True, **case)
+    ours = generator.generate_batch([prompt], **options)[0]
+    theirs = ctranslate2_generator.generate_batch([prompt], **options)[0]
+    assert ours.sequences_ids == theirs.sequences_ids
+    assert ours.scores == pytest.approx(theirs.scores, abs=1e-4)
+
+
+def test_min_alternative_expansion_prob_drops_unlikely_alternatives(neox):
+    _, _, generator = neox
+    prompt = random_prompt(4, VOCAB, seed=33)
+    options = dict(return_alternatives=True, num_hypotheses=3, max_length=8, end_token=[],
+                   return_scores=True, include_prompt_in_result=False)
+    every = generator.generate_batch([prompt], **options)[0]
+    probabilities = generator.forward_batch([prompt])[0, -1].softmax(-1).topk(3).values.tolist()
+    threshold = (probabilities[0] + probabilities[1]) / 2
+    kept = generator.generate_batch([prompt], min_alternative_expansion_prob=threshold,
+                                    **options)[0]
+    assert len(every.sequences_ids) == 3 and kept.sequences_ids == every.sequences_ids[:1]
+    with pytest.raises(ValueError, match="min_alternative_expansion_prob must be in"):
+        generator.generate_batch([prompt], min_alternative_expansion_prob=2.0, **options)

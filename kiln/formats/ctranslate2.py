@@ -239,6 +239,9 @@ class CTranslate2Checkpoint:
         for name in [*hf.TOKENIZER_FILES, *extra_files]:
             if (self.path / name).is_file():
                 shutil.copy2(self.path / name, Path(output) / name)
+        # The token strings CTranslate2 users pass: kept even without a tokenizer.json.
+        (Path(output) / "vocabulary.json").write_text(json.dumps(self.vocabulary),
+                                                     encoding="utf-8")
 
     # -- the model -----------------------------------------------------------------------------
 
