@@ -87,7 +87,7 @@ def beam_search(generator, batch, options, beam: BeamOptions) -> list[list[tuple
             candidates = candidates.view(len(batch), width * vocab)
         else:
             candidates = log_probs
-        top_scores, top_ids = candidates.topk(min(2 * width, candidates.shape[-1]), dim=-1)
+        top_scores, top_ids = _candidates(candidates, 2 * width, options)
         origins, words = (top_ids // vocab).tolist(), (top_ids % vocab).tolist()
         top_scores = top_scores.tolist()
         sources, next_words, next_scores = [], [], []
@@ -116,6 +116,29 @@ def beam_search(generator, batch, options, beam: BeamOptions) -> list[list[tuple
                        torch.tensor(step_positions, device=device).unsqueeze(1), cache,
                        kv_length=kv_length)[:, -1]
     return [_finalize(item, request, beam) for item, request in zip(items, batch, strict=True)]
+
+
+def _candidates(candidates: torch.Tensor, count: int, options) -> tuple[torch.Tensor, torch.Tensor]:
+    """The `count` continuations to consider, best first: the top ones, or with sampling a
+    draw without replacement (top-k, then temperature, then top-p over all beams' options)."""
+    count = min(count, candidates.shape[-1])
+    sampling = options.sampling
+    if sampling.greedy:
+        return candidates.topk(count, dim=-1)
+    logits = candidates
+    if 0 < sampling.topk < logits.shape[-1]:
+        kth = logits.topk(sampling.topk, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    logits = logits / sampling.temperature
+    if sampling.topp < 1.0:
+        from .sampling import _filter_top_p
+
+        logits = _filter_top_p(logits, sampling.topp)
+    probs = logits.softmax(dim=-1)
+    drawn = torch.multinomial(probs, count, replacement=False, generator=options.generator)
+    scores = candidates.gather(-1, drawn)
+    order = scores.argsort(dim=-1, descending=True)
+    return scores.gather(-1, order), drawn.gather(-1, order)
 
 
 def _mask_min_length(generator, logits, batch, step, rows_per_prompt, options):

@@ -263,9 +263,9 @@ class Generator:
         if return_alternatives and (callback is not None or return_logits_vocab):
             raise ValueError("return_alternatives cannot be combined with callback or "
                              "return_logits_vocab")
-        if beam_size > 1 and not sampling.greedy:
-            raise ValueError("beam search is deterministic here: use sampling_topk=1 with "
-                             "beam_size > 1, or beam_size=1 to sample")
+        if beam_size > 1 and not sampling.greedy and 0 < sampling_topk < 2 * beam_size:
+            raise ValueError(f"sampling in beam search draws 2 x beam_size candidates: "
+                             f"sampling_topk must be 0 or >= {2 * beam_size}, got {sampling_topk}")
         if beam_size > 1 and (callback is not None or return_logits_vocab):
             raise ValueError("callback and return_logits_vocab work with greedy or sampled "
                              "decoding (beam_size=1) only")

@@ -528,3 +528,19 @@ def test_min_alternative_expansion_prob_drops_unlikely_alternatives(neox):
     assert len(every.sequences_ids) == 3 and kept.sequences_ids == every.sequences_ids[:1]
     with pytest.raises(ValueError, match="min_alternative_expansion_prob must be in"):
         generator.generate_batch([prompt], min_alternative_expansion_prob=2.0, **options)
+
+
+def test_sampled_beam_search_is_seeded_and_valid(neox):
+    _, _, generator = neox
+    prompt = random_prompt(5, VOCAB, seed=34)
+    options = dict(beam_size=3, num_hypotheses=2, max_length=10, end_token=[], sampling_topk=0,
+                   sampling_temperature=1.5, include_prompt_in_result=False, return_scores=True)
+    first = generator.generate_batch([prompt], seed=8, **options)[0]
+    assert generator.generate_batch([prompt], seed=8, **options)[0] == first
+    assert len(first.sequences_ids) == 2 and first.scores[0] >= first.scores[1]
+    assert all(len(ids) == 10 and max(ids) < VOCAB for ids in first.sequences_ids)
+    seeds = {tuple(generator.generate_batch([prompt], seed=s, **options)[0].sequences_ids[0])
+             for s in range(5)}
+    assert len(seeds) > 1  # it does sample
+    with pytest.raises(ValueError, match="sampling_topk must be 0 or >= 6"):
+        generator.generate_batch([prompt], beam_size=3, sampling_topk=4, max_length=4)
