@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .sampling import sampling_probabilities
+
 FORCED_OUT = -1e10  # CTranslate2's score for an end token in a secondary first-step beam
 
 
@@ -125,16 +127,7 @@ def _candidates(candidates: torch.Tensor, count: int, options) -> tuple[torch.Te
     sampling = options.sampling
     if sampling.greedy:
         return candidates.topk(count, dim=-1)
-    logits = candidates
-    if 0 < sampling.topk < logits.shape[-1]:
-        kth = logits.topk(sampling.topk, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    logits = logits / sampling.temperature
-    if sampling.topp < 1.0:
-        from .sampling import _filter_top_p
-
-        logits = _filter_top_p(logits, sampling.topp)
-    probs = logits.softmax(dim=-1)
+    probs = sampling_probabilities(candidates, sampling)
     drawn = torch.multinomial(probs, count, replacement=False, generator=options.generator)
     scores = candidates.gather(-1, drawn)
     order = scores.argsort(dim=-1, descending=True)

@@ -42,6 +42,17 @@ def _filter_top_p(logits: torch.Tensor, topp: float) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
+def sampling_probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The distribution sampled from: top-k, then temperature, then top-p, then softmax."""
+    if 0 < params.topk < logits.shape[-1]:
+        kth = logits.topk(params.topk, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    logits = logits / params.temperature
+    if params.topp < 1.0:
+        logits = _filter_top_p(logits, params.topp)
+    return logits.softmax(dim=-1)
+
+
 def choose_tokens(logits: torch.Tensor, params: SamplingParams,
                   generator: torch.Generator | None,
                   usable_vocab_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,14 +69,7 @@ def choose_tokens(logits: torch.Tensor, params: SamplingParams,
     if params.greedy:
         ids = logits.argmax(dim=-1)
     else:
-        filtered = logits
-        if params.topk > 0 and params.topk < logits.shape[-1]:
-            kth = logits.topk(params.topk, dim=-1).values[..., -1:]
-            filtered = filtered.masked_fill(filtered < kth, float("-inf"))
-        filtered = filtered / params.temperature
-        if params.topp < 1.0:
-            filtered = _filter_top_p(filtered, params.topp)
-        probs = filtered.softmax(dim=-1)
+        probs = sampling_probabilities(logits, params)
         noise = torch.empty_like(probs).exponential_(1.0, generator=generator)
         ids = (probs / noise).argmax(dim=-1)
     return ids, log_probs.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
