@@ -352,20 +352,24 @@ class Generator:
         """`generate_tokens` for asyncio: tokens are produced in a worker thread and awaited
         here; leaving the loop early stops the generation."""
         import asyncio
+        from concurrent.futures import ThreadPoolExecutor
 
-        # The loop's default executor, not this Generator's worker: an asynchronous
-        # generate_batch waiting there for the lock must not block this stream's steps.
+        # One thread of its own for this stream: every step resumes on the thread that entered
+        # inference mode (thread-local), and an asynchronous generate_batch waiting for the
+        # lock on the Generator's worker cannot block it.
         loop = asyncio.get_running_loop()
         steps = self.generate_tokens(prompt, **kwargs)
         finished = object()
+        worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kiln-stream")
         try:
             while True:
-                step = await loop.run_in_executor(None, next, steps, finished)
+                step = await loop.run_in_executor(worker, next, steps, finished)
                 if step is finished:
                     return
                 yield step
         finally:
-            await loop.run_in_executor(None, steps.close)
+            await loop.run_in_executor(worker, steps.close)
+            worker.shutdown(wait=False)
 
     def _stream_tokens(self, request: _Request,
                        options: _DecodeOptions) -> Iterator[GenerationStepResult]:
