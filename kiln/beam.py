@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .processors import mask_early_end
 from .sampling import sampling_probabilities
 
 FORCED_OUT = -1e10  # CTranslate2's score for an end token in a secondary first-step beam
@@ -70,6 +71,7 @@ def beam_search(generator, batch, options, beam: BeamOptions) -> list[list[tuple
     items = [_Item(alive=[[] for _ in range(width)]) for _ in batch]
     scores = torch.zeros(len(batch), width, device=device)
     end_ids = options.end_ids
+    end_ids_tensor, min_new = generator._end_tensors(batch, options)
     usable = generator.spec.usable_vocab_size
     for step in range(max(request.max_new_tokens for request in batch)):
         expanded = step > 0
@@ -78,8 +80,8 @@ def beam_search(generator, batch, options, beam: BeamOptions) -> list[list[tuple
                          for request, item in zip(batch, items, strict=True)
                          for beam_tokens in (item.alive if expanded else item.alive[:1])]
             logits = options.processors.apply(logits, histories)
-        logits = _mask_min_length(generator, logits, batch, step, width if expanded else 1,
-                                  options)
+        logits = mask_early_end(logits, end_ids_tensor,
+                                min_new.repeat_interleave(width) if expanded else min_new, step)
         log_probs = logits.log_softmax(dim=-1)
         vocab = log_probs.shape[-1]
         if usable < vocab:  # padding rows of the embedding are never candidates
@@ -132,17 +134,6 @@ def _candidates(candidates: torch.Tensor, count: int, options) -> tuple[torch.Te
     scores = candidates.gather(-1, drawn)
     order = scores.argsort(dim=-1, descending=True)
     return scores.gather(-1, order), drawn.gather(-1, order)
-
-
-def _mask_min_length(generator, logits, batch, step, rows_per_prompt, options):
-    if not options.end_ids:
-        return logits
-    rows = [b * rows_per_prompt + k for b, request in enumerate(batch)
-            if step < request.min_new_tokens for k in range(rows_per_prompt)]
-    if rows:
-        end = torch.tensor(sorted(options.end_ids), device=logits.device)
-        logits[torch.tensor(rows, device=logits.device).unsqueeze(1), end] = float("-inf")
-    return logits
 
 
 def _advance(item: _Item, request, step: int, words: list[int], origins: list[int],

@@ -41,9 +41,6 @@ class KVCache:
         return (num_slots <= self.num_slots and max_length <= self.max_length
                 and dtype == self.dtype and device == self.device)
 
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
-
     def copy_slots(self, source: torch.Tensor, destination: torch.Tensor) -> None:
         """Copy whole slots (beam search reorders hypotheses this way, without recompute)."""
         for tensor in self.keys + self.values:

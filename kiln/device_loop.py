@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from .processors import mask_early_end
 from .sampling import choose_tokens
 
 SYNC_EVERY = 8
@@ -24,17 +25,14 @@ def decode_on_device(generator, batch, rows, options) -> None:
                                                 for n, r in zip(lengths, batch, strict=True)))
     logits = generator._prefill(batch, cache, options.cache_static_prompt)
     max_new = torch.tensor([r.max_new_tokens for r in batch], device=device)
-    min_new = torch.tensor([r.min_new_tokens for r in batch], device=device)
+    end_ids, min_new = generator._end_tensors(batch, options)
     base = torch.tensor(lengths, device=device)
-    end_ids = torch.tensor(sorted(options.end_ids), device=device, dtype=torch.long)
     tokens = torch.zeros(len(batch), steps, dtype=torch.long, device=device)
     log_probs = torch.zeros(len(batch), steps, device=device)
     produced = torch.zeros(len(batch), dtype=torch.long, device=device)
     done = torch.zeros(len(batch), dtype=torch.bool, device=device)
     for step in range(steps):
-        if end_ids.numel():
-            early = (step < min_new).unsqueeze(1)  # no end token before min_length
-            logits[:, end_ids] = logits[:, end_ids].masked_fill(early, float("-inf"))
+        logits = mask_early_end(logits, end_ids, min_new, step)
         ids, step_log_probs = choose_tokens(logits, options.sampling, options.generator,
                                             generator.spec.usable_vocab_size)
         tokens[:, step], log_probs[:, step] = ids, step_log_probs

@@ -21,7 +21,7 @@ from .device_loop import decode_on_device
 from .kernels import BACKENDS
 from .loading import check_folder, load_decoder, resolve_device
 from .loading import verify_checksums as verify_folder_checksums
-from .processors import Processors
+from .processors import Processors, mask_early_end
 from .results import AsyncGenerationResult, GenerationResult, GenerationStepResult, ScoringResult
 from .sampling import SamplingParams, choose_tokens
 from .spec import is_kiln_folder
@@ -690,14 +690,14 @@ class Generator:
         cache = self._kv_cache(len(batch), total)
         logits = self._prefill(batch, cache, options.cache_static_prompt)
 
-        end_mask = self._end_mask(options.end_ids)
+        end_ids, min_new = self._end_tensors(batch, options)
         next_positions = list(lengths)  # where each row's next token goes
         for step in range(max(request.max_new_tokens for request in batch)):
             if options.processors.active:
                 histories = [request.prompt_ids[len(request.prompt_ids) - request.counted_prompt:]
                              + row.tokens for request, row in zip(batch, rows, strict=True)]
                 logits = options.processors.apply(logits, histories)
-            logits = self._mask_end_tokens(logits, end_mask, batch, step)
+            logits = mask_early_end(logits, end_ids, min_new, step)
             ids, log_probs = choose_tokens(logits, options.sampling, options.generator,
                                            self.spec.usable_vocab_size)
             picks = []
@@ -773,19 +773,12 @@ class Generator:
             self._static_states.popitem(last=False)
         return state
 
-    def _end_mask(self, end_ids: set[int]) -> torch.Tensor | None:
-        if not end_ids:
-            return None
-        return torch.tensor(sorted(end_ids), device=self._device)
-
-    def _mask_end_tokens(self, logits: torch.Tensor, end_mask: torch.Tensor | None,
-                     batch: list[_Request], step: int) -> torch.Tensor:
-        """No end token before min_length."""
-        if end_mask is not None:
-            rows = [row for row, request in enumerate(batch) if step < request.min_new_tokens]
-            if rows:
-                logits[torch.tensor(rows, device=logits.device).unsqueeze(1), end_mask] = float("-inf")
-        return logits
+    def _end_tensors(self, batch: list[_Request],
+                     options: _DecodeOptions) -> tuple[torch.Tensor, torch.Tensor]:
+        """The end ids and each row's min_length in new tokens, as device tensors."""
+        end_ids = torch.tensor(sorted(options.end_ids), dtype=torch.long, device=self._device)
+        min_new = torch.tensor([r.min_new_tokens for r in batch], device=self._device)
+        return end_ids, min_new
 
     def _beam_result(self, request: _Request, hypotheses: list[tuple[list[int], float]],
                      return_scores: bool) -> GenerationResult:

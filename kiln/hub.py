@@ -54,12 +54,6 @@ def is_ctranslate2_folder(folder: Path) -> bool:
         return False
 
 
-def storage_type(compute_type: str) -> str | None:
-    """What to store when converting for a compute type: the type itself, or for 'default'
-    the checkpoint's own float type (None)."""
-    return None if compute_type == "default" else compute_type
-
-
 def resolve(name_or_path: str | Path, *, revision: str | None = None,
             quantization: str | None = None, cache_dir: str | Path | None = None,
             hub_cache_dir: str | Path | None = None, local_files_only: bool = False,

@@ -13,6 +13,16 @@ from dataclasses import dataclass, field
 import torch
 
 
+def mask_early_end(logits: torch.Tensor, end_ids: torch.Tensor, min_new: torch.Tensor,
+                   step: int) -> torch.Tensor:
+    """No end token before min_length: rows whose `min_new` (new tokens required, one value
+    per row) exceeds `step` get -inf at the end ids. Device ops only, no host sync."""
+    if end_ids.numel():
+        early = (step < min_new).unsqueeze(1)
+        logits[:, end_ids] = logits[:, end_ids].masked_fill(early, float("-inf"))
+    return logits
+
+
 @dataclass(frozen=True)
 class Processors:
     repetition_penalty: float = 1.0
