@@ -72,6 +72,7 @@ def beam_search(generator, batch, options, beam: BeamOptions) -> list[list[tuple
     scores = torch.zeros(len(batch), width, device=device)
     end_ids = options.end_ids
     end_ids_tensor, min_new = generator._end_tensors(batch, options)
+    longest_min = max(request.min_new_tokens for request in batch)
     usable = generator.spec.usable_vocab_size
     for step in range(max(request.max_new_tokens for request in batch)):
         expanded = step > 0
@@ -81,7 +82,8 @@ def beam_search(generator, batch, options, beam: BeamOptions) -> list[list[tuple
                          for beam_tokens in (item.alive if expanded else item.alive[:1])]
             logits = options.processors.apply(logits, histories)
         logits = mask_early_end(logits, end_ids_tensor,
-                                min_new.repeat_interleave(width) if expanded else min_new, step)
+                                min_new.repeat_interleave(width) if expanded else min_new, step,
+                                longest_min)
         log_probs = logits.log_softmax(dim=-1)
         vocab = log_probs.shape[-1]
         if usable < vocab:  # padding rows of the embedding are never candidates

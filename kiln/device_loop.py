@@ -26,13 +26,14 @@ def decode_on_device(generator, batch, rows, options) -> None:
     logits = generator._prefill(batch, cache, options.cache_static_prompt)
     max_new = torch.tensor([r.max_new_tokens for r in batch], device=device)
     end_ids, min_new = generator._end_tensors(batch, options)
+    longest_min = max(r.min_new_tokens for r in batch)
     base = torch.tensor(lengths, device=device)
     tokens = torch.zeros(len(batch), steps, dtype=torch.long, device=device)
     log_probs = torch.zeros(len(batch), steps, device=device)
     produced = torch.zeros(len(batch), dtype=torch.long, device=device)
     done = torch.zeros(len(batch), dtype=torch.bool, device=device)
     for step in range(steps):
-        logits = mask_early_end(logits, end_ids, min_new, step)
+        logits = mask_early_end(logits, end_ids, min_new, step, longest_min)
         ids, step_log_probs = choose_tokens(logits, options.sampling, options.generator,
                                             generator.spec.usable_vocab_size)
         tokens[:, step], log_probs[:, step] = ids, step_log_probs

@@ -691,13 +691,14 @@ class Generator:
         logits = self._prefill(batch, cache, options.cache_static_prompt)
 
         end_ids, min_new = self._end_tensors(batch, options)
+        longest_min = max(request.min_new_tokens for request in batch)
         next_positions = list(lengths)  # where each row's next token goes
         for step in range(max(request.max_new_tokens for request in batch)):
             if options.processors.active:
                 histories = [request.prompt_ids[len(request.prompt_ids) - request.counted_prompt:]
                              + row.tokens for request, row in zip(batch, rows, strict=True)]
                 logits = options.processors.apply(logits, histories)
-            logits = mask_early_end(logits, end_ids, min_new, step)
+            logits = mask_early_end(logits, end_ids, min_new, step, longest_min)
             ids, log_probs = choose_tokens(logits, options.sampling, options.generator,
                                            self.spec.usable_vocab_size)
             picks = []

@@ -14,10 +14,11 @@ import torch
 
 
 def mask_early_end(logits: torch.Tensor, end_ids: torch.Tensor, min_new: torch.Tensor,
-                   step: int) -> torch.Tensor:
+                   step: int, longest_min: int) -> torch.Tensor:
     """No end token before min_length: rows whose `min_new` (new tokens required, one value
-    per row) exceeds `step` get -inf at the end ids. Device ops only, no host sync."""
-    if end_ids.numel():
+    per row) exceeds `step` get -inf at the end ids. Device ops only, no host sync; nothing
+    at all once `step` passes `longest_min`, the largest min_new (known on the host)."""
+    if end_ids.numel() and step < longest_min:
         early = (step < min_new).unsqueeze(1)
         logits[:, end_ids] = logits[:, end_ids].masked_fill(early, float("-inf"))
     return logits
