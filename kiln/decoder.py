@@ -203,6 +203,7 @@ class Decoder(nn.Module):
         if not spec.tie_word_embeddings:  # a tied head is made by tie_head() after loading
             self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False, device=META)
         self.rotary: RotaryTable | None = None
+        self.int8_backend: str | None = None  # set by the loader when it packs int8 kernels
 
     def prepare(self, device: torch.device) -> None:
         """Build non-persistent tables after the weights are loaded (the model may live on meta)."""

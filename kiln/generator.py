@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -98,6 +99,8 @@ class Generator:
         self._device = resolve_device(device, device_index)
         if compute_type not in COMPUTE_TYPES:
             resolve_compute_type(compute_type, ComputeType(None, "float32"), self._device)
+        if int8_backend == "auto" and os.environ.get("KILN_INT8_BACKEND"):
+            int8_backend = os.environ["KILN_INT8_BACKEND"]
         if int8_backend not in ("auto", None, *BACKENDS):
             raise ValueError(f"unknown int8 backend {int8_backend!r}; known: auto, "
                              f"{', '.join(BACKENDS)}, None (dequantize per call)")
@@ -182,6 +185,12 @@ class Generator:
     def compute_type(self) -> str:
         """The type the model actually runs in (CTranslate2's names, e.g. int8_float32)."""
         return self._compute.name
+
+    @property
+    def int8_backend(self) -> str | None:
+        """The int8 kernel in use ("fbgemm", "onednn", "int_mm"); None when the weights are
+        not int8 or int8 is dequantized inside the matmul (CUDA)."""
+        return self.model.int8_backend
 
     # ---------------------------------------------------------------- token API
 

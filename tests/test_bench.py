@@ -27,7 +27,8 @@ def work_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("bench-work")
 
 
-@pytest.mark.parametrize("label", ["kiln:float32", "ctranslate2:int8", "transformers:float32"])
+@pytest.mark.parametrize("label", ["kiln:float32", "kiln:int8@int_mm", "ctranslate2:int8",
+                                   "transformers:float32"])
 def test_worker_reports_every_figure(work_dir, label):
     engine = EngineType.parse(label)
     folder = engine_folder(TINY_MODEL, engine, work_dir)
@@ -39,6 +40,8 @@ def test_worker_reports_every_figure(work_dir, label):
     assert 0 < record["import_s"] < 60 and 0 < record["load_s"] < 60
     assert 20 * 2**20 < record["peak_rss_bytes"] < 4 * 2**30
     assert record["compute_type_used"]
+    if engine.backend:  # the worker's Generator ran the named int8 backend
+        assert record["int8_backend_used"] == engine.backend
     assert len(record["measurements"]) == 2
     for run in record["measurements"]:
         assert run["ttft_s"] > 0 and run["total_s"] > 0
@@ -141,6 +144,11 @@ def test_summary_medians_spreads_ratios_and_ceiling():
 def test_bad_engine_and_model_config_are_refused():
     with pytest.raises(ValueError, match="ENGINE:TYPE"):
         EngineType.parse("llamacpp:q4")
+    with pytest.raises(ValueError, match="only kiln takes @BACKEND"):
+        EngineType.parse("ctranslate2:int8@onednn")
+    with pytest.raises(ValueError, match="only kiln takes @BACKEND"):
+        EngineType.parse("kiln:int8@magic")
+    assert str(EngineType.parse("kiln:int8@onednn")) == "kiln:int8@onednn"
     with pytest.raises(ValueError, match="PythiaShape"):
         parse_model_config('tiny={"hidden": 64}')
     name, shape = parse_model_config('tiny={"hidden_size": 64, "num_layers": 2, "num_heads": 4}')

@@ -162,20 +162,43 @@ def test_backends_agree_and_the_fallback_works(folders, monkeypatch):
     fbgemm = kiln.Generator(float_folder, compute_type="int8", int8_backend="fbgemm")
     int_mm = kiln.Generator(float_folder, compute_type="int8", int8_backend="int_mm")
     assert isinstance(fbgemm.model.layers[0].attn.qkv.kernel, kernels.FbgemmKernel)
+    assert (fbgemm.int8_backend, int_mm.int8_backend) == ("fbgemm", "int_mm")
     assert isinstance(int_mm.model.layers[0].attn.qkv.kernel, kernels.IntMMKernel)
     assert torch.allclose(logits(fbgemm, prompt), logits(int_mm, prompt), atol=1e-3)
     options = dict(max_length=16, end_token=[], include_prompt_in_result=False)
     assert fbgemm.generate_batch([prompt], **options)[0].sequences_ids == \
         int_mm.generate_batch([prompt], **options)[0].sequences_ids
+    if kernels.onednn_available():
+        onednn = kiln.Generator(float_folder, compute_type="int8", int8_backend="onednn")
+        assert isinstance(onednn.model.layers[0].attn.qkv.kernel, kernels.OnednnKernel)
+        assert torch.allclose(logits(onednn, prompt), logits(int_mm, prompt), atol=1e-3)
+        # one row (decode), a few rows (batched decode), many rows (two-pass prompt)
+        for rows in (1, 3, 30):
+            batch = [random_prompt(rows, VOCAB, seed) for seed in range(2)]
+            assert onednn.generate_batch(batch, **options)[0].sequences_ids == \
+                int_mm.generate_batch(batch, **options)[0].sequences_ids
     # A PyTorch without the quantized engine: kiln picks the fallback by itself.
     monkeypatch.setattr(kernels, "fbgemm_available", lambda: False)
     fallback = kiln.Generator(float_folder, compute_type="int8")
     assert isinstance(fallback.model.layers[0].attn.qkv.kernel, kernels.IntMMKernel)
+    # The environment picks the backend where the code says "auto".
+    monkeypatch.undo()  # fbgemm_available restored
+    monkeypatch.setenv("KILN_INT8_BACKEND", "int_mm")
+    assert kiln.Generator(float_folder, compute_type="int8").int8_backend == "int_mm"
+    monkeypatch.setenv("KILN_INT8_BACKEND", "magic")
+    with pytest.raises(ValueError, match="unknown int8 backend 'magic'"):
+        kiln.Generator(float_folder, compute_type="int8")
 
 
 def test_unknown_int8_backend(folders):
-    with pytest.raises(ValueError, match="fbgemm, int_mm"):
+    with pytest.raises(ValueError, match="onednn, fbgemm, int_mm"):
         kiln.Generator(folders[2], compute_type="int8", int8_backend="magic")
+
+
+def test_onednn_without_vnni_is_refused(folders, monkeypatch):
+    monkeypatch.setattr(kernels, "_has_vnni", lambda: False)
+    with pytest.raises(ValueError, match="needs a CPU with VNNI.*'fbgemm'"):
+        kiln.Generator(folders[2], compute_type="int8", int8_backend="onednn")
 
 
 def test_tied_int8_head_shares_the_embedding(tmp_path):

@@ -21,6 +21,7 @@ class KilnEngine:
         self.generator = Generator(folder, device=device, compute_type=compute_type,
                                    intra_threads=threads)
         self.compute_type = self.generator.compute_type
+        self.int8_backend = self.generator.int8_backend
         return imported - start, time.perf_counter() - imported
 
     def generate(self, prompts: list[list[int]], new_tokens: int) -> list[int]:

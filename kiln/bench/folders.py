@@ -22,21 +22,31 @@ DEFAULT_WORK_DIR = Path("~/.cache/kiln/bench")
 
 @dataclass(frozen=True)
 class EngineType:
-    """`kiln:int8`: an engine and the weight/compute type it runs the model in."""
+    """`kiln:int8`: an engine and the weight/compute type it runs the model in;
+    `kiln:int8@onednn` also names kiln's int8 backend."""
 
     engine: str
     dtype: str
+    backend: str | None = None
 
     @classmethod
     def parse(cls, text: str) -> EngineType:
         engine, _, dtype = text.partition(":")
+        dtype, _, backend = dtype.partition("@")
         if engine not in ENGINES or not dtype:
             raise ValueError(f"engine {text!r} is not ENGINE:TYPE with ENGINE one of "
                              f"{', '.join(ENGINES)} (for example kiln:int8, transformers:bfloat16)")
-        return cls(engine, dtype)
+        if backend:
+            from ..kernels import BACKENDS
+
+            if engine != "kiln" or backend not in BACKENDS:
+                raise ValueError(f"engine {text!r}: only kiln takes @BACKEND, one of "
+                                 f"{', '.join(BACKENDS)} (for example kiln:int8@onednn)")
+        return cls(engine, dtype, backend or None)
 
     def __str__(self) -> str:
-        return f"{self.engine}:{self.dtype}"
+        suffix = f"@{self.backend}" if self.backend else ""
+        return f"{self.engine}:{self.dtype}{suffix}"
 
 
 @dataclass(frozen=True)

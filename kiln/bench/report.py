@@ -81,6 +81,7 @@ def ratios(summary: list[dict]) -> list[dict]:
     for key, cells in by_case.items():
         for label, kiln_cell in cells.items():
             engine, _, dtype = label.partition(":")
+            dtype = dtype.partition("@")[0]  # kiln:int8@onednn is compared with peer:int8
             if engine != "kiln":
                 continue
             for peer in ("ctranslate2", "transformers"):

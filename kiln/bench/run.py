@@ -123,8 +123,11 @@ def run_worker(engine: EngineType, folder: str, vocab: int, batch: int, prompt_t
                "--threads", str(options.threads), "--runs", str(runs), "--seed", str(options.seed),
                "--vocab", str(vocab), "--device", options.device]
     try:
-        done = subprocess.run(command, capture_output=True, text=True,
-                              env=_worker_env(options.threads), timeout=options.worker_timeout_s)
+        env = _worker_env(options.threads)
+        if engine.backend:
+            env["KILN_INT8_BACKEND"] = engine.backend
+        done = subprocess.run(command, capture_output=True, text=True, env=env,
+                              timeout=options.worker_timeout_s)
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {options.worker_timeout_s:.0f} s"}
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]

@@ -111,7 +111,8 @@ def run(args: argparse.Namespace) -> dict:
     prompts = prompt_ids(args.seed, args.batch, args.prompt_tokens, vocab)
     engine = ENGINES[args.engine]()
     import_s, load_s = engine.load(args.model, args.compute_type, args.threads, args.device)
-    record.update(import_s=import_s, load_s=load_s, compute_type_used=engine.compute_type)
+    record.update(import_s=import_s, load_s=load_s, compute_type_used=engine.compute_type,
+                  int8_backend_used=getattr(engine, "int8_backend", None))
     record.update(measure(engine, prompts, args.new_tokens, args.runs))
     record.update(peak_rss_bytes=peak_rss_bytes(), peak_device_bytes=engine.peak_device_bytes())
     return record
