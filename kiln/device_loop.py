@@ -2,7 +2,9 @@
 
 Tokens, log-probs and "finished" flags stay in device tensors; the host looks at them only
 every SYNC_EVERY steps (to stop early) and once at the end. On CUDA that removes the
-per-token host synchronisation; on CPU it removes per-row Python work. The general loop in
+per-token host synchronisation; on CPU it removes per-row Python work. With
+`Generator.static_decode` (on by default on CUDA) each step is a replayed CUDA graph
+(kiln/decode_graphs.py). The general loop in
 Generator._decode_steps (processors, callbacks, logits) gives the same tokens.
 """
 
@@ -21,8 +23,9 @@ def decode_on_device(generator, batch, rows, options) -> None:
     device = generator._device
     lengths = [len(request.prompt_ids) for request in batch]
     steps = max(request.max_new_tokens for request in batch)
-    cache = generator._kv_cache(len(batch), max(n + r.max_new_tokens
-                                                for n, r in zip(lengths, batch, strict=True)))
+    static = generator._static_decode_step()  # None: eager steps at the batch's own shape
+    cache = generator._kv_cache(static.slots_for(len(batch)) if static else len(batch),
+                                max(n + r.max_new_tokens for n, r in zip(lengths, batch, strict=True)))
     logits = generator._prefill(batch, cache, options.cache_static_prompt)
     max_new = torch.tensor([r.max_new_tokens for r in batch], device=device)
     end_ids, min_new = generator._end_tensors(batch, options)
@@ -45,7 +48,10 @@ def decode_on_device(generator, batch, rows, options) -> None:
         positions = torch.where(done, cache.scratch_position, base + step).unsqueeze(1)
         # A bound known on the host: every unfinished row's position is below both.
         kv_length = min(max(lengths) + step + 1, cache.max_length)
-        logits = generator.model(ids.unsqueeze(1), positions, cache, kv_length=kv_length)[:, -1]
+        if static is not None:
+            logits = static.step(ids, positions, cache, kv_length)
+        else:
+            logits = generator.model(ids.unsqueeze(1), positions, cache, kv_length=kv_length)[:, -1]
     _fill_rows(rows, tokens.tolist(), log_probs.tolist(), produced.tolist(), options)
 
 

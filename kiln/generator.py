@@ -18,6 +18,7 @@ from .cache import KVCache
 from .chat import ChatTemplate, Message
 from .compute_types import COMPUTE_TYPES, ComputeType
 from .compute_types import resolve as resolve_compute_type
+from .decode_graphs import StaticDecodeStep
 from .device_loop import decode_on_device
 from .kernels import BACKENDS
 from .loading import check_folder, load_decoder, resolve_device
@@ -142,6 +143,9 @@ class Generator:
         self.chat_template = ChatTemplate.from_folder(self.model_path)
         self._lock = threading.Lock()
         self.device_loop = True  # plain generation keeps its loop on the device (device_loop.py)
+        # Decode steps at static shapes, replayed as CUDA graphs (decode_graphs.py).
+        self.static_decode = self._device.type == "cuda"
+        self._static_step: StaticDecodeStep | None = None
         self._executor = None
         self._static_states: OrderedDict = OrderedDict()  # static prompt -> (keys, values)
         self._cache: KVCache | None = None
@@ -668,11 +672,20 @@ class Generator:
 
     # ---------------------------------------------------------------- decoding
 
+    def _static_decode_step(self) -> StaticDecodeStep | None:
+        if not self.static_decode:
+            return None
+        if self._static_step is None:
+            self._static_step = StaticDecodeStep(self.model, capture=self._device.type == "cuda")
+        return self._static_step
+
     def _kv_cache(self, num_slots: int, max_length: int) -> KVCache:
         """Reuse the cache across calls; allocate only when a call needs more room."""
         if self._cache is None or not self._cache.fits(num_slots, max_length, self.dtype,
                                                        self._device):
             self._cache = None  # release the old one before allocating
+            if self._static_step is not None:
+                self._static_step.reset()  # its graphs point into the old cache
             try:
                 self._cache = KVCache(self.spec, num_slots, max_length, self.dtype, self._device)
             except torch.OutOfMemoryError as error:

@@ -1,0 +1,117 @@
+"""A decode step with static shapes, replayed as a CUDA graph.
+
+At batch 1 a decode step launches a few hundred small kernels; on a GPU the launches, not
+the weights, then set the speed. Capturing the step once as a CUDA graph and replaying it
+removes them. A graph fixes every shape and address, so the step runs on:
+
+- a bucketed batch: B rows run as the next power of two; the extra rows are padding that
+  writes to the cache's scratch column and whose logits are dropped;
+- a bucketed attention length: keys are read up to a multiple of KV_BUCKET columns (the
+  mask hides columns past each row's position, so reading more changes nothing);
+- static input buffers (token ids, positions) copied in before each replay.
+
+One graph per (batch bucket, attention bucket) for one KV cache, all in one memory pool.
+The same class runs without capture (`capture=False`): identical buffers, buckets and
+padding, executed eagerly, which is how the CPU tests cover everything but the capture.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+KV_BUCKET = 256
+WARMUP_RUNS = 2  # before capture: cuBLAS workspaces, Triton autotuning, lazy tables
+
+
+def batch_bucket(rows: int) -> int:
+    """The power of two >= rows that the step runs at."""
+    return 1 << max(rows - 1, 0).bit_length()
+
+
+def kv_bucket(kv_length: int, max_length: int) -> int:
+    return min(-(-kv_length // KV_BUCKET) * KV_BUCKET, max_length)
+
+
+@dataclass
+class _Step:
+    ids: torch.Tensor  # [B', 1] static token ids
+    positions: torch.Tensor  # [B', 1] static cache positions
+    logits: torch.Tensor | None = None  # [B', V] written by every run
+    graph: object | None = None  # torch.cuda.CUDAGraph when captured
+
+
+class StaticDecodeStep:
+    """`step(ids, positions, cache, kv_length)` == `model(ids[:, None], positions[:, None],
+    cache, kv_length=kv_length)[:, -1]`, run at static shapes (and replayed on CUDA)."""
+
+    def __init__(self, model: torch.nn.Module, capture: bool) -> None:
+        self.model = model
+        self.capture = capture
+        self._steps: dict[tuple[int, int], _Step] = {}
+        self._cache_id: int | None = None
+        self._pool = None
+
+    def slots_for(self, rows: int) -> int:
+        """The KV cache slots a batch of `rows` needs (its padding rows need slots too)."""
+        return batch_bucket(rows)
+
+    def step(self, ids: torch.Tensor, positions: torch.Tensor, cache,
+             kv_length: int) -> torch.Tensor:
+        """Logits [B, V] of one decode step; valid until the next call."""
+        rows = ids.shape[0]
+        bucket = batch_bucket(rows)
+        if bucket > cache.num_slots:
+            raise ValueError(f"a batch of {rows} runs as {bucket} rows but the cache has "
+                             f"{cache.num_slots} slots; allocate slots_for({rows})")
+        if id(cache) != self._cache_id:  # graphs hold the old cache's addresses
+            self.reset()
+            self._cache_id = id(cache)
+        key = (bucket, kv_bucket(kv_length, cache.max_length))
+        step = self._steps.get(key)
+        if step is None:
+            step = self._steps[key] = self._build(key, cache)
+        step.ids[:rows].copy_(ids.view(-1, 1))
+        step.positions[:rows].copy_(positions.view(-1, 1))
+        if rows < bucket:  # an earlier, larger batch may have left real positions there
+            step.ids[rows:].zero_()
+            step.positions[rows:].fill_(cache.scratch_position)
+        if step.graph is not None:
+            step.graph.replay()
+        else:
+            step.logits = self._run(step, cache, key[1])
+        return step.logits[:rows]
+
+    def reset(self) -> None:
+        """Drop every graph (their memory returns to the allocator)."""
+        self._steps.clear()
+        self._pool = None
+
+    def _run(self, step: _Step, cache, kv_length: int) -> torch.Tensor:
+        return self.model(step.ids, step.positions, cache, kv_length=kv_length)[:, -1]
+
+    def _build(self, key: tuple[int, int], cache) -> _Step:
+        bucket, kv_length = key
+        device = cache.device
+        # Padding rows (and every row while warming up and capturing) write to the scratch
+        # column, so building a graph never touches a real cache entry.
+        step = _Step(ids=torch.zeros(bucket, 1, dtype=torch.long, device=device),
+                     positions=torch.full((bucket, 1), cache.scratch_position, device=device))
+        if self.capture:
+            self._capture(step, cache, kv_length)
+        return step
+
+    def _capture(self, step: _Step, cache, kv_length: int) -> None:
+        side = torch.cuda.Stream(device=cache.device)
+        side.wait_stream(torch.cuda.current_stream(cache.device))
+        with torch.cuda.stream(side):
+            for _ in range(WARMUP_RUNS):
+                self._run(step, cache, kv_length)
+        torch.cuda.current_stream(cache.device).wait_stream(side)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            step.logits = self._run(step, cache, kv_length)
+        step.graph = graph

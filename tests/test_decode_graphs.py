@@ -1,0 +1,98 @@
+"""The static decode step (CUDA graphs on GPU): buckets, padding rows and buffer reuse, run
+here without capture. It must give exactly what the eager device loop gives."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kiln
+from kiln import decode_graphs
+from kiln.cache import KVCache
+from kiln.decode_graphs import StaticDecodeStep, batch_bucket, kv_bucket
+
+from .conftest import random_prompt, save_hf_model, tiny_gpt_neox
+
+VOCAB = 90
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("graphs")
+    source = save_hf_model(tiny_gpt_neox(seed=21, max_position_embeddings=640), root / "hf",
+                           tokenizer_vocab=VOCAB)
+    return (kiln.convert(source, root / "float32"),
+            kiln.convert(source, root / "int8", quantization="int8"))
+
+
+def test_buckets():
+    assert [batch_bucket(n) for n in (1, 2, 3, 4, 5, 9, 16, 17)] == [1, 2, 4, 4, 8, 16, 16, 32]
+    assert kv_bucket(1, 1000) == 256 and kv_bucket(256, 1000) == 256
+    assert kv_bucket(257, 1000) == 512 and kv_bucket(900, 1000) == 1000
+
+
+@pytest.mark.parametrize("weights", ["float32", "int8"])
+@pytest.mark.parametrize("options", [
+    dict(max_length=20, end_token=[]),
+    dict(max_length=20, min_length=5, end_token=["t9", "t15", "t84", "t23"]),
+    dict(max_length=12, sampling_topk=0, sampling_temperature=1.5, seed=4),
+])
+def test_static_steps_equal_eager_steps(folders, weights, options):
+    float_folder, int8_folder = folders
+    generator = kiln.Generator(int8_folder if weights == "int8" else float_folder)
+    options = {"include_prompt_in_result": False, "return_scores": True, **options}
+    # 3 rows run as 4 (one padding row), then 5 as 8, then 1; the 5-row batch must not
+    # leave positions behind for the later 3-row batch in the same bucket.
+    batches = [[random_prompt(n, VOCAB, seed=n + 40) for n in lengths]
+               for lengths in ((1, 6, 13), (2, 3, 4, 5, 7), (9,), (3, 8, 11))]
+    eager = [generator.generate_batch(prompts, **options) for prompts in batches]
+    generator.static_decode = True
+    static = [generator.generate_batch(prompts, **options) for prompts in batches]
+    # fbgemm's float epilogue depends on the row count (4 rows, not 3): int8 scores agree to
+    # ~1e-4, float32 ones exactly up to rounding.
+    tolerance = 1e-3 if weights == "int8" else 1e-5
+    for ours, theirs in zip(static, eager, strict=True):
+        assert [r.sequences_ids for r in ours] == [r.sequences_ids for r in theirs]
+        assert [r.scores[0] for r in ours] == pytest.approx([r.scores[0] for r in theirs],
+                                                            abs=tolerance)
+    # The cache is kept while it fits (then its steps are kept too): only buckets, no raw sizes.
+    assert {rows for rows, _ in generator._static_step._steps} <= {1, 4, 8}
+
+
+def test_attention_buckets_past_256_columns(folders, monkeypatch):
+    generator = kiln.Generator(folders[0])
+    prompts = [random_prompt(250, VOCAB, seed=1), random_prompt(5, VOCAB, seed=2)]
+    options = dict(max_length=20, end_token=[], include_prompt_in_result=False)
+    eager = generator.generate_batch(prompts, **options)
+    generator.static_decode = True
+    built = []
+    original = StaticDecodeStep._build
+    monkeypatch.setattr(StaticDecodeStep, "_build",
+                        lambda self, key, cache: built.append(key) or original(self, key, cache))
+    static = generator.generate_batch(prompts, **options)
+    assert [r.sequences_ids for r in static] == [r.sequences_ids for r in eager]
+    assert built == [(2, 256), (2, 270)]  # crossing 256 columns: one more step, capped
+
+
+def test_a_new_cache_drops_the_old_steps(folders):
+    generator = kiln.Generator(folders[0])
+    generator.static_decode = True
+    options = dict(max_length=8, end_token=[], include_prompt_in_result=False)
+    generator.generate_batch([random_prompt(4, VOCAB, seed=3)], **options)
+    step = generator._static_step
+    assert len(step._steps) == 1
+    generator.generate_batch([random_prompt(100, VOCAB, seed=3)], **options)  # a bigger cache
+    assert step._cache_id == id(generator._cache) and len(step._steps) == 1
+
+
+def test_too_few_slots_is_refused(folders):
+    generator = kiln.Generator(folders[0])
+    cache = KVCache(generator.spec, 2, 16, torch.float32, "cpu")
+    step = StaticDecodeStep(generator.model, capture=False)
+    with pytest.raises(ValueError, match="runs as 4 rows but the cache has 2 slots"):
+        step.step(torch.zeros(3, dtype=torch.long), torch.zeros(3, dtype=torch.long), cache, 4)
+
+
+def test_on_by_default_only_on_cuda(folders):
+    assert kiln.Generator(folders[0]).static_decode is False
+    assert decode_graphs.WARMUP_RUNS >= 1
