@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import triton_int8
 from .kernels import Int8Kernel, make_int8_kernel
 
 QMAX = {"int8": 127, "int16": 32767}
@@ -69,9 +70,11 @@ class QuantizedLinear(nn.Module):
                                                          device=META))
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=META)) if bias else None
         self.kernel: Int8Kernel | None = None
+        self._inverse_scale: torch.Tensor | None = None
 
     def prepare(self, backend: str | None) -> None:
         """Pack the weight for a kernel. int16 (and int8 without a backend) dequantize per call."""
+        self._inverse_scale = (1.0 / self.weight_scale).contiguous()
         if self.bits == "int8" and backend is not None:
             self.kernel = make_int8_kernel(self.weight, self.weight_scale, self.bias, backend)
             self.weight = self.kernel.stored_weight  # None when the kernel holds its own copy
@@ -83,9 +86,17 @@ class QuantizedLinear(nn.Module):
         return self.weight_only(x)
 
     def weight_only(self, x: torch.Tensor) -> torch.Tensor:
-        """Dequantize inside the matmul: the integer weight is cast to the activations' type
-        (exact for int8 in float16/bfloat16/float32) and the row scales applied to the
-        product, so no float copy of the weight outlives the call. int16 runs in float32."""
+        """Dequantize inside the matmul. On CUDA, float16/bfloat16 and up to MAX_ROWS rows:
+        a Triton kernel that converts the int8 weight in registers (triton_int8.py).
+        Otherwise the integer weight is cast to the activations' type (exact for int8 in
+        float16/bfloat16/float32) and the row scales applied to the product, so no float copy
+        of the weight outlives the call. int16 runs in float32."""
+        if (self.bits == "int8" and x.dtype in (torch.float16, torch.bfloat16)
+                and triton_int8.available(x.device)):
+            flat = x.reshape(-1, self.in_features)
+            if flat.shape[0] <= triton_int8.MAX_ROWS:
+                y = triton_int8.linear(flat, self.weight, self.inverse_scale, self.bias)
+                return y.view(*x.shape[:-1], self.out_features)
         compute = x.dtype if self.bits == "int8" else torch.float32
         y = F.linear(x.to(compute), self.weight.to(compute)) * self.inverse_scale.to(compute)
         y = y.to(x.dtype)
@@ -93,6 +104,8 @@ class QuantizedLinear(nn.Module):
 
     @property
     def inverse_scale(self) -> torch.Tensor:
+        if self._inverse_scale is not None:
+            return self._inverse_scale
         return 1.0 / self.weight_scale
 
 
