@@ -71,13 +71,14 @@ def correctness(device: str, work: Path) -> list[dict]:
 
 
 def graph_vs_eager(generator, prompt: list[int], steps: int = 16) -> float:
-    """The largest relative logits difference between the decode step replayed as a CUDA graph
-    (a padded batch: 3 rows run as 4) and the eager step, fed the same tokens for `steps`."""
+    """The largest relative logits difference between the decode step as replayed (a CUDA graph;
+    a trace on CPU) for a padded batch (3 rows run as 4) and the eager step, fed the same
+    tokens for `steps`."""
     from kiln.cache import KVCache
-    from kiln.decode_graphs import StaticDecodeStep
+    from kiln.decode_graphs import StaticDecodeStep, default_capture
 
     model, device, rows = generator.model, generator._device, 3
-    static = StaticDecodeStep(model, capture=device.type == "cuda")
+    static = StaticDecodeStep(model, default_capture(device))
     caches = [KVCache(generator.spec, slots, len(prompt) + steps, generator.dtype, device)
               for slots in (rows, static.slots_for(rows))]
     tokens = torch.tensor([prompt] * rows, device=device)

@@ -18,7 +18,7 @@ from .cache import KVCache
 from .chat import ChatTemplate, Message
 from .compute_types import COMPUTE_TYPES, ComputeType
 from .compute_types import resolve as resolve_compute_type
-from .decode_graphs import StaticDecodeStep
+from .decode_graphs import StaticDecodeStep, default_capture
 from .device_loop import decode_on_device
 from .kernels import BACKENDS
 from .loading import check_folder, load_decoder, resolve_device
@@ -143,8 +143,8 @@ class Generator:
         self.chat_template = ChatTemplate.from_folder(self.model_path)
         self._lock = threading.Lock()
         self.device_loop = True  # plain generation keeps its loop on the device (device_loop.py)
-        # Decode steps at static shapes, replayed as CUDA graphs (decode_graphs.py).
-        self.static_decode = self._device.type == "cuda"
+        # Decode steps at static shapes, captured once and replayed (decode_graphs.py).
+        self.static_decode = True
         self._static_step: StaticDecodeStep | None = None
         self._executor = None
         self._static_states: OrderedDict = OrderedDict()  # static prompt -> (keys, values)
@@ -676,7 +676,7 @@ class Generator:
         if not self.static_decode:
             return None
         if self._static_step is None:
-            self._static_step = StaticDecodeStep(self.model, capture=self._device.type == "cuda")
+            self._static_step = StaticDecodeStep(self.model, default_capture(self._device))
         return self._static_step
 
     def _kv_cache(self, num_slots: int, max_length: int) -> KVCache:

@@ -1,5 +1,5 @@
-"""The static decode step (CUDA graphs on GPU): buckets, padding rows and buffer reuse, run
-here without capture. It must give exactly what the eager device loop gives."""
+"""The static decode step: buckets, padding rows and buffer reuse, run here traced (what CPUs
+use) and uncaptured (the code a CUDA graph captures). It must give what eager steps give."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import torch
 
 import kiln
 from kiln import decode_graphs
+from kiln import generator as generator_module
 from kiln.cache import KVCache
 from kiln.decode_graphs import StaticDecodeStep, batch_bucket, kv_bucket
 
@@ -31,15 +32,18 @@ def test_buckets():
     assert kv_bucket(257, 1000) == 512 and kv_bucket(900, 1000) == 1000
 
 
+@pytest.mark.parametrize("capture", ["trace", None])
 @pytest.mark.parametrize("weights", ["float32", "int8"])
 @pytest.mark.parametrize("options", [
     dict(max_length=20, end_token=[]),
     dict(max_length=20, min_length=5, end_token=["t9", "t15", "t84", "t23"]),
     dict(max_length=12, sampling_topk=0, sampling_temperature=1.5, seed=4),
 ])
-def test_static_steps_equal_eager_steps(folders, weights, options):
+def test_static_steps_equal_eager_steps(folders, weights, options, capture, monkeypatch):
     float_folder, int8_folder = folders
+    monkeypatch.setattr(generator_module, "default_capture", lambda device: capture)
     generator = kiln.Generator(int8_folder if weights == "int8" else float_folder)
+    generator.static_decode = False
     options = {"include_prompt_in_result": False, "return_scores": True, **options}
     # 3 rows run as 4 (one padding row), then 5 as 8, then 1; the 5-row batch must not
     # leave positions behind for the later 3-row batch in the same bucket.
@@ -56,13 +60,16 @@ def test_static_steps_equal_eager_steps(folders, weights, options):
         assert [r.scores[0] for r in ours] == pytest.approx([r.scores[0] for r in theirs],
                                                             abs=tolerance)
     # The cache is kept while it fits (then its steps are kept too): only buckets, no raw sizes.
-    assert {rows for rows, _ in generator._static_step._steps} <= {1, 4, 8}
+    steps = generator._static_step._steps
+    assert {rows for rows, _ in steps} <= {1, 4, 8}
+    assert all((step.traced is not None) == (capture == "trace") for step in steps.values())
 
 
 def test_attention_buckets_past_256_columns(folders, monkeypatch):
     generator = kiln.Generator(folders[0])
     prompts = [random_prompt(250, VOCAB, seed=1), random_prompt(5, VOCAB, seed=2)]
     options = dict(max_length=20, end_token=[], include_prompt_in_result=False)
+    generator.static_decode = False
     eager = generator.generate_batch(prompts, **options)
     generator.static_decode = True
     built = []
@@ -76,7 +83,6 @@ def test_attention_buckets_past_256_columns(folders, monkeypatch):
 
 def test_a_new_cache_drops_the_old_steps(folders):
     generator = kiln.Generator(folders[0])
-    generator.static_decode = True
     options = dict(max_length=8, end_token=[], include_prompt_in_result=False)
     generator.generate_batch([random_prompt(4, VOCAB, seed=3)], **options)
     step = generator._static_step
@@ -88,11 +94,31 @@ def test_a_new_cache_drops_the_old_steps(folders):
 def test_too_few_slots_is_refused(folders):
     generator = kiln.Generator(folders[0])
     cache = KVCache(generator.spec, 2, 16, torch.float32, "cpu")
-    step = StaticDecodeStep(generator.model, capture=False)
+    step = StaticDecodeStep(generator.model, capture=None)
     with pytest.raises(ValueError, match="runs as 4 rows but the cache has 2 slots"):
         step.step(torch.zeros(3, dtype=torch.long), torch.zeros(3, dtype=torch.long), cache, 4)
 
 
-def test_on_by_default_only_on_cuda(folders):
-    assert kiln.Generator(folders[0]).static_decode is False
-    assert decode_graphs.WARMUP_RUNS >= 1
+def test_capture_by_device():
+    assert decode_graphs.default_capture(torch.device("cpu")) == "trace"
+    assert decode_graphs.default_capture(torch.device("cuda")) == "cuda_graph"
+    with pytest.raises(ValueError, match="capture must be"):
+        StaticDecodeStep(None, capture=True)
+
+
+def test_a_failing_trace_falls_back_to_eager_steps(folders, monkeypatch):
+    generator = kiln.Generator(folders[0])
+    options = dict(max_length=12, end_token=[], include_prompt_in_result=False)
+    prompts = [random_prompt(7, VOCAB, seed=8)]
+    generator.static_decode = False
+    eager = generator.generate_batch(prompts, **options)
+    generator.static_decode = True
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("tracing is gone")
+
+    monkeypatch.setattr(torch.jit, "trace", broken)
+    with pytest.warns(RuntimeWarning, match="tracing failed: tracing is gone"):
+        static = generator.generate_batch(prompts, **options)
+    assert [r.sequences_ids for r in static] == [r.sequences_ids for r in eager]
+    assert generator._static_step.capture is None
