@@ -676,7 +676,10 @@ class Generator:
         if not self.static_decode:
             return None
         if self._static_step is None:
-            self._static_step = StaticDecodeStep(self.model, default_capture(self._device))
+            capture = default_capture(self._device)
+            if self.int8_backend == "onednn":
+                capture = None  # its op takes a list of optional scalars, which tracing refuses
+            self._static_step = StaticDecodeStep(self.model, capture)
         return self._static_step
 
     def _kv_cache(self, num_slots: int, max_length: int) -> KVCache:

@@ -78,8 +78,13 @@ class QuantizedLinear(nn.Module):
         if self.bits == "int8" and backend is not None:
             self.kernel = make_int8_kernel(self.weight, self.weight_scale, self.bias, backend)
             self.weight = self.kernel.stored_weight  # None when the kernel holds its own copy
-            # A module attribute, so that tracing the decode step (decode_graphs.py) may use it.
-            self.packed_params = getattr(self.kernel, "packed", None)
+            # Registered on the module, so that tracing the decode step (decode_graphs.py) may
+            # use it: a tensor as a (non-persistent) buffer, fbgemm's object as an attribute.
+            packed = getattr(self.kernel, "packed", None)
+            if isinstance(packed, torch.Tensor):
+                self.register_buffer("packed_weight", packed, persistent=False)
+            elif packed is not None:
+                self.packed_params = packed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel is not None:  # the kernel adds the bias
