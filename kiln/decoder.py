@@ -40,6 +40,17 @@ _ACTIVATIONS = {
 }
 
 
+class MetaLinear(nn.Linear):
+    """nn.Linear on the meta device without its random init (~1 ms each, all thrown away:
+    the loader assigns the real weights)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
+        super().__init__(in_features, out_features, bias=bias, device=META)
+
+    def reset_parameters(self) -> None:
+        pass
+
+
 class RMSNorm(nn.Module):
     def __init__(self, size: int, eps: float) -> None:
         super().__init__()
@@ -123,9 +134,8 @@ class Attention(nn.Module):
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
         self.spec = spec
-        self.qkv = nn.Linear(spec.hidden_size, spec.q_size + 2 * spec.kv_size, bias=spec.qkv_bias,
-                             device=META)
-        self.out = nn.Linear(spec.q_size, spec.hidden_size, bias=spec.attn_out_bias, device=META)
+        self.qkv = MetaLinear(spec.hidden_size, spec.q_size + 2 * spec.kv_size, bias=spec.qkv_bias)
+        self.out = MetaLinear(spec.q_size, spec.hidden_size, bias=spec.attn_out_bias)
         self.scale = spec.attention_scale or spec.head_dim ** -0.5
 
     def forward(self, x: torch.Tensor, step: StepInputs, keys: torch.Tensor,
@@ -153,8 +163,8 @@ class MLP(nn.Module):
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
         up_size = spec.intermediate_size * (2 if spec.gated_mlp else 1)
-        self.up = nn.Linear(spec.hidden_size, up_size, bias=spec.mlp_bias, device=META)
-        self.down = nn.Linear(spec.intermediate_size, spec.hidden_size, bias=spec.mlp_bias, device=META)
+        self.up = MetaLinear(spec.hidden_size, up_size, bias=spec.mlp_bias)
+        self.down = MetaLinear(spec.intermediate_size, spec.hidden_size, bias=spec.mlp_bias)
         self.activation = _ACTIVATIONS[spec.activation]
         self.gated = spec.gated_mlp
 
@@ -201,7 +211,7 @@ class Decoder(nn.Module):
         self.layers = nn.ModuleList(Block(spec) for _ in range(spec.num_layers))
         self.final_norm = make_norm(spec)
         if not spec.tie_word_embeddings:  # a tied head is made by tie_head() after loading
-            self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False, device=META)
+            self.lm_head = MetaLinear(spec.hidden_size, spec.vocab_size, bias=False)
         self.rotary: RotaryTable | None = None
         self.int8_backend: str | None = None  # set by the loader when it packs int8 kernels
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from .compute_types import ComputeType
-from .decoder import Decoder, build_decoder, expected_weight_shapes, quantizable_weight_names
+from .decoder import Decoder, MetaLinear, build_decoder, expected_weight_shapes, quantizable_weight_names
 from .kernels import default_backend
 from .quant import QuantizedLinear, dequantize_rows, quantize_rows
 from .safetensors_mmap import MappedSafetensors
@@ -172,7 +172,7 @@ def _converted(tensors: dict[str, torch.Tensor], config: KilnConfig, compute: Co
 def _tied_head(decoder: Decoder, spec: ModelSpec, compute: ComputeType) -> torch.nn.Module:
     """The output projection of a tied model: the embedding's own tensors, not a copy."""
     if compute.weights is None:
-        head = torch.nn.Linear(spec.hidden_size, spec.vocab_size, bias=False, device="meta")
+        head = MetaLinear(spec.hidden_size, spec.vocab_size, bias=False)
         head.weight = decoder.embed.weight
         return head
     head = QuantizedLinear(spec.hidden_size, spec.vocab_size, False, compute.weights,
