@@ -139,6 +139,12 @@ def test_summary_medians_spreads_ratios_and_ceiling():
     assert row["peer"] == "ctranslate2:int8"
     assert row["decode_tokens_per_s"] == pytest.approx(2.0)
     assert row["peak_rss_bytes"] == pytest.approx(0.5)
+    # 2x is short of the 2.5x decode target; RSS (0.5x) and load (1x) are within theirs.
+    assert report.missed_targets(row) == ["decode < 2.5×"]
+    assert report.missed_targets({**row, "load_s": 1.5, "decode_tokens_per_s": 3.0}) == \
+        ["load > 1×"]
+    assert report.missed_targets({**row, "peer": "transformers:int8"}) is None
+    assert "decode < 2.5×" in report.ratio_table([row])
 
 
 def test_bad_engine_and_model_config_are_refused():

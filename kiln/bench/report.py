@@ -19,6 +19,10 @@ METRICS = {
 }
 RATIO_METRICS = ("decode_tokens_per_s", "prefill_tokens_per_s", "ttft_s", "total_s",
                  "peak_rss_bytes", "load_s")
+# kiln's targets against CTranslate2 int8 (the same weight type): decode tokens/s at least
+# TARGET_DECODE x, peak RSS and load time at most 1x. The table names each one missed.
+TARGET_DECODE = 2.5
+TARGET_AT_MOST_ONE = ("peak_rss_bytes", "load_s")
 MiB = 1024**2
 
 
@@ -137,16 +141,32 @@ def _error_text(errors: list[str]) -> str:
     return f"error: {first[:120]}{'…' if len(first) > 120 else ''}"
 
 
+def missed_targets(row: dict) -> list[str] | None:
+    """The targets a kiln / ctranslate2 int8 row misses (None: no target for this pair)."""
+    if not (row["peer"].startswith("ctranslate2:int8") and row["kiln"].startswith("kiln:int8")):
+        return None
+    missed = []
+    decode = row.get("decode_tokens_per_s")
+    if decode is None or decode < TARGET_DECODE:
+        missed.append(f"decode < {TARGET_DECODE:g}×")
+    names = {"peak_rss_bytes": "peak RSS", "load_s": "load"}
+    missed += [f"{names[m]} > 1×" for m in TARGET_AT_MOST_ONE
+               if row.get(m) is None or row[m] > 1.0]
+    return missed
+
+
 def ratio_table(rows: list[dict]) -> str:
     header = ["model", "batch", "prompt", "kiln / peer", "decode tok/s", "prefill tok/s", "TTFT",
-              "total", "peak RSS", "load"]
+              "total", "peak RSS", "load", "targets missed"]
     body = []
     for r in rows:
         lead = [r["model"], str(r["batch"]), str(r["prompt_tokens"]), f"{r['kiln']} / {r['peer']}"]
         if r["failed"]:
-            body.append(lead + [f"{' and '.join(r['failed'])} failed"] + ["–"] * 5)
-        else:
-            body.append(lead + [_ratio(r[m]) for m in RATIO_METRICS])
+            body.append(lead + [f"{' and '.join(r['failed'])} failed"] + ["–"] * 6)
+            continue
+        missed = missed_targets(r)
+        verdict = "–" if missed is None else (", ".join(missed) or "none")
+        body.append(lead + [_ratio(r[m]) for m in RATIO_METRICS] + [verdict])
     return _table(header, body, right_from=4)
 
 
@@ -212,7 +232,8 @@ def markdown(results: dict, summary: list[dict], chart: str | None = None) -> st
         "early stop); random prompts, same for every engine.",
         "",
         "Ratios, kiln / peer with the same weight type (above 1 is better for tokens/s, below 1 "
-        "is better for times and memory):",
+        "is better for times and memory). Targets against CTranslate2 int8: decode tokens/s >= "
+        f"{TARGET_DECODE:g}×, peak RSS and load time <= 1×; the last column names those missed:",
         "",
         ratio_table(ratios(summary)) if ratios(summary) else "(no pair of kiln and peer figures)",
         "",
