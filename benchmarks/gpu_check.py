@@ -23,7 +23,9 @@ from kiln.bench.random_folder import pythia_spec, write_random_folder  # noqa: E
 from kiln.compute_types import ComputeType  # noqa: E402
 
 SHAPES = {"tiny": (128, 2, 4), "1b": (2048, 16, 8), "2.8b": (2560, 32, 32), "12b": (5120, 36, 40)}
-CORRECTNESS_TYPES = ("float32", "bfloat16", "int8_float16", "int8_bfloat16")
+# TYPE@BACKEND: an int8 backend other than the device's default (int_mm: W8A8 from 65 rows).
+CORRECTNESS_TYPES = ("float32", "bfloat16", "int8_float16", "int8_bfloat16", "int8_float16@int_mm")
+PROMPT_TOKENS = 80  # over 64 rows: the prompt takes the many-rows path of every int8 backend
 
 
 def tiny_models():
@@ -41,7 +43,7 @@ def tiny_models():
 def correctness(device: str, work: Path) -> list[dict]:
     torch.backends.cuda.matmul.allow_tf32 = False  # float32 must mean float32 on both sides
     rows = []
-    prompt = torch.randint(3, 500, (1, 40), generator=torch.Generator().manual_seed(1))
+    prompt = torch.randint(3, 500, (1, PROMPT_TOKENS), generator=torch.Generator().manual_seed(1))
     for family, model in tiny_models():
         model.eval().save_pretrained(work / family)
         folder = kiln.convert(work / family, work / f"{family}-kiln", force=True)
@@ -49,11 +51,13 @@ def correctness(device: str, work: Path) -> list[dict]:
         with torch.inference_mode():
             expected = reference(prompt.to(device)).logits.float().cpu()
             expected_ids = reference.generate(prompt.to(device), max_new_tokens=32, do_sample=False,
-                                              eos_token_id=None, pad_token_id=0)[0, 40:].tolist()
-        for compute_type in CORRECTNESS_TYPES:
-            row = {"family": family, "compute_type": compute_type}
+                                              eos_token_id=None, pad_token_id=0)[0, PROMPT_TOKENS:].tolist()
+        for label in CORRECTNESS_TYPES:
+            compute_type, _, backend = label.partition("@")
+            row = {"family": family, "compute_type": label}
             try:
-                generator = kiln.Generator(folder, device=device, compute_type=compute_type)
+                generator = kiln.Generator(folder, device=device, compute_type=compute_type,
+                                           int8_backend=backend or "auto")
                 actual = generator.forward_batch(prompt.tolist()).cpu()
                 options = dict(max_length=32, end_token=[], include_prompt_in_result=False)
                 ids = generator.generate_batch(prompt.tolist(), **options)[0].sequences_ids[0]
@@ -130,7 +134,8 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def decode_rate(run, batch: int, new_tokens: int, device: str) -> float:
+def decode_rate(run, batch: int, new_tokens: int, device: str) -> tuple[float, float]:
+    """(decode tokens/s, seconds of the prompt alone)."""
     run(batch, 8)  # warm-up: Triton tunes its kernels and the decode step graph is captured
     _sync(device)
     start = time.perf_counter()
@@ -140,18 +145,19 @@ def decode_rate(run, batch: int, new_tokens: int, device: str) -> float:
     start = time.perf_counter()
     run(batch, new_tokens)
     _sync(device)
-    return batch * (new_tokens - 1) / (time.perf_counter() - start - first)
+    return batch * (new_tokens - 1) / (time.perf_counter() - start - first), first
 
 
 def kiln_speed(shape: str, compute_type: str, batches, new_tokens: int, device: str,
-               work: Path, static_decode: bool = True) -> dict:
+               work: Path, static_decode: bool = True, int8_backend: str = "auto") -> dict:
     spec = pythia_spec(*SHAPES[shape])
     compute = ComputeType.parse(compute_type)
     folder = write_random_folder(spec, work / f"{shape}-{compute_type}", compute)
     weight_bytes = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    generator = kiln.Generator(folder, device=device, compute_type=compute_type)
+    generator = kiln.Generator(folder, device=device, compute_type=compute_type,
+                               int8_backend=int8_backend)
     generator.static_decode = static_decode
     prompt = list(range(10, 42))
 
@@ -159,10 +165,13 @@ def kiln_speed(shape: str, compute_type: str, batches, new_tokens: int, device: 
         generator.generate_batch([prompt] * batch, max_length=tokens, min_length=tokens,
                                  end_token=[], include_prompt_in_result=False)
 
-    rates = {batch: decode_rate(run, batch, new_tokens, device) for batch in batches}
+    measured = {batch: decode_rate(run, batch, new_tokens, device) for batch in batches}
     peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else None
     shutil.rmtree(folder)
-    return {"rates": rates, "weight_bytes": weight_bytes, "peak_gpu_bytes": peak}
+    return {"rates": {batch: rate for batch, (rate, _) in measured.items()},
+            "prefill_tokens_per_s": {batch: batch * len(prompt) / first
+                                     for batch, (_, first) in measured.items()},
+            "weight_bytes": weight_bytes, "peak_gpu_bytes": peak}
 
 
 def transformers_speed(shape: str, batches, new_tokens: int, device: str) -> dict:
@@ -182,8 +191,10 @@ def transformers_speed(shape: str, batches, new_tokens: int, device: str) -> dic
             model.generate(prompt.repeat(batch, 1), max_new_tokens=tokens, min_new_tokens=tokens,
                            do_sample=False, pad_token_id=0)
 
-    rates = {batch: decode_rate(run, batch, new_tokens, device) for batch in batches}
-    return {"rates": rates}
+    measured = {batch: decode_rate(run, batch, new_tokens, device) for batch in batches}
+    return {"rates": {batch: rate for batch, (rate, _) in measured.items()},
+            "prefill_tokens_per_s": {batch: batch * 32 / first
+                                     for batch, (_, first) in measured.items()}}
 
 
 def main() -> int:
@@ -203,17 +214,20 @@ def main() -> int:
         report["copy_bandwidth_bytes_per_s"] = bandwidth = copy_bandwidth(args.device)
         report["speed"] = []
         for index, shape in enumerate(args.shapes):
-            # The first shape also runs eager decode steps: what the CUDA graphs are worth.
-            variants = [("int8_float16", True), ("bfloat16", True)]
+            # The first shape also runs eager decode steps (what the CUDA graphs are worth) and
+            # W8A8 for prompts and batches over 64 rows (int8_backend="int_mm").
+            variants = [("int8_float16", True, "auto"), ("bfloat16", True, "auto")]
             if index == 0:
-                variants.append(("int8_float16", False))
-            for compute_type, graphs in variants:
+                variants += [("int8_float16", False, "auto"), ("int8_float16", True, "int_mm")]
+            for compute_type, graphs, backend in variants:
                 try:
                     result = kiln_speed(shape, compute_type, args.batches, args.new_tokens,
-                                        args.device, work, static_decode=graphs)
+                                        args.device, work, static_decode=graphs,
+                                        int8_backend=backend)
                 except Exception as error:
                     result = {"error": f"{type(error).__name__}: {error}"}
-                label = f"kiln:{compute_type}" + ("" if graphs else " eager")
+                label = (f"kiln:{compute_type}" + ("" if graphs else " eager")
+                         + ("" if backend == "auto" else f" {backend}"))
                 report["speed"].append({"shape": shape, "engine": label, **result})
                 _free(args.device)
             try:
@@ -238,8 +252,9 @@ def print_table(report: dict, bandwidth: float) -> None:
                                       f"rel {row['relative_error']:.2e}  "
                                       f"greedy {row['greedy_agreement']:.0%}  "
                                       f"graph vs eager {row['graph_vs_eager']:.1e}")
-        print(f"  {'ok  ' if row['ok'] else 'FAIL'} {row['family']:9} {row['compute_type']:14} {detail}")
-    print("\ndecode tokens/s (fraction of the copy-bandwidth ceiling at batch 1; peak GPU memory):")
+        print(f"  {'ok  ' if row['ok'] else 'FAIL'} {row['family']:9} {row['compute_type']:19} {detail}")
+    print("\ndecode tokens/s (fraction of the copy-bandwidth ceiling at batch 1; peak GPU memory; "
+          "prompt tokens/s at the largest batch):")
     for row in report["speed"]:
         if "error" in row:
             print(f"  {row['shape']:5} {row['engine']:22} error: {row['error'][:100]}")
@@ -251,6 +266,8 @@ def print_table(report: dict, bandwidth: float) -> None:
             extra = f"  {row['rates'][min(row['rates'])] / ceiling:.0%} of ceiling"
         if row.get("peak_gpu_bytes"):
             extra += f"  peak {row['peak_gpu_bytes'] / 2**30:.1f} GiB"
+        if row.get("prefill_tokens_per_s"):
+            extra += f"  prompt {row['prefill_tokens_per_s'][max(row['prefill_tokens_per_s'])]:.0f}/s"
         print(f"  {row['shape']:5} {row['engine']:22} {rates}{extra}")
 
 

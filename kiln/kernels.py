@@ -44,6 +44,8 @@ class Int8Kernel:
     """One linear layer's int8 weight, packed for a backend."""
 
     stored_weight: torch.Tensor | None  # the plain int8 weight if the kernel still needs it
+    # Fewer rows run weight-only instead (QuantizedLinear.weight_only); needs stored_weight.
+    min_rows = 1
     levels = 127  # activations are quantized to multiples of 1 / levels in [-1, 1]
     bias: torch.Tensor | None  # float32; grid_matmul adds it to every product
 
@@ -137,8 +139,15 @@ class OnednnKernel(Int8Kernel):
 
 
 class IntMMKernel(Int8Kernel):
+    """On CUDA this is W8A8 for prompts and large batches: `_int_mm` needs more than 16 rows
+    there, and up to triton_int8.MAX_ROWS rows the weight-only kernel streams the weight once
+    anyway, so fewer rows than CUDA_MIN_ROWS run weight-only."""
+
+    CUDA_MIN_ROWS = 65
+
     def __init__(self, weight: torch.Tensor, scale: torch.Tensor,
                  bias: torch.Tensor | None) -> None:
+        self.min_rows = self.CUDA_MIN_ROWS if weight.is_cuda else 1
         self.bias = None if bias is None else bias.detach().float()
         self.stored_weight = weight
         self.transposed = weight.t()  # a view: _int_mm reads it without a copy
@@ -173,7 +182,8 @@ def onednn_available() -> bool:
 
 
 def default_backend(device: torch.device) -> str | None:
-    """The fastest working int8 backend for the device (None: dequantize per call)."""
+    """The fastest working int8 backend for the device (None: weight-only, dequantized inside
+    the matmul; on CUDA "int_mm" adds W8A8 for many rows, measured by gpu_check)."""
     if device.type != "cpu":
         return None
     return "fbgemm" if fbgemm_available() else "int_mm"
@@ -183,6 +193,9 @@ def make_int8_kernel(weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tens
                      backend: str) -> Int8Kernel:
     if backend not in BACKENDS:
         raise ValueError(f"unknown int8 backend {backend!r}; known: {', '.join(BACKENDS)}")
+    if backend in ("onednn", "fbgemm") and weight.device.type != "cpu":
+        raise ValueError(f"the int8 backend {backend!r} runs on CPU only; on {weight.device.type} "
+                         "use int8_backend=None (weight-only) or 'int_mm' (W8A8 for many rows)")
     if backend == "onednn" and not onednn_available():
         raise ValueError("the int8 backend 'onednn' needs a CPU with VNNI and a PyTorch with "
                          "torch.ops.onednn; use int8_backend='fbgemm' or 'int_mm'")

@@ -88,8 +88,9 @@ class QuantizedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel is not None:  # the kernel adds the bias
-            y = self.kernel(x.reshape(-1, self.in_features))
-            return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+            flat = x.reshape(-1, self.in_features)
+            if flat.shape[0] >= self.kernel.min_rows:
+                return self.kernel(flat).view(*x.shape[:-1], self.out_features).to(x.dtype)
         return self.weight_only(x)
 
     def weight_only(self, x: torch.Tensor) -> torch.Tensor:

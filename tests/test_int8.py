@@ -13,7 +13,7 @@ import kiln
 from kiln import kernels
 from kiln.cache import KVCache
 from kiln.compute_types import NAMED
-from kiln.quant import dequantize_rows, quantize_rows
+from kiln.quant import QuantizedLinear, dequantize_rows, quantize_rows
 
 from .conftest import random_prompt, save_hf_model, tiny_gpt_neox
 from .test_families import LLAMA, build
@@ -236,3 +236,33 @@ def test_fbgemm_without_vnni_uses_seven_bit_activations(folders, monkeypatch):
     one_token = seven_bit.forward_batch([prompt[:1]])[0]
     reference = weight_only.forward_batch([prompt[:1]])[0]
     assert ((one_token - reference).norm() / reference.norm()).item() < 0.05
+
+
+def test_few_rows_run_weight_only_below_a_kernels_min_rows(folders, monkeypatch):
+    """On CUDA `_int_mm` needs more than 16 rows, so the int_mm kernel runs from 65 rows and
+    fewer run weight-only (Triton there). The routing is device-independent: checked here."""
+    _, _, float_folder = folders
+    generator = kiln.Generator(float_folder, compute_type="int8", int8_backend="int_mm")
+    short, long = random_prompt(30, VOCAB, 6), random_prompt(70, VOCAB, 7)
+    expected = [logits(generator, short), logits(generator, long)]
+    kernel_rows, weight_only_rows = [], []
+    original_call, original_weight_only = kernels.IntMMKernel.__call__, QuantizedLinear.weight_only
+    monkeypatch.setattr(kernels.IntMMKernel, "__call__", lambda self, x: kernel_rows.append(
+        x.shape[0]) or original_call(self, x))
+    monkeypatch.setattr(QuantizedLinear, "weight_only", lambda self, x: weight_only_rows.append(
+        x.reshape(-1, x.shape[-1]).shape[0]) or original_weight_only(self, x))
+    for module in generator.model.modules():
+        if isinstance(module, QuantizedLinear):
+            module.kernel.min_rows = kernels.IntMMKernel.CUDA_MIN_ROWS
+    actual = [logits(generator, short), logits(generator, long)]
+    assert set(weight_only_rows) == {30} and set(kernel_rows) == {70}
+    for got, want in zip(actual, expected, strict=True):
+        # weight-only runs float activations; the kernel's two passes are ~16-bit
+        assert ((got - want).norm() / want.norm()).item() < 1e-3
+
+
+def test_cpu_backends_refuse_other_devices():
+    weight = torch.ones(8, 8, dtype=torch.int8, device="meta")
+    for backend in ("fbgemm", "onednn"):
+        with pytest.raises(ValueError, match="runs on CPU only"):
+            kernels.make_int8_kernel(weight, torch.ones(8, device="meta"), None, backend)
