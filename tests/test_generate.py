@@ -544,3 +544,30 @@ def test_sampled_beam_search_is_seeded_and_valid(neox):
     assert len(seeds) > 1  # it does sample
     with pytest.raises(ValueError, match="sampling_topk must be 0 or >= 6"):
         generator.generate_batch([prompt], beam_size=3, sampling_topk=4, max_length=4)
+
+
+def test_long_prompts_run_in_chunks_with_the_same_result(neox, monkeypatch):
+    """Prompts run in column chunks of about PREFILL_CHUNK_ROWS rows: ragged rows whose last
+    token falls in different chunks, with and without a static prompt, give what one pass
+    gives."""
+    from kiln import generator as generator_module
+
+    _, _, generator = neox
+    prompts = [random_prompt(n, VOCAB, seed=n) for n in (3, 29, 40)]
+    options = dict(max_length=6, end_token=[], include_prompt_in_result=False, return_scores=True)
+    whole = generator.generate_batch(prompts, **options)
+    static = random_prompt(9, VOCAB, seed=99)
+    whole_static = generator.generate_batch(prompts, static_prompt=static, **options)
+    calls = []
+    original = generator.model.forward
+    monkeypatch.setattr(generator.model, "forward", lambda *a, **k: calls.append(
+        a[0].shape) or original(*a, **k))
+    monkeypatch.setattr(generator_module, "PREFILL_CHUNK_ROWS", 30)
+    chunked = generator.generate_batch(prompts, **options)
+    assert [shape for shape in calls if shape[1] > 1] == [(3, 10)] * 4  # 40 columns, 4 chunks
+    chunked_static = generator.generate_batch(prompts, static_prompt=static,
+                                              cache_static_prompt=False, **options)
+    for ours, theirs in ((chunked, whole), (chunked_static, whole_static)):
+        assert [r.sequences_ids for r in ours] == [r.sequences_ids for r in theirs]
+        assert [r.scores[0] for r in ours] == pytest.approx([r.scores[0] for r in theirs],
+                                                            abs=1e-5)
