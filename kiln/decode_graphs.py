@@ -88,7 +88,7 @@ class StaticDecodeStep:
         self.model = model
         self.capture = capture
         self._steps: dict[tuple[int, int], _Step] = {}
-        self._cache_id: int | None = None
+        self._cache = None  # the KV cache the steps were built for
         self._pool = None
 
     def slots_for(self, rows: int) -> int:
@@ -103,9 +103,9 @@ class StaticDecodeStep:
         if bucket > cache.num_slots:
             raise ValueError(f"a batch of {rows} runs as {bucket} rows but the cache has "
                              f"{cache.num_slots} slots; allocate slots_for({rows})")
-        if id(cache) != self._cache_id:  # graphs hold the old cache's addresses
+        if cache is not self._cache:  # graphs hold the old cache's addresses
             self.reset()
-            self._cache_id = id(cache)
+            self._cache = cache
         key = (bucket, kv_bucket(kv_length, cache.max_length))
         step = self._steps.get(key)
         if step is None:
@@ -124,9 +124,10 @@ class StaticDecodeStep:
         return step.logits[:rows]
 
     def reset(self) -> None:
-        """Drop every graph (their memory returns to the allocator)."""
+        """Drop every graph (their memory returns to the allocator) and the cache they use."""
         self._steps.clear()
         self._pool = None
+        self._cache = None
 
     def _run(self, step: _Step, cache, kv_length: int) -> torch.Tensor:
         return self.model(step.ids, step.positions, cache, kv_length=kv_length)[:, -1]

@@ -88,7 +88,7 @@ def test_a_new_cache_drops_the_old_steps(folders):
     step = generator._static_step
     assert len(step._steps) == 1
     generator.generate_batch([random_prompt(100, VOCAB, seed=3)], **options)  # a bigger cache
-    assert step._cache_id == id(generator._cache) and len(step._steps) == 1
+    assert step._cache is generator._cache and len(step._steps) == 1
 
 
 def test_too_few_slots_is_refused(folders):
