@@ -26,6 +26,7 @@ SHAPES = {"tiny": (128, 2, 4), "1b": (2048, 16, 8), "2.8b": (2560, 32, 32), "12b
 # TYPE@BACKEND: an int8 backend other than the device's default (int_mm: W8A8 from 65 rows).
 CORRECTNESS_TYPES = ("float32", "bfloat16", "int8_float16", "int8_bfloat16", "int8_float16@int_mm")
 PROMPT_TOKENS = 80  # over 64 rows: the prompt takes the many-rows path of every int8 backend
+SPEED_PROMPT = list(range(10, 42))  # the 32-token prompt of every speed run
 
 
 def tiny_models():
@@ -159,17 +160,16 @@ def kiln_speed(shape: str, compute_type: str, batches, new_tokens: int, device: 
     generator = kiln.Generator(folder, device=device, compute_type=compute_type,
                                int8_backend=int8_backend)
     generator.static_decode = static_decode
-    prompt = list(range(10, 42))
 
     def run(batch, tokens):
-        generator.generate_batch([prompt] * batch, max_length=tokens, min_length=tokens,
+        generator.generate_batch([SPEED_PROMPT] * batch, max_length=tokens, min_length=tokens,
                                  end_token=[], include_prompt_in_result=False)
 
     measured = {batch: decode_rate(run, batch, new_tokens, device) for batch in batches}
     peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else None
     shutil.rmtree(folder)
     return {"rates": {batch: rate for batch, (rate, _) in measured.items()},
-            "prefill_tokens_per_s": {batch: batch * len(prompt) / first
+            "prefill_tokens_per_s": {batch: batch * len(SPEED_PROMPT) / first
                                      for batch, (_, first) in measured.items()},
             "weight_bytes": weight_bytes, "peak_gpu_bytes": peak}
 
@@ -184,7 +184,7 @@ def transformers_speed(shape: str, batches, new_tokens: int, device: str) -> dic
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
     with torch.device(device):
         model = GPTNeoXForCausalLM._from_config(config, dtype=dtype).eval()
-    prompt = torch.arange(10, 42, device=device)
+    prompt = torch.tensor(SPEED_PROMPT, device=device)
 
     def run(batch, tokens):
         with torch.inference_mode():
@@ -193,7 +193,7 @@ def transformers_speed(shape: str, batches, new_tokens: int, device: str) -> dic
 
     measured = {batch: decode_rate(run, batch, new_tokens, device) for batch in batches}
     return {"rates": {batch: rate for batch, (rate, _) in measured.items()},
-            "prefill_tokens_per_s": {batch: batch * 32 / first
+            "prefill_tokens_per_s": {batch: batch * len(SPEED_PROMPT) / first
                                      for batch, (_, first) in measured.items()}}
 
 

@@ -816,8 +816,8 @@ class Generator:
             return self._static_states[static]
         tokens = torch.tensor([static], device=self._device)
         positions = torch.arange(len(static), device=self._device).unsqueeze(0)
-        self.model(tokens, positions, cache, kv_length=len(static),
-                   last_index=torch.tensor([len(static) - 1], device=self._device))
+        self._prompt_logits(tokens, positions, cache, 0,
+                            torch.tensor([len(static) - 1], device=self._device))
         state = ([keys[0, :, : len(static)].clone() for keys in cache.keys],
                  [values[0, :, : len(static)].clone() for values in cache.values])
         self._static_states[static] = state

@@ -26,6 +26,8 @@ import warnings
 
 import torch
 
+from . import triton_int8
+
 ONE_PASS_MAX_ROWS = 16
 BACKENDS = ("onednn", "fbgemm", "int_mm")
 
@@ -59,14 +61,17 @@ class Int8Kernel:
         x = x.float()
         row_max = x.abs().amax(dim=-1, keepdim=True).clamp_min(1e-30)
         x = x / row_max
-        if x.shape[0] <= ONE_PASS_MAX_ROWS:
+        rows = x.shape[0]
+        if rows <= ONE_PASS_MAX_ROWS:
             product = self.grid_matmul(x)
         else:
-            # |x - coarse| <= 1/(2 levels): the residual, scaled back to [-1, 1], is a 2nd pass.
+            # |x - coarse| <= 1/(2 levels): the residual, scaled back to [-1, 1], is a 2nd pass,
+            # run in the same call as the first: the weight streams once for both.
             gain = 2.0 * self.levels
             coarse = torch.round(x * self.levels) / self.levels
             residual = (x - coarse) * gain
-            product = self.grid_matmul(coarse) + self.grid_matmul(residual) / gain
+            both = self.grid_matmul(torch.cat((coarse, residual)))
+            product = both[:rows].add_(both[rows:], alpha=1.0 / gain)
             if self.bias is not None:
                 product -= self.bias / gain  # both passes added it
         if self.bias is None:
@@ -102,9 +107,6 @@ class FbgemmKernel(Int8Kernel):
 
 
 class OnednnKernel(Int8Kernel):
-    """oneDNN takes one activation scale per call, so rows are normalised by their own max
-    first (per-token scales) and the product is scaled back per row."""
-
     def __init__(self, weight: torch.Tensor, scale: torch.Tensor,
                  bias: torch.Tensor | None) -> None:
         self.bias = None if bias is None else bias.detach().float().contiguous()
@@ -113,29 +115,12 @@ class OnednnKernel(Int8Kernel):
         self.zero_points = torch.zeros(weight.shape[0], dtype=torch.long)
         self.stored_weight = None  # the reordered copy is all the kernel needs
 
-    def _matmul(self, quantized: torch.Tensor, input_scale: float) -> torch.Tensor:
+    def grid_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        # oneDNN takes one activation scale per call: the grid's own, 1/levels.
+        quantized = torch.round(x * self.levels).to(torch.int8)
         return torch.ops.onednn.qlinear_pointwise(
-            quantized, input_scale, 0, self.packed, self.inverse_scale, self.zero_points, None,
-            1.0, 0, torch.float32, "none", [], "")
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.float()
-        rows = x.shape[0]
-        row_max = torch.linalg.vector_norm(x, float("inf"), dim=-1, keepdim=True).clamp_min_(1e-30)
-        grid = torch.div(x, row_max / self.levels)  # in [-levels, levels]
-        coarse = torch.round(grid)
-        if rows <= ONE_PASS_MAX_ROWS:
-            product = self._matmul(coarse.to(torch.int8), 1.0 / self.levels)
-        else:
-            # The residual (|grid - coarse| <= 1/2), scaled back to the full grid, is a second
-            # pass in the same call: one stream of the weight for both.
-            gain = 2.0 * self.levels
-            residual = torch.round((grid - coarse).mul_(gain))
-            both = self._matmul(torch.cat((coarse, residual)).to(torch.int8), 1.0 / self.levels)
-            product = both[:rows].add_(both[rows:], alpha=1.0 / gain)
-        if self.bias is None:
-            return product.mul_(row_max)
-        return torch.addcmul(self.bias, product, row_max)
+            quantized, 1.0 / self.levels, 0, self.packed, self.inverse_scale, self.zero_points,
+            self.bias, 1.0, 0, torch.float32, "none", [], "")
 
 
 class IntMMKernel(Int8Kernel):
@@ -143,7 +128,7 @@ class IntMMKernel(Int8Kernel):
     there, and up to triton_int8.MAX_ROWS rows the weight-only kernel streams the weight once
     anyway, so fewer rows than CUDA_MIN_ROWS run weight-only."""
 
-    CUDA_MIN_ROWS = 65
+    CUDA_MIN_ROWS = triton_int8.MAX_ROWS + 1
 
     def __init__(self, weight: torch.Tensor, scale: torch.Tensor,
                  bias: torch.Tensor | None) -> None:

@@ -116,7 +116,6 @@ def load_decoder(folder: Path, config: KilnConfig, compute: ComputeType,
         decoder.tie_head(_tied_head(decoder, config.spec, compute))
     for name in copied:
         files[name].release(name)
-    decoder.int8_backend = None
     if compute.weights == "int8":
         backend = default_backend(device) if int8_backend == "auto" else int8_backend
         pack_kernels(decoder, backend, release=lambda name: files[name].release(name))

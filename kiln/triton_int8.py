@@ -9,12 +9,13 @@ and read a float16 copy). Two kernels:
   even a 5120-wide layer has hundreds of programs to keep the memory busy;
 - a few rows (batched decode): tiles on the tensor cores (`tl.dot`), rows padded to 16.
 
-Many rows (prompts) are compute-bound: cuBLAS on a dequantized copy wins there, so
-`linear` is only used up to MAX_ROWS (see quant.QuantizedLinear).
+Many rows (prompts) are compute-bound, where cuBLAS on a dequantized copy is the safer
+choice (not yet measured against these kernels: gpu_check times both), so `linear` is only
+used up to MAX_ROWS (see quant.QuantizedLinear).
 
 K (the input width) is a compile-time constant: one compiled kernel per layer width, with
-the loop bound known. Block sizes are tuned by Triton on first use per shape (outside any CUDA graph capture:
-kiln warms a step up before capturing it). With TRITON_INTERPRET=1 the kernels run on CPU
+the loop bound known. Block sizes are tuned by Triton on first use per shape, outside any
+CUDA graph capture (kiln warms a step up before capturing it). With TRITON_INTERPRET=1 the kernels run on CPU
 tensors, with one fixed configuration: that is how the tests check them without a GPU.
 """
 

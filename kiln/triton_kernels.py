@@ -3,12 +3,10 @@ imports Triton (~0.2 s); triton_int8 loads this on first use on CUDA."""
 
 from __future__ import annotations
 
-import os
-
 import triton
 import triton.language as tl
 
-INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+from .triton_int8 import INTERPRETING
 
 
 def _gemv_configs():
