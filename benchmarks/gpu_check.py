@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import kiln  # noqa: E402
 from kiln.bench.random_folder import pythia_spec, write_random_folder  # noqa: E402
-from kiln.compute_types import ComputeType  # noqa: E402
+from kiln.quant.compute_types import ComputeType  # noqa: E402
 
 SHAPES = {"tiny": (128, 2, 4), "1b": (2048, 16, 8), "2.8b": (2560, 32, 32), "12b": (5120, 36, 40)}
 # TYPE@BACKEND: an int8 backend other than the device's default (int_mm: W8A8 from 65 rows).

@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from . import __version__
-from .compute_types import NAMED
+from .quant.compute_types import NAMED
 
 
 def _add_convert(subparsers) -> None:

@@ -16,11 +16,11 @@ from typing import Any
 import torch
 
 from .archs import get_adapter
-from .compute_types import NAMED, ComputeType
 from .decoder import expected_weight_shapes, quantizable_weight_names
 from .formats import hf
 from .hub import HUB_ID, download
-from .quant import INT_DTYPES, IntegerWeight, quantize_rows
+from .quant.compute_types import NAMED, ComputeType
+from .quant.int8 import INT_DTYPES, IntegerWeight, quantize_rows
 from .safetensors_writer import ShardedWriter
 from .spec import KilnConfig, ModelSpec
 

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cache import KVCache
-from .quant import QuantizedEmbedding, QuantizedLinear
+from .quant.int8 import QuantizedEmbedding, QuantizedLinear
 from .spec import ModelSpec
 
 META = torch.device("meta")

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import torch
 
-from .compute_types import ComputeType
 from .decoder import Decoder, MetaLinear, build_decoder, expected_weight_shapes, quantizable_weight_names
-from .kernels import default_backend
-from .quant import QuantizedLinear, dequantize_rows, quantize_rows
+from .quant.compute_types import ComputeType
+from .quant.int8 import QuantizedLinear, dequantize_rows, quantize_rows
+from .quant.kernels import default_backend
 from .safetensors_mmap import MappedSafetensors
 from .spec import CONFIG_FILE, KilnConfig, ModelSpec, is_kiln_folder
 

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 import kiln
-from kiln import kernels
 from kiln.cache import KVCache
-from kiln.compute_types import NAMED
-from kiln.quant import QuantizedLinear, dequantize_rows, quantize_rows
+from kiln.quant import kernels
+from kiln.quant.compute_types import NAMED
+from kiln.quant.int8 import QuantizedLinear, dequantize_rows, quantize_rows
 
 from .conftest import random_prompt, save_hf_model, tiny_gpt_neox
 from .test_families import LLAMA, build

@@ -1,4 +1,4 @@
-"""The CUDA weight-only int8 kernels (kiln/triton_int8.py), run on CPU by Triton's
+"""The CUDA weight-only int8 kernels (kiln/quant/triton_int8.py), run on CPU by Triton's
 interpreter (TRITON_INTERPRET=1, read when Triton is imported: hence a fresh process)."""
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ def test_kernels_match_the_dequantized_matmul(tmp_path):
     # inside tl.dot, so tiles are checked in float16 (the same code on a GPU).
     results = interpreted("""
         import json, torch
-        from kiln import triton_int8
-        from kiln.quant import quantize_rows
+        from kiln.quant import triton_int8
+        from kiln.quant.int8 import quantize_rows
         torch.manual_seed(0)
         errors = {}
         cases = [(torch.float16, 1, 50, 70), (torch.bfloat16, 1, 200, 33),
@@ -77,10 +77,10 @@ def test_a_model_through_the_kernels_equals_the_plain_path(tmp_path):
     results = interpreted(f"""
         import json, torch
         import kiln
-        from kiln import quant, triton_int8
+        from kiln.quant import int8, triton_int8
         calls = []
         original = triton_int8.linear
-        quant.triton_int8.linear = lambda *args: calls.append(args[0].shape[0]) or original(*args)
+        int8.triton_int8.linear = lambda *args: calls.append(args[0].shape[0]) or original(*args)
         generator = kiln.Generator({str(folder)!r}, compute_type="int8_float16",
                                    int8_backend=None)
         generator.static_decode = False  # CPU would trace the step; CUDA captures it instead
@@ -90,7 +90,7 @@ def test_a_model_through_the_kernels_equals_the_plain_path(tmp_path):
         fused += generator.generate_batch(prompts[:1], **options)  # one row: the GEMV
         fused_logits = generator.forward_batch([prompts[0]])
         used = sorted(set(calls))
-        quant.triton_int8.available = lambda device: False
+        int8.triton_int8.available = lambda device: False
         plain = generator.generate_batch(prompts, **options)
         plain += generator.generate_batch(prompts[:1], **options)
         plain_logits = generator.forward_batch([prompts[0]])

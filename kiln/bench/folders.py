@@ -37,7 +37,7 @@ class EngineType:
             raise ValueError(f"engine {text!r} is not ENGINE:TYPE with ENGINE one of "
                              f"{', '.join(ENGINES)} (for example kiln:int8, transformers:bfloat16)")
         if backend:
-            from ..kernels import BACKENDS
+            from ..quant.kernels import BACKENDS
 
             if engine != "kiln" or backend not in BACKENDS:
                 raise ValueError(f"engine {text!r}: only kiln takes @BACKEND, one of "
@@ -106,7 +106,7 @@ def converter_version(engine: str) -> str:
         return importlib.metadata.version("ctranslate2")
     root = Path(__file__).absolute().parents[1]
     digest = hashlib.sha256()
-    for path in sorted([root / "conversion.py", root / "spec.py", root / "quant.py",
+    for path in sorted([root / "conversion.py", root / "spec.py", root / "quant" / "int8.py",
                         *root.glob("archs/*.py"), *root.glob("formats/*.py")]):
         if path.is_file():
             digest.update(path.name.encode() + b"\0" + path.read_bytes())

@@ -8,9 +8,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from ..compute_types import ComputeType
 from ..decoder import expected_weight_shapes, quantizable_weight_names
-from ..quant import INT_DTYPES, QMAX
+from ..quant.compute_types import ComputeType
+from ..quant.int8 import INT_DTYPES, QMAX
 from ..spec import KilnConfig, ModelSpec, TokenIds
 
 SHARD_BYTES = 2 * 1024**3

@@ -5,7 +5,7 @@
 (qmax = 127 for int8, 32767 for int16), so CTranslate2's int8 tensors import as they are.
 Embeddings are quantized the same way (a row lookup then needs no matmul). Only portable
 tensors (`weight` int8/int16, `weight_scale` float32) are stored; a device kernel packs them
-at load time (kiln/kernels.py).
+at load time (kiln/quant/kernels.py).
 """
 
 from __future__ import annotations

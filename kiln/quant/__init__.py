@@ -1,0 +1,1 @@
+"""Quantization: compute types, integer weights and the int8 kernels (CPU and Triton)."""
