@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .paths import cache_dir
-from .spec import CONFIG_FILE
+from .storage.layout import CONFIG_FILE
 
 
 @dataclass

@@ -21,8 +21,8 @@ from .formats import hf
 from .hub import HUB_ID, download
 from .quant.compute_types import NAMED, ComputeType
 from .quant.int8 import INT_DTYPES, IntegerWeight, quantize_rows
-from .safetensors_writer import ShardedWriter
 from .spec import KilnConfig, ModelSpec
+from .storage.safetensors_writer import ShardedWriter
 
 QUANTIZATIONS = NAMED
 DEFAULT_SHARD_BYTES = 4 * 1024**3

@@ -20,7 +20,8 @@ from pathlib import Path
 
 from .formats import hf
 from .paths import cache_dir as kiln_cache_dir
-from .spec import CONFIG_FILE, is_kiln_folder
+from .spec import is_kiln_folder
+from .storage.layout import CONFIG_FILE
 
 # Only what kiln reads (no ONNX, TF or Flax weights); a CTranslate2 repo's model.bin is
 # fetched in a second step, once the small files show the repo is one.

@@ -17,8 +17,9 @@ from .decoder import Decoder, MetaLinear, build_decoder, expected_weight_shapes,
 from .quant.compute_types import ComputeType
 from .quant.int8 import QuantizedLinear, dequantize_rows, quantize_rows
 from .quant.kernels import default_backend
-from .safetensors_mmap import MappedSafetensors
-from .spec import CONFIG_FILE, KilnConfig, ModelSpec, is_kiln_folder
+from .spec import KilnConfig, ModelSpec, is_kiln_folder
+from .storage.layout import CONFIG_FILE
+from .storage.safetensors_mmap import MappedSafetensors
 
 DEVICES = ("cpu", "cuda", "auto")
 

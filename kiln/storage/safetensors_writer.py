@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from .spec import WEIGHTS_FILE
+from .layout import WEIGHTS_FILE
 
 DTYPE_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
                torch.int8: "I8", torch.int16: "I16", torch.int32: "I32", torch.int64: "I64",
