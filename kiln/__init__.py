@@ -10,11 +10,11 @@ __all__ = ["GenerationResult", "Generator", "ModelSpec", "convert", "__version__
 if TYPE_CHECKING:
     from .conversion import convert
     from .generator import Generator
+    from .model.spec import ModelSpec
     from .results import GenerationResult
-    from .spec import ModelSpec
 
 _LAZY = {"convert": "conversion", "Generator": "generator", "GenerationResult": "results",
-         "ModelSpec": "spec"}
+         "ModelSpec": "model.spec"}
 
 
 def __getattr__(name: str):

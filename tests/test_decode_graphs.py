@@ -9,8 +9,8 @@ import torch
 import kiln
 from kiln import decode_graphs
 from kiln import generator as generator_module
-from kiln.cache import KVCache
 from kiln.decode_graphs import StaticDecodeStep, batch_bucket, kv_bucket
+from kiln.model.kv_cache import KVCache
 
 from .conftest import random_prompt, save_hf_model, tiny_gpt_neox
 

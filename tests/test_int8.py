@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import kiln
-from kiln.cache import KVCache
+from kiln.model.kv_cache import KVCache
 from kiln.quant import kernels
 from kiln.quant.compute_types import NAMED
 from kiln.quant.int8 import QuantizedLinear, dequantize_rows, quantize_rows

@@ -8,10 +8,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from ..decoder import expected_weight_shapes, quantizable_weight_names
+from ..model.decoder import expected_weight_shapes, quantizable_weight_names
+from ..model.spec import KilnConfig, ModelSpec, TokenIds
 from ..quant.compute_types import ComputeType
 from ..quant.int8 import INT_DTYPES, QMAX
-from ..spec import KilnConfig, ModelSpec, TokenIds
 
 SHARD_BYTES = 2 * 1024**3
 

@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
+from ..model.spec import ModelSpec, TokenIds
 from ..quant.int8 import IntegerWeight
-from ..spec import ModelSpec, TokenIds
 
 DTYPES = {0: torch.float32, 1: torch.int8, 2: torch.int16, 3: torch.int32, 4: torch.float16,
           5: torch.bfloat16}

@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cache import KVCache
-from .quant.int8 import QuantizedEmbedding, QuantizedLinear
+from ..quant.int8 import QuantizedEmbedding, QuantizedLinear
+from .kv_cache import KVCache
 from .spec import ModelSpec
 
 META = torch.device("meta")

@@ -13,13 +13,13 @@ from pathlib import Path
 
 import torch
 
+from ..quant.compute_types import ComputeType
+from ..quant.int8 import QuantizedLinear, dequantize_rows, quantize_rows
+from ..quant.kernels import default_backend
+from ..storage.layout import CONFIG_FILE
+from ..storage.safetensors_mmap import MappedSafetensors
 from .decoder import Decoder, MetaLinear, build_decoder, expected_weight_shapes, quantizable_weight_names
-from .quant.compute_types import ComputeType
-from .quant.int8 import QuantizedLinear, dequantize_rows, quantize_rows
-from .quant.kernels import default_backend
 from .spec import KilnConfig, ModelSpec, is_kiln_folder
-from .storage.layout import CONFIG_FILE
-from .storage.safetensors_mmap import MappedSafetensors
 
 DEVICES = ("cpu", "cuda", "auto")
 

@@ -2,7 +2,7 @@
 
 Every supported family (GPT-NeoX, Llama, GPT-2, ...) is described by one `ModelSpec`
 holding exactly the choices in which decoder-only transformers differ. The one decoder in
-`kiln.decoder` is built from it; adapters in `kiln.archs` produce it from a foreign config.
+`kiln.model.decoder` is built from it; adapters in `kiln.archs` produce it from a foreign config.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .storage.layout import CONFIG_FILE, WEIGHTS_FILE  # noqa: F401  (re-exported)
+from ..storage.layout import CONFIG_FILE, WEIGHTS_FILE  # noqa: F401  (re-exported)
 
 FORMAT_NAME = "kiln"
 FORMAT_VERSION = 1

@@ -1,0 +1,1 @@
+"""The model: its arch-neutral spec, the one decoder, the KV cache, and loading a kiln folder."""
