@@ -79,7 +79,7 @@ def graph_vs_eager(generator, prompt: list[int], steps: int = 16) -> float:
     """The largest relative logits difference between the decode step as replayed (a CUDA graph;
     a trace on CPU) for a padded batch (3 rows run as 4) and the eager step, fed the same
     tokens for `steps`."""
-    from kiln.decode_graphs import StaticDecodeStep, default_capture
+    from kiln.generation.static_step import StaticDecodeStep, default_capture
     from kiln.model.kv_cache import KVCache
 
     model, device, rows = generator.model, generator._device, 3

@@ -9,11 +9,11 @@ __all__ = ["GenerationResult", "Generator", "ModelSpec", "convert", "__version__
 
 if TYPE_CHECKING:
     from .conversion import convert
+    from .generation.results import GenerationResult
     from .generator import Generator
     from .model.spec import ModelSpec
-    from .results import GenerationResult
 
-_LAZY = {"convert": "conversion", "Generator": "generator", "GenerationResult": "results",
+_LAZY = {"convert": "conversion", "Generator": "generator", "GenerationResult": "generation.results",
          "ModelSpec": "model.spec"}
 
 

@@ -11,23 +11,23 @@ from pathlib import Path
 
 import torch
 
-from .alternatives import alternatives
-from .batching import batches
-from .beam import BeamOptions, beam_search
-from .chat import ChatTemplate, Message
-from .decode_graphs import StaticDecodeStep, default_capture
-from .device_loop import decode_on_device
+from .generation.alternatives import alternatives
+from .generation.batching import batches
+from .generation.beam import BeamOptions, beam_search
+from .generation.chat import ChatTemplate, Message
+from .generation.device_loop import decode_on_device
+from .generation.processors import Processors, mask_early_end
+from .generation.results import AsyncGenerationResult, GenerationResult, GenerationStepResult, ScoringResult
+from .generation.sampling import SamplingParams, choose_tokens
+from .generation.static_step import StaticDecodeStep, default_capture
+from .generation.tokenizer import StreamingDetokenizer, Tokenizer, Vocabulary
 from .model.kv_cache import KVCache
 from .model.loading import check_folder, load_decoder, resolve_device
 from .model.loading import verify_checksums as verify_folder_checksums
 from .model.spec import is_kiln_folder
-from .processors import Processors, mask_early_end
 from .quant.compute_types import COMPUTE_TYPES, ComputeType
 from .quant.compute_types import resolve as resolve_compute_type
 from .quant.kernels import BACKENDS
-from .results import AsyncGenerationResult, GenerationResult, GenerationStepResult, ScoringResult
-from .sampling import SamplingParams, choose_tokens
-from .tokenizer import StreamingDetokenizer, Tokenizer, Vocabulary
 
 STATIC_PROMPT_CACHE_SIZE = 8  # static prompts whose keys/values are kept (CTranslate2: unbounded)
 # Prompt tokens per forward pass (batch x columns), at most. Measured on Pythia-410m int8,
@@ -145,8 +145,8 @@ class Generator:
         self.vocabulary = self.tokenizer or Vocabulary.from_folder(self.model_path)
         self.chat_template = ChatTemplate.from_folder(self.model_path)
         self._lock = threading.Lock()
-        self.device_loop = True  # plain generation keeps its loop on the device (device_loop.py)
-        # Decode steps at static shapes, captured once and replayed (decode_graphs.py).
+        self.device_loop = True  # plain generation keeps its loop on the device (generation/device_loop.py)
+        # Decode steps at static shapes, captured once and replayed (generation/static_step.py).
         self.static_decode = True
         self._static_step: StaticDecodeStep | None = None
         self._executor = None

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import kiln
-from kiln import decode_graphs
 from kiln import generator as generator_module
-from kiln.decode_graphs import StaticDecodeStep, batch_bucket, kv_bucket
+from kiln.generation import static_step
+from kiln.generation.static_step import StaticDecodeStep, batch_bucket, kv_bucket
 from kiln.model.kv_cache import KVCache
 
 from .conftest import random_prompt, save_hf_model, tiny_gpt_neox
@@ -100,8 +100,8 @@ def test_too_few_slots_is_refused(folders):
 
 
 def test_capture_by_device():
-    assert decode_graphs.default_capture(torch.device("cpu")) == "trace"
-    assert decode_graphs.default_capture(torch.device("cuda")) == "cuda_graph"
+    assert static_step.default_capture(torch.device("cpu")) == "trace"
+    assert static_step.default_capture(torch.device("cuda")) == "cuda_graph"
     with pytest.raises(ValueError, match="capture must be"):
         StaticDecodeStep(None, capture=True)
 

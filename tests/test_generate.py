@@ -378,7 +378,7 @@ def test_beam_search_matches_ctranslate2(neox, ctranslate2_generator, case):
 
 
 def test_token_batches_and_asynchronous_results(neox):
-    from kiln.batching import batches
+    from kiln.generation.batching import batches
 
     assert batches([3, 3, 3, 10, 1], 6, "tokens") == [(0, 2), (2, 3), (3, 4), (4, 5)]
     assert batches([3, 3, 3], 2, "examples") == [(0, 2), (2, 3)]
@@ -486,7 +486,7 @@ def test_static_prompt_matches_ctranslate2_and_is_cached(neox, ctranslate2_gener
          end_token=["t9", "t15", "t84", "t23"], include_prompt_in_result=True),
 ])
 def test_device_loop_equals_the_general_loop(neox, monkeypatch, options):
-    """Plain generation runs in kiln/device_loop.py (no host sync per token); it must give
+    """Plain generation runs in kiln/generation/device_loop.py (no host sync per token); it must give
     exactly what the general per-row loop gives."""
     _, _, generator = neox
     prompts = [random_prompt(n, VOCAB, seed=n + 40) for n in (1, 6, 13)]

@@ -6,7 +6,7 @@ import pytest
 from tokenizers import Tokenizer as FastTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from kiln.tokenizer import StreamingDetokenizer, Tokenizer
+from kiln.generation.tokenizer import StreamingDetokenizer, Tokenizer
 
 TEXTS = [
     "Hello, world! Streaming text should come out whole.",

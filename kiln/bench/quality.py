@@ -20,7 +20,7 @@ ENGINES = ("kiln:float32", "kiln:int8", "ctranslate2:float32", "ctranslate2:int8
 
 
 def token_ids(kiln_folder: Path) -> list[int]:
-    from kiln.tokenizer import Tokenizer
+    from kiln.generation.tokenizer import Tokenizer
 
     return Tokenizer.from_folder(kiln_folder).encode(TEXT.read_text(encoding="utf-8"))[:MAX_TOKENS]
 

@@ -78,8 +78,8 @@ class QuantizedLinear(nn.Module):
         if self.bits == "int8" and backend is not None:
             self.kernel = make_int8_kernel(self.weight, self.weight_scale, self.bias, backend)
             self.weight = self.kernel.stored_weight  # None when the kernel holds its own copy
-            # Registered on the module, so that tracing the decode step (decode_graphs.py) may
-            # use it: a tensor as a (non-persistent) buffer, fbgemm's object as an attribute.
+            # Registered on the module, so that tracing the decode step
+            # (generation/static_step.py) may use it: a tensor as a (non-persistent) buffer, fbgemm's object as an attribute.
             packed = getattr(self.kernel, "packed", None)
             if isinstance(packed, torch.Tensor):
                 self.register_buffer("packed_weight", packed, persistent=False)

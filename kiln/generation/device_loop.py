@@ -4,7 +4,7 @@ Tokens, log-probs and "finished" flags stay in device tensors; the host looks at
 every SYNC_EVERY steps (to stop early) and once at the end. On CUDA that removes the
 per-token host synchronisation; on CPU it removes per-row Python work. With
 `Generator.static_decode` (on by default) each step is captured once and replayed: a CUDA
-graph on GPU, a trace on CPU (kiln/decode_graphs.py). The general loop in
+graph on GPU, a trace on CPU (kiln/generation/static_step.py). The general loop in
 Generator._decode_steps (processors, callbacks, logits) gives the same tokens.
 """
 
