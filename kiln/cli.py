@@ -223,10 +223,10 @@ def _add_cache(subparsers) -> None:
 
 
 def _run_cache(args: argparse.Namespace) -> int:
-    from .cache_cli import cached_models, format_table, remove
+    from .sources.model_store import format_table, remove, stored_models
 
     if args.action == "ls":
-        print(format_table(cached_models(args.cache_dir)))
+        print(format_table(stored_models(args.cache_dir)))
         return 0
     if not args.pattern:
         raise ValueError("kiln cache rm needs what to remove: part of a source, or 'all'")

@@ -17,11 +17,11 @@ import torch
 
 from .archs import get_adapter
 from .formats import hf
-from .hub import HUB_ID, download
 from .model.decoder import expected_weight_shapes, quantizable_weight_names
 from .model.spec import KilnConfig, ModelSpec
 from .quant.compute_types import NAMED, ComputeType
 from .quant.int8 import INT_DTYPES, IntegerWeight, quantize_rows
+from .sources.hub import HUB_ID, download
 from .storage.safetensors_writer import ShardedWriter
 
 QUANTIZATIONS = NAMED
@@ -95,7 +95,7 @@ def convert(source: str | Path, output_dir: str | Path, quantization: str | None
 
 def open_checkpoint(source: Path):
     """A reader for the source: a Hugging Face folder, a GGUF file or a CTranslate2 folder."""
-    from .hub import is_ctranslate2_folder
+    from .sources.hub import is_ctranslate2_folder
 
     if source.is_file() and source.suffix == ".gguf":
         from .formats.gguf import GGUFCheckpoint

@@ -109,11 +109,11 @@ class Generator:
             raise ValueError(f"unknown int8 backend {int8_backend!r}; known: auto, "
                              f"{', '.join(BACKENDS)}, None (dequantize per call)")
         if model_path is None:
-            from .default_model import default_model_path
+            from .sources.default_model import default_model_path
 
             model_path = default_model_path(cache_dir)
         elif not is_kiln_folder(Path(model_path)):
-            from .hub import resolve
+            from .sources.hub import resolve
 
             model_path = resolve(model_path, cache_dir=cache_dir).folder
         self.model_path = Path(model_path)
@@ -171,7 +171,7 @@ class Generator:
         HF_HUB_CACHE (or `hub_cache_dir`), `local_files_only` and `token`. Progress bars show
         on a terminal unless `progress=False`. Other keyword arguments go to `Generator`.
         """
-        from .hub import resolve
+        from .sources.hub import resolve
 
         target = resolve_device(device, kwargs.get("device_index", 0))
         quantization = None

@@ -92,7 +92,7 @@ def assert_faithful(model, generator, tokenizer_vocab: int, prompt_length: int =
 @pytest.fixture(scope="session")
 def default_model_cache(tmp_path_factory):
     """A kiln cache holding the converted default model (SmolLM2), converted once per session."""
-    from kiln import default_model
+    from kiln.sources import default_model
 
     cache = tmp_path_factory.mktemp("kiln-cache")
     try:

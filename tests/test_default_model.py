@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 import kiln
-from kiln import conversion, default_model
+from kiln import conversion
 from kiln.perplexity import perplexity
+from kiln.sources import default_model
 
 DATA = Path(__file__).parent / "data"
 

@@ -132,7 +132,7 @@ def engine_folder(model: BenchModel, engine: EngineType, work_dir: Path) -> Path
     from ..conversion import convert
 
     if model.shape is None:
-        from ..default_model import default_model_path
+        from ..sources.default_model import default_model_path
 
         default = default_model_path()
         stored = json.loads((default / "config.json").read_text()).get("quantization", {})

@@ -84,7 +84,7 @@ def build_pythia(shape: PythiaShape, folder: Path, seed: int = 0) -> Path:
 
 
 def smollm2_gguf() -> Path:
-    from ..default_model import default_gguf
+    from ..sources.default_model import default_gguf
 
     return default_gguf()
 

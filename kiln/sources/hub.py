@@ -1,12 +1,13 @@
 """From a name to a loadable kiln folder: local folders and files, Hugging Face hub ids with
-revisions, and the converted-model cache that makes the second load instant.
+revisions, and the store of converted models (model_store.py) that makes the second load
+instant.
 
     kiln folder            used as it is
-    HF folder / GGUF file  converted once into the cache (keyed on path, content, type)
+    HF folder / GGUF file  converted once into the store (keyed on path, content, type)
     hub id                 resolved with huggingface_hub (revision, HF_HUB_OFFLINE, HF_HOME,
                            HF_HUB_CACHE, local_files_only, token), then converted once into
-                           the cache, keyed on repo id, resolved commit and storage type
-    CTranslate2 folder     read in place (model.bin) and converted once into the cache
+                           the store, keyed on repo id, resolved commit and storage type
+    CTranslate2 folder     read in place (model.bin) and converted once into the store
 """
 
 from __future__ import annotations
@@ -18,10 +19,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .formats import hf
-from .model.spec import is_kiln_folder
-from .paths import cache_dir as kiln_cache_dir
-from .storage.layout import CONFIG_FILE
+from ..formats import hf
+from ..model.spec import is_kiln_folder
+from ..storage.layout import CONFIG_FILE
+from .model_store import store_dir
 
 # Only what kiln reads (no ONNX, TF or Flax weights); a CTranslate2 repo's model.bin is
 # fetched in a second step, once the small files show the repo is one.
@@ -71,7 +72,7 @@ def resolve(name_or_path: str | Path, *, revision: str | None = None,
                                 "id (ORG/NAME)")
     snapshot = download(name, revision, hub_cache_dir, local_files_only, token, progress)
     commit = snapshot.name
-    folder = (kiln_cache_dir(cache_dir) / "models" / "hub" / name.replace("/", "--") / commit /
+    folder = (store_dir(cache_dir) / "models" / "hub" / name.replace("/", "--") / commit /
               (quantization or "default"))
     source = {"hub_id": name, "revision": revision or "main", "commit": commit}
     return Resolved(_convert_once(snapshot, folder, quantization, source, progress), source)
@@ -125,7 +126,7 @@ def _resolve_local(path: Path, quantization: str | None, cache_dir: str | Path |
                                 "checkpoint folder (config.json + weights), a CTranslate2 folder "
                                 "(model.bin) or a .gguf file")
     fingerprint = _fingerprint(path)
-    folder = (kiln_cache_dir(cache_dir) / "models" / "local" / f"{path.name}-{fingerprint}" /
+    folder = (store_dir(cache_dir) / "models" / "local" / f"{path.name}-{fingerprint}" /
               (quantization or "default"))
     source = {"path": str(path.resolve()), "fingerprint": fingerprint}
     return Resolved(_convert_once(path, folder, quantization, source, progress), source)
@@ -141,9 +142,9 @@ def _fingerprint(path: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def cached_folder_is_sound(folder: Path) -> bool:
-    """A cached conversion that loads: config readable, weight files present, sizes as written."""
-    from .model.loading import check_folder
+def stored_folder_is_sound(folder: Path) -> bool:
+    """A stored conversion that loads: config readable, weight files present, sizes as written."""
+    from ..model.loading import check_folder
 
     try:
         check_folder(folder)
@@ -154,16 +155,16 @@ def cached_folder_is_sound(folder: Path) -> bool:
 
 def _convert_once(source: Path, folder: Path, quantization: str | None, origin: dict,
                   progress: bool | None) -> Path:
-    if is_kiln_folder(folder) and cached_folder_is_sound(folder):
-        return folder  # a cache hit: nothing is read or converted
-    from .conversion import convert
+    if is_kiln_folder(folder) and stored_folder_is_sound(folder):
+        return folder  # already stored: nothing is read or converted
+    from ..conversion import convert
 
     try:
         # A broken or partial entry is replaced; conversion itself writes atomically.
         convert(source, folder, quantization=quantization, force=folder.exists(),
                 progress=_show_progress(progress), origin=origin)
     except OSError:
-        if not (is_kiln_folder(folder) and cached_folder_is_sound(folder)):
+        if not (is_kiln_folder(folder) and stored_folder_is_sound(folder)):
             raise  # unless another process finished the same conversion first
     return folder
 

@@ -1,18 +1,37 @@
-"""`kiln cache ls | rm`: the converted models kiln keeps, with their size and origin."""
+"""Where kiln keeps converted models (a per-user folder), and `kiln cache ls | rm`: the
+models kept there, with their size and origin."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .paths import cache_dir
-from .storage.layout import CONFIG_FILE
+from ..storage.layout import CONFIG_FILE
+
+STORE_ENV = "KILN_CACHE_DIR"
+
+
+def store_dir(override: str | Path | None = None) -> Path:
+    """The folder of converted models: `override`, else $KILN_CACHE_DIR, else the platform's
+    per-user cache folder (XDG_CACHE_HOME or ~/.cache on Linux) + /kiln."""
+    if override is not None:
+        return Path(override).expanduser()
+    if os.environ.get(STORE_ENV):
+        return Path(os.environ[STORE_ENV]).expanduser()
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Caches" / "kiln"
+    if sys.platform == "win32":
+        base = os.environ.get("LOCALAPPDATA") or str(Path.home() / "AppData" / "Local")
+        return Path(base) / "kiln" / "Cache"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kiln"
 
 
 @dataclass
-class CachedModel:
+class StoredModel:
     folder: Path
     bytes: int
     source: str
@@ -20,9 +39,9 @@ class CachedModel:
     quantization: str
 
 
-def cached_models(root: str | Path | None = None) -> list[CachedModel]:
+def stored_models(root: str | Path | None = None) -> list[StoredModel]:
     models = []
-    for config_path in sorted((cache_dir(root) / "models").glob(f"**/{CONFIG_FILE}")):
+    for config_path in sorted((store_dir(root) / "models").glob(f"**/{CONFIG_FILE}")):
         folder = config_path.parent
         try:
             config = json.loads(config_path.read_text(encoding="utf-8"))
@@ -31,7 +50,7 @@ def cached_models(root: str | Path | None = None) -> list[CachedModel]:
         source = config.get("source", {})
         origin = source.get("origin", {})
         quantization = config.get("quantization", {})
-        models.append(CachedModel(
+        models.append(StoredModel(
             folder=folder,
             bytes=sum(p.stat().st_size for p in folder.iterdir() if p.is_file()),
             source=origin.get("hub_id") or origin.get("path") or source.get("path", "?"),
@@ -42,7 +61,7 @@ def cached_models(root: str | Path | None = None) -> list[CachedModel]:
     return models
 
 
-def format_table(models: list[CachedModel]) -> str:
+def format_table(models: list[StoredModel]) -> str:
     if not models:
         return "no converted models in the cache"
     rows = [("SIZE", "TYPE", "REVISION", "SOURCE", "FOLDER")]
@@ -55,9 +74,9 @@ def format_table(models: list[CachedModel]) -> str:
 
 
 def remove(pattern: str, root: str | Path | None = None) -> list[Path]:
-    """Remove cached models whose source or folder contains `pattern` ('all': every one)."""
+    """Remove stored models whose source or folder contains `pattern` ('all': every one)."""
     removed = []
-    for model in cached_models(root):
+    for model in stored_models(root):
         if pattern == "all" or pattern in model.source or pattern in str(model.folder):
             shutil.rmtree(model.folder)
             removed.append(model.folder)
