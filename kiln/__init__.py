@@ -8,13 +8,15 @@ __version__ = "0.1.0"
 __all__ = ["GenerationResult", "Generator", "ModelSpec", "convert", "__version__"]
 
 if TYPE_CHECKING:
-    from .conversion import convert
     from .generation.results import GenerationResult
     from .generator import Generator
     from .model.spec import ModelSpec
+    from .sources.hub import convert_source as convert
 
-_LAZY = {"convert": "conversion", "Generator": "generator", "GenerationResult": "generation.results",
-         "ModelSpec": "model.spec"}
+# name -> (module, attribute); `convert` takes hub ids too, so it is the sources-level one.
+_LAZY = {"convert": ("sources.hub", "convert_source"), "Generator": ("generator", "Generator"),
+         "GenerationResult": ("generation.results", "GenerationResult"),
+         "ModelSpec": ("model.spec", "ModelSpec")}
 
 
 def __getattr__(name: str):
@@ -22,5 +24,6 @@ def __getattr__(name: str):
     if name in _LAZY:
         import importlib
 
-        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        module, attribute = _LAZY[name]
+        return getattr(importlib.import_module(f".{module}", __name__), attribute)
     raise AttributeError(f"module 'kiln' has no attribute {name!r}")

@@ -26,11 +26,11 @@ def _add_convert(subparsers) -> None:
 
 
 def _run_convert(args: argparse.Namespace) -> int:
-    from .conversion import convert
+    from .sources.hub import convert_source
 
-    output = convert(args.source, args.output_dir, quantization=args.quantization,
-                     force=args.force, copy_files=args.copy_files, revision=args.revision,
-                     progress=sys.stderr.isatty())
+    output = convert_source(args.source, args.output_dir, quantization=args.quantization,
+                            force=args.force, copy_files=args.copy_files, revision=args.revision,
+                            progress=sys.stderr.isatty())
     print(f"wrote {output}")
     return 0
 

@@ -21,7 +21,6 @@ from .model.decoder import expected_weight_shapes, quantizable_weight_names
 from .model.spec import KilnConfig, ModelSpec
 from .quant.compute_types import NAMED, ComputeType
 from .quant.int8 import INT_DTYPES, IntegerWeight, quantize_rows
-from .sources.hub import HUB_ID, download
 from .storage.safetensors_writer import ShardedWriter
 
 QUANTIZATIONS = NAMED
@@ -31,23 +30,16 @@ DEFAULT_SHARD_BYTES = 4 * 1024**3
 def convert(source: str | Path, output_dir: str | Path, quantization: str | None = None,
             force: bool = False, copy_files: Iterable[str] | None = None, *,
             max_shard_bytes: int = DEFAULT_SHARD_BYTES, progress: bool = False,
-            origin: dict[str, Any] | None = None, revision: str | None = None,
-            token: str | bool | None = None) -> Path:
-    """Convert a local Hugging Face checkpoint folder or GGUF file into a kiln folder.
+            origin: dict[str, Any] | None = None) -> Path:
+    """Convert a local Hugging Face checkpoint folder, GGUF file or CTranslate2 folder into a
+    kiln folder (hub ids are downloaded first by `kiln.sources.hub.convert_source`).
 
     `quantization` is a compute type name (float32, float16, bfloat16, int8, int8_float32,
     int8_float16, int8_bfloat16, int16); None keeps the checkpoint's float type.
-    A source that is not a local path but a hub id (ORG/NAME) is downloaded first (only the
-    files kiln reads), at `revision`. `progress` shows a bar over the tensors; `origin`
-    (hub id, revision, commit) is recorded in config.json.
+    `progress` shows a bar over the tensors; `origin` (hub id, revision, commit) is recorded
+    in config.json.
     """
     source, output_dir = Path(source), Path(output_dir)
-    if not source.exists() and HUB_ID.match(str(source)):
-        snapshot = download(str(source), revision, None, False, token, progress)
-        origin = {"hub_id": str(source), "revision": revision or "main", "commit": snapshot.name}
-        source = snapshot
-    elif revision is not None:
-        raise ValueError(f"revision={revision!r} applies to hub ids; {source} is a local path")
     if quantization is not None and quantization not in QUANTIZATIONS:
         raise ValueError(f"unknown quantization {quantization!r}; supported: {', '.join(QUANTIZATIONS)}")
     if output_dir.exists() and not force:
@@ -95,7 +87,7 @@ def convert(source: str | Path, output_dir: str | Path, quantization: str | None
 
 def open_checkpoint(source: Path):
     """A reader for the source: a Hugging Face folder, a GGUF file or a CTranslate2 folder."""
-    from .sources.hub import is_ctranslate2_folder
+    from .formats.ctranslate2 import is_ctranslate2_folder
 
     if source.is_file() and source.suffix == ".gguf":
         from .formats.gguf import GGUFCheckpoint

@@ -126,6 +126,15 @@ def test_cache_ls_and_rm(offline, tmp_path, capsys):
     assert main(["cache", "rm", "pythia-tiny", "--cache-dir", str(tmp_path)]) == 2
 
 
+def test_kiln_convert_takes_a_hub_id_and_refuses_a_revision_for_a_local_path(offline, tmp_path):
+    output = kiln.convert(REPO, tmp_path / "out", revision="step3000")
+    origin = json.loads((output / "config.json").read_text())["source"]["origin"]
+    assert origin == {"hub_id": REPO, "revision": "step3000", "commit": COMMITS["step3000"]}
+    with pytest.raises(ValueError, match="applies to hub ids"):
+        kiln.convert(output, tmp_path / "again", revision="step3000")
+    assert not (tmp_path / "again").exists()
+
+
 def offline_environment(hub_root, cache):
     return dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(hub_root),
                 KILN_CACHE_DIR=str(cache))

@@ -22,6 +22,7 @@ import torch
 
 from ..model.spec import ModelSpec, TokenIds
 from ..quant.int8 import IntegerWeight
+from ..storage.layout import CONFIG_FILE
 
 DTYPES = {0: torch.float32, 1: torch.int8, 2: torch.int16, 3: torch.int32, 4: torch.float16,
           5: torch.bfloat16}
@@ -31,6 +32,20 @@ ACTIVATIONS = {0: "relu", 1: "gelu_tanh", 2: "silu", 3: "gelu"}
 ROPE_SCALINGS = {0: "linear", 2: "llama3"}
 SHARD = re.compile(r"model-(\d+)-of-(\d+)\.bin$")
 LAYER = re.compile(r"decoder/layer_(\d+)/")
+
+
+def is_ctranslate2_folder(folder: Path) -> bool:
+    folder = Path(folder)
+    if (folder / "model.bin").is_file() or any(folder.glob("model-*-of-*.bin")):
+        return True
+    config = folder / CONFIG_FILE
+    if not config.is_file() or not any((folder / v).is_file()
+                                       for v in ("vocabulary.json", "vocabulary.txt")):
+        return False
+    try:
+        return "model_type" not in json.loads(config.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
 
 
 def model_files(folder: Path) -> list[Path]:

@@ -13,15 +13,17 @@ instant.
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from .. import conversion
 from ..formats import hf
+from ..formats.ctranslate2 import is_ctranslate2_folder
 from ..model.spec import is_kiln_folder
-from ..storage.layout import CONFIG_FILE
 from .model_store import store_dir
 
 # Only what kiln reads (no ONNX, TF or Flax weights); a CTranslate2 repo's model.bin is
@@ -40,20 +42,6 @@ class Resolved:
 
     folder: Path
     source: dict
-
-
-def is_ctranslate2_folder(folder: Path) -> bool:
-    folder = Path(folder)
-    if (folder / "model.bin").is_file() or any(folder.glob("model-*-of-*.bin")):
-        return True
-    config = folder / CONFIG_FILE
-    if not config.is_file() or not any((folder / v).is_file()
-                                       for v in ("vocabulary.json", "vocabulary.txt")):
-        return False
-    try:
-        return "model_type" not in json.loads(config.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return False
 
 
 def resolve(name_or_path: str | Path, *, revision: str | None = None,
@@ -76,6 +64,31 @@ def resolve(name_or_path: str | Path, *, revision: str | None = None,
               (quantization or "default"))
     source = {"hub_id": name, "revision": revision or "main", "commit": commit}
     return Resolved(_convert_once(snapshot, folder, quantization, source, progress), source)
+
+
+def convert_source(source: str | Path, output_dir: str | Path, quantization: str | None = None,
+                   force: bool = False, copy_files: Iterable[str] | None = None, *,
+                   max_shard_bytes: int = conversion.DEFAULT_SHARD_BYTES, progress: bool = False,
+                   origin: dict[str, Any] | None = None, revision: str | None = None,
+                   token: str | bool | None = None) -> Path:
+    """Convert a local Hugging Face checkpoint folder, GGUF file or CTranslate2 folder, or a hub
+    id, into a kiln folder (`kiln.convert`).
+
+    `quantization` is a compute type name (float32, float16, bfloat16, int8, int8_float32,
+    int8_float16, int8_bfloat16, int16); None keeps the checkpoint's float type.
+    A source that is not a local path but a hub id (ORG/NAME) is downloaded first (only the
+    files kiln reads), at `revision`. `progress` shows a bar over the tensors; `origin`
+    (hub id, revision, commit) is recorded in config.json.
+    """
+    source = Path(source)
+    if not source.exists() and HUB_ID.match(str(source)):
+        snapshot = download(str(source), revision, None, False, token, progress)
+        origin = {"hub_id": str(source), "revision": revision or "main", "commit": snapshot.name}
+        source = snapshot
+    elif revision is not None:
+        raise ValueError(f"revision={revision!r} applies to hub ids; {source} is a local path")
+    return conversion.convert(source, output_dir, quantization, force, copy_files,
+                              max_shard_bytes=max_shard_bytes, progress=progress, origin=origin)
 
 
 def download(repo_id: str, revision: str | None, hub_cache_dir: str | Path | None,
@@ -157,12 +170,10 @@ def _convert_once(source: Path, folder: Path, quantization: str | None, origin: 
                   progress: bool | None) -> Path:
     if is_kiln_folder(folder) and stored_folder_is_sound(folder):
         return folder  # already stored: nothing is read or converted
-    from ..conversion import convert
-
     try:
         # A broken or partial entry is replaced; conversion itself writes atomically.
-        convert(source, folder, quantization=quantization, force=folder.exists(),
-                progress=_show_progress(progress), origin=origin)
+        conversion.convert(source, folder, quantization=quantization, force=folder.exists(),
+                           progress=_show_progress(progress), origin=origin)
     except OSError:
         if not (is_kiln_folder(folder) and stored_folder_is_sound(folder)):
             raise  # unless another process finished the same conversion first
