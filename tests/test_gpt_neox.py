@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import kiln
-from kiln.archs import get_adapter
+from kiln.conversion.archs import get_adapter
 
 from .conftest import assert_faithful, random_prompt, save_hf_model, tiny_gpt_neox
 

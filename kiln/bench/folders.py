@@ -106,8 +106,9 @@ def converter_version(engine: str) -> str:
         return importlib.metadata.version("ctranslate2")
     root = Path(__file__).absolute().parents[1]
     digest = hashlib.sha256()
-    for path in sorted([root / "conversion.py", root / "model" / "spec.py", root / "quant" / "int8.py",
-                        *root.glob("archs/*.py"), *root.glob("formats/*.py")]):
+    for path in sorted([root / "conversion" / "convert.py", root / "model" / "spec.py",
+                        root / "quant" / "int8.py", *root.glob("conversion/archs/*.py"),
+                        *root.glob("conversion/formats/*.py")]):
         if path.is_file():
             digest.update(path.name.encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()[:16]

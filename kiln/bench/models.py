@@ -94,7 +94,7 @@ def build_smollm2(folder: Path) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from ..formats.gguf import GGUFCheckpoint
+    from ..conversion.formats.gguf import GGUFCheckpoint
 
     checkpoint = GGUFCheckpoint(smollm2_gguf())
     config = LlamaConfig(**checkpoint.config)

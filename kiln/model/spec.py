@@ -2,7 +2,8 @@
 
 Every supported family (GPT-NeoX, Llama, GPT-2, ...) is described by one `ModelSpec`
 holding exactly the choices in which decoder-only transformers differ. The one decoder in
-`kiln.model.decoder` is built from it; adapters in `kiln.archs` produce it from a foreign config.
+`kiln.model.decoder` is built from it; adapters in `kiln.conversion.archs` produce it from a
+foreign config.
 """
 
 from __future__ import annotations

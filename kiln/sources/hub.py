@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from .. import conversion
-from ..formats import hf
-from ..formats.ctranslate2 import is_ctranslate2_folder
+from ..conversion.formats import hf
+from ..conversion.formats.ctranslate2 import is_ctranslate2_folder
 from ..model.spec import is_kiln_folder
 from .model_store import store_dir
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from ..model.spec import ModelSpec, TokenIds
+from ...model.spec import ModelSpec, TokenIds
 
 # A lazily loaded checkpoint tensor: called, it returns the tensor.
 TensorSource = Mapping[str, Callable[[], torch.Tensor]]

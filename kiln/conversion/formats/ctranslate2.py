@@ -20,9 +20,9 @@ from typing import Any
 
 import torch
 
-from ..model.spec import ModelSpec, TokenIds
-from ..quant.int8 import IntegerWeight
-from ..storage.layout import CONFIG_FILE
+from ...model.spec import ModelSpec, TokenIds
+from ...quant.int8 import IntegerWeight
+from ...storage.layout import CONFIG_FILE
 
 DTYPES = {0: torch.float32, 1: torch.int8, 2: torch.int16, 3: torch.int32, 4: torch.float16,
           5: torch.bfloat16}

@@ -15,13 +15,13 @@ from typing import Any
 
 import torch
 
+from ..model.decoder import expected_weight_shapes, quantizable_weight_names
+from ..model.spec import KilnConfig, ModelSpec
+from ..quant.compute_types import NAMED, ComputeType
+from ..quant.int8 import INT_DTYPES, IntegerWeight, quantize_rows
+from ..storage.safetensors_writer import ShardedWriter
 from .archs import get_adapter
 from .formats import hf
-from .model.decoder import expected_weight_shapes, quantizable_weight_names
-from .model.spec import KilnConfig, ModelSpec
-from .quant.compute_types import NAMED, ComputeType
-from .quant.int8 import INT_DTYPES, IntegerWeight, quantize_rows
-from .storage.safetensors_writer import ShardedWriter
 
 QUANTIZATIONS = NAMED
 DEFAULT_SHARD_BYTES = 4 * 1024**3

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from ..model.spec import ModelSpec
+from ...model.spec import ModelSpec
 from .registry import Adapter, TensorSource, activation_of, register, rope_settings, take
 
 
