@@ -5,9 +5,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
-__all__ = ["GenerationResult", "Generator", "ModelSpec", "convert", "__version__"]
+__all__ = ["GenerationResult", "Generator", "KilnError", "ModelFileError", "ModelSpec", "OutOfMemory",
+           "RequestError", "convert", "__version__"]
 
 if TYPE_CHECKING:
+    from .errors import KilnError, ModelFileError, OutOfMemory, RequestError
     from .generation.results import GenerationResult
     from .generator import Generator
     from .model.spec import ModelSpec
@@ -16,7 +18,9 @@ if TYPE_CHECKING:
 # name -> (module, attribute); `convert` takes hub ids too, so it is the sources-level one.
 _LAZY = {"convert": ("sources.hub", "convert_source"), "Generator": ("generator", "Generator"),
          "GenerationResult": ("generation.results", "GenerationResult"),
-         "ModelSpec": ("model.spec", "ModelSpec")}
+         "ModelSpec": ("model.spec", "ModelSpec"),
+         **{name: ("errors", name) for name in ("KilnError", "RequestError", "ModelFileError",
+                                                 "OutOfMemory")}}
 
 
 def __getattr__(name: str):

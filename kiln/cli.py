@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from . import __version__
+from .errors import KilnError
 from .quant.compute_types import NAMED
 
 
@@ -257,7 +258,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return args.run(args)
-    except (ValueError, FileNotFoundError, FileExistsError, TypeError) as error:
+    except (KilnError, ValueError, FileNotFoundError, FileExistsError, TypeError) as error:
+        # One line, no traceback: kiln's own errors and the bad-input errors it raises.
         print(f"kiln {args.command}: error: {error}", file=sys.stderr)
         return 2
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from .errors import OutOfMemory
 from .generation.alternatives import alternatives
 from .generation.batching import batches
 from .generation.beam import BeamOptions, beam_search
@@ -135,7 +136,7 @@ class Generator:
                                       int8_backend)
         except torch.OutOfMemoryError as error:
             needed = sum(info.get("bytes", 0) for info in self.config.files.values())
-            raise MemoryError(
+            raise OutOfMemory(
                 f"out of memory loading {self.model_path} on {self._device}: its weights take "
                 f"{needed / 2**30:.1f} GiB as stored ({self.config.weights or self.config.dtype}); "
                 "free memory, use an int8 compute type, or load on another device") from error
@@ -698,7 +699,7 @@ class Generator:
                 spec = self.spec
                 needed = (2 * spec.num_layers * num_slots * spec.num_kv_heads * (max_length + 1)
                           * spec.head_dim * torch.finfo(self.dtype).bits // 8)
-                raise MemoryError(
+                raise OutOfMemory(
                     f"out of memory allocating the KV cache: {num_slots} sequences x "
                     f"{max_length} positions need {needed / 2**30:.2f} GiB on {self._device}; "
                     "lower the batch size (max_batch_size) or max_length") from error

@@ -62,6 +62,19 @@ def test_generate_errors_are_one_line_with_exit_2(tmp_path, capsys):
     assert error.startswith("kiln generate: error: no model at") and "Traceback" not in error
 
 
+def test_a_truncated_weight_file_is_one_error_line_without_traceback(source, tmp_path):
+    folder = kiln.convert(source, tmp_path / "kiln")
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    result = subprocess.run([sys.executable, "-m", "kiln", "generate", "--model", str(folder), "t5"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr
+    assert lines[0].startswith("kiln generate: error: ") and "truncated or corrupt" in lines[0]
+
+
 def test_help_and_version_do_not_import_torch():
     code = "import sys; from kiln.cli import build_parser; build_parser(); print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

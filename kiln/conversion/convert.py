@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from ..errors import ModelFileError
 from ..model.decoder import expected_weight_shapes, quantizable_weight_names
 from ..model.spec import KilnConfig, ModelSpec
 from ..quant.compute_types import NAMED, ComputeType
@@ -128,11 +129,11 @@ def _stored_tensors(named_tensors: Iterator[tuple[str, torch.Tensor]], spec: Mod
     quantized = quantizable_weight_names(spec) if target.weights else set()
     for name, tensor in _unshared(named_tensors):
         if name not in expected:
-            raise ValueError(f"converter produced an unexpected tensor {name!r}")
+            raise ModelFileError(f"converter produced an unexpected tensor {name!r}")
         want = expected.pop(name)
         if tuple(tensor.shape) != want:
-            raise ValueError(f"tensor {name!r} has shape {tuple(tensor.shape)}; the config implies "
-                             f"{want}: config.json and weights disagree")
+            raise ModelFileError(f"tensor {name!r} has shape {tuple(tensor.shape)}; the config implies "
+                                 f"{want}: config.json and weights disagree")
         if isinstance(tensor, IntegerWeight):
             if tensor.bits == target.weights:  # stored integers and scales, used as they are
                 yield name, tensor.values.contiguous()
@@ -146,7 +147,7 @@ def _stored_tensors(named_tensors: Iterator[tuple[str, torch.Tensor]], spec: Mod
         else:
             yield name, tensor.to(target.torch_dtype).contiguous()
     if expected:
-        raise ValueError(f"the checkpoint lacks tensors the config requires: {sorted(expected)}")
+        raise ModelFileError(f"the checkpoint lacks tensors the config requires: {sorted(expected)}")
 
 
 def _unshared(named_tensors: Iterator[tuple[str, Any]]) -> Iterator[tuple[str, Any]]:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import ModelFileError
 from ..quant.compute_types import ComputeType
 from ..quant.int8 import QuantizedLinear, dequantize_rows, quantize_rows
 from ..quant.kernels import default_backend
@@ -57,15 +58,15 @@ def check_folder(folder: Path) -> KilnConfig:
     config = KilnConfig.load(folder)
     files = config.files
     if not files:
-        raise ValueError(f"{folder / CONFIG_FILE} lists no weight files")
+        raise ModelFileError(f"{folder / CONFIG_FILE} lists no weight files")
     for name, info in files.items():
         path = folder / name
         if not path.is_file():
             raise FileNotFoundError(f"{folder} is missing its weight file {name}")
         size = path.stat().st_size
         if size != info.get("bytes", size):
-            raise ValueError(f"{path} has {size} bytes but {info['bytes']} were written: the file "
-                             "is truncated or corrupt; convert the model again")
+            raise ModelFileError(f"{path} has {size} bytes but {info['bytes']} were written: the file "
+                                 "is truncated or corrupt; convert the model again")
     return config
 
 
@@ -76,8 +77,8 @@ def verify_checksums(folder: Path, config: KilnConfig) -> None:
             for block in iter(lambda: handle.read(1 << 24), b""):
                 digest.update(block)
         if "sha256" in info and digest.hexdigest() != info["sha256"]:
-            raise ValueError(f"{Path(folder) / name} does not match its sha256 in config.json: "
-                             "the file is corrupt; convert the model again")
+            raise ModelFileError(f"{Path(folder) / name} does not match its sha256 in config.json: "
+                                 "the file is corrupt; convert the model again")
 
 
 def read_weights(folder: Path, config: KilnConfig) -> tuple[dict[str, torch.Tensor],
@@ -94,12 +95,12 @@ def read_weights(folder: Path, config: KilnConfig) -> tuple[dict[str, torch.Tens
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:
-        raise ValueError(f"{folder} does not match its config.json: missing tensors {missing[:5]}, "
-                         f"unexpected tensors {unexpected[:5]}")
+        raise ModelFileError(f"{folder} does not match its config.json: missing tensors {missing[:5]}, "
+                             f"unexpected tensors {unexpected[:5]}")
     for key, shape in expected.items():
         if tuple(tensors[key].shape) != shape:
-            raise ValueError(f"{folder}: tensor {key} has shape {tuple(tensors[key].shape)}, "
-                             f"config.json implies {shape}")
+            raise ModelFileError(f"{folder}: tensor {key} has shape {tuple(tensors[key].shape)}, "
+                                 f"config.json implies {shape}")
     return tensors, files
 
 

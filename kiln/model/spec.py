@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..errors import ModelFileError
 from ..storage.layout import CONFIG_FILE, WEIGHTS_FILE  # noqa: F401  (re-exported)
 
 FORMAT_NAME = "kiln"
@@ -193,7 +194,7 @@ class KilnConfig:
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as error:
-            raise ValueError(f"{path} is not valid JSON: {error}") from error
+            raise ModelFileError(f"{path} is not valid JSON: {error}") from error
         return cls.from_dict(data)
 
 

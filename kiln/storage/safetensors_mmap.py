@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from ..errors import ModelFileError
+
 DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
@@ -43,8 +45,8 @@ class MappedSafetensors:
         header.pop("__metadata__", None)
         self._entries = {name: self._entry(name, info, size) for name, info in header.items()}
 
-    def _corrupt(self, why: str) -> ValueError:
-        return ValueError(f"{self.path} is not a valid safetensors file (corrupt or truncated?): {why}")
+    def _corrupt(self, why: str) -> ModelFileError:
+        return ModelFileError(f"{self.path} is not a valid safetensors file (corrupt or truncated?): {why}")
 
     def _entry(self, name: str, info: dict, size: int) -> tuple[torch.dtype, list[int], int, int]:
         try:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import ModelFileError
 from .layout import WEIGHTS_FILE
 
 DTYPE_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -76,7 +77,7 @@ class ShardedWriter:
             handle.close()
         missing = sorted(set(self.layout) - self.written)
         if missing:
-            raise ValueError(f"the checkpoint lacks tensors the config requires: {missing}")
+            raise ModelFileError(f"the checkpoint lacks tensors the config requires: {missing}")
         return {path.name: {"bytes": path.stat().st_size, "sha256": sha256(path)}
                 for path in self.paths}
 

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from ...errors import ModelFileError
 from ...model.spec import ModelSpec, TokenIds
 
 # A lazily loaded checkpoint tensor: called, it returns the tensor.
@@ -67,7 +68,7 @@ def config_value(config: dict[str, Any], *keys: str, default: Any = None) -> Any
 
 def take(tensors: TensorSource, name: str) -> torch.Tensor:
     if name not in tensors:
-        raise ValueError(f"the checkpoint has no tensor {name!r}")
+        raise ModelFileError(f"the checkpoint has no tensor {name!r}")
     return tensors[name]()
 
 

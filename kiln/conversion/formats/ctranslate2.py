@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from ...errors import ModelFileError
 from ...model.spec import ModelSpec, TokenIds
 from ...quant.int8 import IntegerWeight
 from ...storage.layout import CONFIG_FILE
@@ -86,8 +87,8 @@ class ModelBin:
 
     def _bytes(self, offset: int, count: int) -> bytes:
         if offset + count > self._size:
-            raise ValueError(f"{self.paths[0]} is truncated or corrupt: {count} bytes needed at "
-                             f"offset {offset}, but the file has {self._size}")
+            raise ModelFileError(f"{self.paths[0]} is truncated or corrupt: {count} bytes needed at "
+                                 f"offset {offset}, but the file has {self._size}")
         chunks = []
         for index, (start, data) in enumerate(zip(self._starts, self._maps, strict=True)):
             end = self._starts[index + 1] if index + 1 < len(self._starts) else self._size
@@ -109,8 +110,8 @@ class ModelBin:
         try:
             return raw.rstrip(b"\0").decode("utf-8")
         except UnicodeDecodeError as error:
-            raise ValueError(f"{self.paths[0]} is corrupt: a name at offset {self._cursor - length} "
-                             "is not UTF-8") from error
+            raise ModelFileError(f"{self.paths[0]} is corrupt: a name at offset {self._cursor - length} "
+                                 "is not UTF-8") from error
 
     def _parse(self) -> None:
         self.binary_version = self._read("I")
@@ -127,20 +128,20 @@ class ModelBin:
             if self.binary_version >= 4:
                 type_id, num_bytes = self._read("B"), self._read("I")
                 if type_id not in DTYPES:
-                    raise ValueError(f"{self.paths[0]}: variable {name!r} has unknown data type "
-                                     f"{type_id} at offset {self._cursor - 5}")
+                    raise ModelFileError(f"{self.paths[0]}: variable {name!r} has unknown data type "
+                                         f"{type_id} at offset {self._cursor - 5}")
                 dtype = DTYPES[type_id]
             else:
                 item_size, count = self._read("B"), self._read("I")
                 if item_size not in ITEM_SIZES:
-                    raise ValueError(f"{self.paths[0]}: variable {name!r} has item size {item_size}")
+                    raise ModelFileError(f"{self.paths[0]}: variable {name!r} has item size {item_size}")
                 dtype, num_bytes = ITEM_SIZES[item_size], count * item_size
             numel = 1
             for dim in shape:
                 numel *= dim
             if numel * dtype.itemsize != num_bytes:
-                raise ValueError(f"{self.paths[0]} is corrupt: variable {name!r} at offset "
-                                 f"{self._cursor} claims {num_bytes} bytes for shape {shape}")
+                raise ModelFileError(f"{self.paths[0]} is corrupt: variable {name!r} at offset "
+                                     f"{self._cursor} claims {num_bytes} bytes for shape {shape}")
             self._bytes(self._cursor, num_bytes) if num_bytes < 64 else \
                 self._bytes(self._cursor + num_bytes - 1, 1)  # bounds check without copying
             self.variables[name] = (dtype, shape, self._cursor, num_bytes)
@@ -168,7 +169,7 @@ class ModelBin:
     def tensor(self, name: str) -> torch.Tensor:
         stored = self.resolve(name)
         if stored is None:
-            raise ValueError(f"{self.paths[0]} has no variable {name!r}")
+            raise ModelFileError(f"{self.paths[0]} has no variable {name!r}")
         dtype, shape, offset, num_bytes = self.variables[stored]
         self.touched.append(stored)
         for index, start in enumerate(self._starts):

@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ...errors import ModelFileError
+
 try:
     import gguf
     from gguf import GGMLQuantizationType, GGUFReader
@@ -69,7 +71,7 @@ def unpermute_rows(weight: torch.Tensor, n_head: int) -> torch.Tensor:
     """Undo llama.cpp's q/k row permutation (interleaved rotary -> Hugging Face rotate-half)."""
     out = weight.shape[0]
     if out % (2 * n_head):
-        raise ValueError(f"cannot un-permute a q/k tensor of {out} rows into {n_head} heads")
+        raise ModelFileError(f"cannot un-permute a q/k tensor of {out} rows into {n_head} heads")
     rest = weight.shape[1:]
     return (weight.reshape(n_head, out // n_head // 2, 2, *rest).transpose(1, 2)
             .reshape(weight.shape).contiguous())
@@ -89,8 +91,8 @@ class GGUFCheckpoint:
         except OSError:
             raise
         except Exception as error:  # the reader fails with ValueError, IndexError, ... on bad data
-            raise ValueError(f"{self.path} is not a readable GGUF file (not GGUF, or corrupt or "
-                             f"truncated): {type(error).__name__}: {error}") from error
+            raise ModelFileError(f"{self.path} is not a readable GGUF file (not GGUF, or corrupt or "
+                                 f"truncated): {type(error).__name__}: {error}") from error
         self._fields = self._reader.fields
         self._gguf_tensors = {tensor.name: tensor for tensor in self._reader.tensors}
         self.architecture = self._string("general.architecture")
@@ -112,14 +114,14 @@ class GGUFCheckpoint:
     def _string(self, key: str) -> str:
         value = self.metadata(key)
         if value is None:
-            raise ValueError(f"{self.path}: the GGUF metadata lacks {key!r}")
+            raise ModelFileError(f"{self.path}: the GGUF metadata lacks {key!r}")
         return value
 
     def _arch(self, key: str, default: Any = None, required: bool = False) -> Any:
         full = f"{self.architecture}.{key}"
         value = self.metadata(full, default)
         if value is None and required:
-            raise ValueError(f"{self.path}: the GGUF metadata lacks {full!r}")
+            raise ModelFileError(f"{self.path}: the GGUF metadata lacks {full!r}")
         if isinstance(value, list):
             raise ValueError(f"{self.path}: {full} is a per-layer list {value[:4]}...; kiln supports "
                              "only one value for all layers")
@@ -144,7 +146,7 @@ class GGUFCheckpoint:
                              f"dimension {rotary} differ; a Llama model needs them equal")
         embedding = self._gguf_tensors.get("token_embd.weight")
         if embedding is None:
-            raise ValueError(f"{self.path}: the GGUF has no token_embd.weight tensor")
+            raise ModelFileError(f"{self.path}: the GGUF has no token_embd.weight tensor")
         vocab = int(embedding.shape[-1])  # GGUF order: [hidden, vocab]
         tied = "output.weight" not in self._gguf_tensors
         rope_theta = _f32(arch("rope.freq_base", 10000.0))
@@ -220,8 +222,8 @@ class GGUFCheckpoint:
                 heads = self.config["num_key_value_heads"]
             tensors[hf_name] = partial(self._load, name, heads)
         if unknown:
-            raise ValueError(f"{self.path}: the GGUF has tensors kiln cannot map to a Llama model: "
-                             f"{unknown[:8]}{' ...' if len(unknown) > 8 else ''}")
+            raise ModelFileError(f"{self.path}: the GGUF has tensors kiln cannot map to a Llama model: "
+                                 f"{unknown[:8]}{' ...' if len(unknown) > 8 else ''}")
         return tensors
 
     def _load(self, name: str, unpermute_heads: int | None = None) -> torch.Tensor:
@@ -275,7 +277,7 @@ class GGUFCheckpoint:
     def _token_strings(self) -> list[str]:
         tokens = self.metadata("tokenizer.ggml.tokens")
         if tokens is None:
-            raise ValueError(f"{self.path}: the GGUF has no tokenizer (tokenizer.ggml.tokens)")
+            raise ModelFileError(f"{self.path}: the GGUF has no tokenizer (tokenizer.ggml.tokens)")
         return tokens
 
     def _special_token(self, name: str) -> str | None:
@@ -304,8 +306,8 @@ class GGUFCheckpoint:
             tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False,
                                              byte_fallback=False))
         except Exception as error:  # tokenizers raises a bare Exception for a bad vocabulary
-            raise ValueError(f"{self.path}: the GGUF's BPE vocabulary and merges do not fit "
-                             f"together: {error}") from error
+            raise ModelFileError(f"{self.path}: the GGUF's BPE vocabulary and merges do not fit "
+                                 f"together: {error}") from error
 
         pre = self.metadata("tokenizer.ggml.pre", "default")
         byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
@@ -357,7 +359,7 @@ class GGUFCheckpoint:
             left, right = merge[:index], merge[index + 1:]
             if left in vocab and right in vocab:
                 return left, right
-        raise ValueError(f"{self.path}: cannot read the BPE merge {merge!r}")
+        raise ModelFileError(f"{self.path}: cannot read the BPE merge {merge!r}")
 
     def _tokenizer_config(self) -> tuple[dict[str, Any], dict[str, Any]]:
         special: dict[str, Any] = {}

@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from ...errors import ModelFileError
+
 CONFIG = "config.json"
 SAFETENSORS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -38,7 +40,7 @@ def read_config(folder: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
-        raise ValueError(f"{path} is not valid JSON: {error}") from error
+        raise ModelFileError(f"{path} is not valid JSON: {error}") from error
 
 
 def weight_files(folder: Path) -> list[Path]:
@@ -51,7 +53,7 @@ def weight_files(folder: Path) -> list[Path]:
             try:
                 weight_map = json.loads((folder / index).read_text(encoding="utf-8"))["weight_map"]
             except (json.JSONDecodeError, KeyError) as error:
-                raise ValueError(f"{folder / index} is not a valid weight index: {error}") from error
+                raise ModelFileError(f"{folder / index} is not a valid weight index: {error}") from error
             files = [folder / name for name in sorted(set(weight_map.values()))]
             missing = [f.name for f in files if not f.is_file()]
             if missing:
@@ -64,8 +66,8 @@ def _safetensors_source(path: Path) -> dict[str, Callable[[], torch.Tensor]]:
     try:
         handle = safe_open(str(path), framework="pt")
     except Exception as error:  # safetensors raises its own error types for bad headers
-        raise ValueError(f"{path} is not a readable safetensors file (corrupt or truncated?): "
-                         f"{error}") from error
+        raise ModelFileError(f"{path} is not a readable safetensors file (corrupt or truncated?): "
+                             f"{error}") from error
     return {name: partial(handle.get_tensor, name) for name in handle.keys()}
 
 
@@ -76,7 +78,7 @@ def _bin_source(path: Path) -> dict[str, Callable[[], torch.Tensor]]:
     except RuntimeError:
         state = torch.load(str(path), map_location="cpu", weights_only=True)  # legacy format
     except Exception as error:
-        raise ValueError(f"{path} could not be read as a PyTorch weights file: {error}") from error
+        raise ModelFileError(f"{path} could not be read as a PyTorch weights file: {error}") from error
     return {name: (lambda t=tensor: t) for name, tensor in state.items()}
 
 
