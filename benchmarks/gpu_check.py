@@ -79,13 +79,13 @@ def graph_vs_eager(generator, prompt: list[int], steps: int = 16) -> float:
     """The largest relative logits difference between the decode step as replayed (a CUDA graph;
     a trace on CPU) for a padded batch (3 rows run as 4) and the eager step, fed the same
     tokens for `steps`."""
-    from kiln.generation.static_step import StaticDecodeStep, default_capture
+    from kiln.generation.static_step import StaticDecodeStep, batch_bucket, default_capture
     from kiln.model.kv_cache import KVCache
 
-    model, device, rows = generator.model, generator._device, 3
+    model, device, rows = generator.model, generator.engine.loaded.device, 3
     static = StaticDecodeStep(model, default_capture(device))
-    caches = [KVCache(generator.spec, slots, len(prompt) + steps, generator.dtype, device)
-              for slots in (rows, static.slots_for(rows))]
+    caches = [KVCache(generator.spec, slots, len(prompt) + steps, generator.engine.kv_cache_dtype,
+                      device) for slots in (rows, batch_bucket(rows))]
     tokens = torch.tensor([prompt] * rows, device=device)
     positions = torch.arange(len(prompt), device=device).expand(rows, -1)
     worst = 0.0
@@ -96,7 +96,8 @@ def graph_vs_eager(generator, prompt: list[int], steps: int = 16) -> float:
             ids = logits.argmax(-1)
             position = torch.full((rows,), len(prompt) + step, device=device)
             kv_length = len(prompt) + step + 1
-            logits = model(ids[:, None], position[:, None], caches[0], kv_length=kv_length)[:, -1]
+            logits = model(ids[:, None], position[:, None], caches[0], kv_length=kv_length,
+                           decode=True)[:, -1]
             replayed = static.step(ids, position, caches[1], kv_length)
             worst = max(worst, ((replayed - logits).norm() / logits.norm()).item())
     return worst

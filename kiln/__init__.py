@@ -5,11 +5,15 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
-__all__ = ["GenerationResult", "Generator", "KilnError", "ModelFileError", "ModelSpec", "OutOfMemory",
-           "RequestError", "convert", "__version__"]
+__all__ = ["AsyncEngine", "Engine", "GenerationOptions", "GenerationResult", "Generator",
+           "KilnError", "ModelFileError", "ModelSpec", "OutOfMemory", "RequestError", "TokenEvent",
+           "convert", "__version__"]
 
 if TYPE_CHECKING:
     from .errors import KilnError, ModelFileError, OutOfMemory, RequestError
+    from .generation.async_engine import AsyncEngine
+    from .generation.engine import Engine, TokenEvent
+    from .generation.options import GenerationOptions
     from .generation.results import GenerationResult
     from .generator import Generator
     from .model.spec import ModelSpec
@@ -19,6 +23,9 @@ if TYPE_CHECKING:
 _LAZY = {"convert": ("sources.hub", "convert_source"), "Generator": ("generator", "Generator"),
          "GenerationResult": ("generation.results", "GenerationResult"),
          "ModelSpec": ("model.spec", "ModelSpec"),
+         "Engine": ("generation.engine", "Engine"), "TokenEvent": ("generation.engine", "TokenEvent"),
+         "AsyncEngine": ("generation.async_engine", "AsyncEngine"),
+         "GenerationOptions": ("generation.options", "GenerationOptions"),
          **{name: ("errors", name) for name in ("KilnError", "RequestError", "ModelFileError",
                                                  "OutOfMemory")}}
 

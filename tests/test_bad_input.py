@@ -233,19 +233,21 @@ def test_generator_still_works_after_bad_input(generator):
     assert len(generator.generate_batch([[5, 6]], max_length=4)[0].sequences_ids[0]) >= 2
 
 
-def test_out_of_memory_says_what_to_reduce_and_leaves_the_generator_usable(generator, monkeypatch):
-    from kiln import generator as generator_module
-
-    real_cache = generator_module.KVCache
+def test_out_of_memory_says_what_to_reduce_and_leaves_the_generator_usable(folders, generator,
+                                                                             monkeypatch):
+    from kiln.generation import slots
 
     def exhausted(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
 
-    generator._cache = None
-    monkeypatch.setattr(generator_module, "KVCache", exhausted)
-    with pytest.raises(MemoryError, match=r"4 sequences x \d+ positions need .* GiB.*max_batch_size"):
+    monkeypatch.setattr(slots, "KVCache", exhausted)  # the KV cache, allocated at start
+    with pytest.raises(MemoryError, match=r"4 slots x \d+ positions need .* GiB.*max_batch_size"):
+        kiln.Generator(folders[1], max_batch_size=4)
+    monkeypatch.undo()
+    monkeypatch.setattr(type(generator.model), "forward", exhausted)  # a step's activations
+    with pytest.raises(MemoryError, match="lower max_prefill_tokens_per_step or max_batch_size"):
         generator.generate_batch([[5, 6]] * 4, max_length=100)
-    monkeypatch.setattr(generator_module, "KVCache", real_cache)
+    monkeypatch.undo()
     assert len(generator.generate_batch([[5, 6]], max_length=4)[0].sequences_ids[0]) >= 2
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import kiln
-from kiln import generator as generator_module
+from kiln.generation import runner as runner_module
 from kiln.generation import static_step
 from kiln.generation.static_step import StaticDecodeStep, batch_bucket, kv_bucket
 from kiln.model.kv_cache import KVCache
@@ -41,12 +41,13 @@ def test_buckets():
 ])
 def test_static_steps_equal_eager_steps(folders, weights, options, capture, monkeypatch):
     float_folder, int8_folder = folders
-    monkeypatch.setattr(generator_module, "default_capture", lambda device: capture)
+    monkeypatch.setattr(runner_module, "default_capture", lambda device: capture)
     generator = kiln.Generator(int8_folder if weights == "int8" else float_folder)
     generator.static_decode = False
     options = {"include_prompt_in_result": False, "return_scores": True, **options}
     # 3 rows run as 4 (one padding row), then 5 as 8, then 1; the 5-row batch must not
-    # leave positions behind for the later 3-row batch in the same bucket.
+    # leave positions behind for the later 3-row batch in the same bucket. Rows that finish
+    # early leave their slot: the rest run at a smaller bucket.
     batches = [[random_prompt(n, VOCAB, seed=n + 40) for n in lengths]
                for lengths in ((1, 6, 13), (2, 3, 4, 5, 7), (9,), (3, 8, 11))]
     eager = [generator.generate_batch(prompts, **options) for prompts in batches]
@@ -59,9 +60,9 @@ def test_static_steps_equal_eager_steps(folders, weights, options, capture, monk
         assert [r.sequences_ids for r in ours] == [r.sequences_ids for r in theirs]
         assert [r.scores[0] for r in ours] == pytest.approx([r.scores[0] for r in theirs],
                                                             abs=tolerance)
-    # The cache is kept while it fits (then its steps are kept too): only buckets, no raw sizes.
-    steps = generator._static_step._steps
-    assert {rows for rows, _ in steps} <= {1, 4, 8}
+    # The engine's cache never changes, so its steps are kept: only buckets, no raw sizes.
+    steps = generator.engine.runner._static_step._steps
+    assert {rows for rows, _ in steps} <= {1, 2, 4, 8} and {4, 8} <= {rows for rows, _ in steps}
     assert all((step.traced is not None) == (capture == "trace") for step in steps.values())
 
 
@@ -78,25 +79,30 @@ def test_attention_buckets_past_256_columns(folders, monkeypatch):
                         lambda self, key, cache: built.append(key) or original(self, key, cache))
     static = generator.generate_batch(prompts, **options)
     assert [r.sequences_ids for r in static] == [r.sequences_ids for r in eager]
-    assert built == [(2, 256), (2, 270)]  # crossing 256 columns: one more step, capped
+    assert built == [(2, 256), (2, 512)]  # crossing 256 columns: one more step
 
 
-def test_a_new_cache_drops_the_old_steps(folders):
+def test_steps_survive_across_requests(folders):
     generator = kiln.Generator(folders[0])
     options = dict(max_length=8, end_token=[], include_prompt_in_result=False)
     generator.generate_batch([random_prompt(4, VOCAB, seed=3)], **options)
-    step = generator._static_step
-    assert len(step._steps) == 1
-    generator.generate_batch([random_prompt(100, VOCAB, seed=3)], **options)  # a bigger cache
-    assert step._cache is generator._cache and len(step._steps) == 1
+    static = generator.engine.runner._static_step
+    built = dict(static._steps)
+    assert len(built) == 1
+    generator.generate_batch([random_prompt(100, VOCAB, seed=3)], **options)  # a longer one
+    assert static._cache is generator.engine.pool.cache
+    assert static._steps == built and all(static._steps[k] is built[k] for k in built)
 
 
 def test_too_few_slots_is_refused(folders):
     generator = kiln.Generator(folders[0])
     cache = KVCache(generator.spec, 2, 16, torch.float32, "cpu")
     step = StaticDecodeStep(generator.model, capture=None)
-    with pytest.raises(ValueError, match="runs as 4 rows but the cache has 2 slots"):
+    with pytest.raises(ValueError, match="a batch of 3 rows needs 3 slots but the cache has 2"):
         step.step(torch.zeros(3, dtype=torch.long), torch.zeros(3, dtype=torch.long), cache, 4)
+    three = KVCache(generator.spec, 3, 16, torch.float32, "cpu")  # 3 rows run as 3, not 4
+    assert step.step(torch.zeros(3, dtype=torch.long), torch.full((3,), 16), three, 4).shape[0] == 3
+    assert list(step._steps) == [(3, 16)]
 
 
 def test_capture_by_device():
@@ -121,4 +127,4 @@ def test_a_failing_trace_falls_back_to_eager_steps(folders, monkeypatch):
     with pytest.warns(RuntimeWarning, match="tracing failed: tracing is gone"):
         static = generator.generate_batch(prompts, **options)
     assert [r.sequences_ids for r in static] == [r.sequences_ids for r in eager]
-    assert generator._static_step.capture is None
+    assert generator.engine.runner._static_step.capture is None

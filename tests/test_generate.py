@@ -290,22 +290,20 @@ def test_threads_share_one_generator_safely(neox):
 
 def test_breaking_out_of_generate_tokens_stops_the_work(neox, monkeypatch):
     _, _, generator = neox
+    runner = generator.engine.runner
     calls = []
-    forward = type(generator.model).forward
-
-    def counting(self, *args, **kwargs):
-        calls.append(1)
-        return forward(self, *args, **kwargs)
-
-    monkeypatch.setattr(type(generator.model), "forward", counting)
+    for name in ("prefill", "decode"):
+        original = getattr(runner, name)
+        monkeypatch.setattr(runner, name, lambda *args, original=original, name=name: calls.append(
+            name) or original(*args))
     prompt = random_prompt(5, VOCAB, seed=18)
     steps = []
     for step in generator.generate_tokens(prompt, max_length=50, end_token=[]):
         steps.append(step.token_id)
         if len(steps) == 3:
             break
-    assert len(calls) == 3  # the prefill and two decode steps: nothing after the break
-    assert not generator._lock.locked()
+    assert calls == ["prefill", "decode", "decode"]  # nothing after the break
+    assert generator.engine.stats().slots_used == 0  # its slot is free at once
     assert greedy(generator, [prompt])[0][:3] == steps  # and the next call works
 
 
@@ -455,27 +453,26 @@ def test_generate_tokens_takes_the_penalties(neox):
 @pytest.mark.parametrize("include_prompt", [False, True])
 def test_static_prompt_matches_ctranslate2_and_is_cached(neox, ctranslate2_generator,
                                                          include_prompt, monkeypatch):
-    from kiln import generator as generator_module
-
     _, _, generator = neox
+    states = generator.engine.runner.static_prompts
     static = [f"t{i}" for i in random_prompt(9, VOCAB, seed=23)]
     prompts = [[f"t{i}" for i in random_prompt(n, VOCAB, seed=n + 30)] for n in (2, 5)]
     options = dict(max_length=10, end_token=[], include_prompt_in_result=include_prompt,
                    return_scores=True)
-    generator._static_states.clear()
+    states.clear()
     first = generator.generate_batch(prompts, static_prompt=static, **options)
     for prompt, ours in zip(prompts, first, strict=True):
         theirs = ctranslate2_generator.generate_batch([prompt], static_prompt=static, **options)[0]
         assert ours.sequences_ids == theirs.sequences_ids
         assert ours.scores == pytest.approx(theirs.scores, abs=1e-4)
-    assert len(generator._static_states) == 1
+    assert len(states) == 1
     uncached = generator.generate_batch(prompts, static_prompt=static, cache_static_prompt=False,
                                         **options)
     assert [r.sequences_ids for r in uncached] == [r.sequences_ids for r in first]
-    monkeypatch.setattr(generator_module, "STATIC_PROMPT_CACHE_SIZE", 2)
+    monkeypatch.setattr(states, "capacity", 2)
     for seed in range(3):  # bounded: the least recently used static prompts are dropped
         generator.generate_batch(prompts, static_prompt=random_prompt(4, VOCAB, seed), **options)
-    assert len(generator._static_states) == 2
+    assert len(states) == 2
 
 
 @pytest.mark.parametrize("options", [
@@ -485,17 +482,21 @@ def test_static_prompt_matches_ctranslate2_and_is_cached(neox, ctranslate2_gener
     dict(max_length=30, sampling_topk=10, sampling_topp=0.9, seed=5, return_end_token=True,
          end_token=["t9", "t15", "t84", "t23"], include_prompt_in_result=True),
 ])
-def test_device_loop_equals_the_general_loop(neox, monkeypatch, options):
-    """Plain generation runs in kiln/generation/device_loop.py (no host sync per token); it must give
-    exactly what the general per-row loop gives."""
+def test_watching_the_tokens_does_not_change_them(neox, options):
+    """A callback and return_logits_vocab observe each step of the one decode loop; they
+    must not change its tokens or scores."""
     _, _, generator = neox
     prompts = [random_prompt(n, VOCAB, seed=n + 40) for n in (1, 6, 13)]
     options = {"include_prompt_in_result": False, "return_scores": True, **options}
-    fast = generator.generate_batch(prompts, **options)
-    monkeypatch.setattr(generator, "device_loop", False)
-    general = generator.generate_batch(prompts, **options)
-    assert [r.sequences_ids for r in fast] == [r.sequences_ids for r in general]
-    assert [r.scores[0] for r in fast] == pytest.approx([r.scores[0] for r in general], abs=1e-6)
+    plain = generator.generate_batch(prompts, **options)
+    seen = []
+    watched = generator.generate_batch(prompts, callback=lambda step: seen.append(step) and False,
+                                       return_logits_vocab=True, **options)
+    assert [r.sequences_ids for r in watched] == [r.sequences_ids for r in plain]
+    assert [r.scores[0] for r in watched] == pytest.approx([r.scores[0] for r in plain], abs=1e-6)
+    assert len(seen) == sum(len(r.sequences_ids[0]) for r in plain) - sum(
+        len(p) for p in prompts) * options["include_prompt_in_result"]
+    assert all(r.logits[0].shape[1] == 96 and r.logits[0].shape[0] >= 1 for r in watched)
 
 
 @pytest.mark.parametrize("case", [
@@ -547,11 +548,9 @@ def test_sampled_beam_search_is_seeded_and_valid(neox):
 
 
 def test_long_prompts_run_in_chunks_with_the_same_result(neox, monkeypatch):
-    """Prompts run in column chunks of about PREFILL_CHUNK_ROWS rows: ragged rows whose last
-    token falls in different chunks, with and without a static prompt, give what one pass
-    gives."""
-    from kiln import generator as generator_module
-
+    """Prompts run in chunks of at most max_prefill_tokens_per_step tokens (rows x width of
+    the padded chunk batch): ragged rows whose prompts end in different steps, with and without
+    a static prompt, give what one pass gives."""
     _, _, generator = neox
     prompts = [random_prompt(n, VOCAB, seed=n) for n in (3, 29, 40)]
     options = dict(max_length=6, end_token=[], include_prompt_in_result=False, return_scores=True)
@@ -562,9 +561,10 @@ def test_long_prompts_run_in_chunks_with_the_same_result(neox, monkeypatch):
     original = generator.model.forward
     monkeypatch.setattr(generator.model, "forward", lambda *a, **k: calls.append(
         a[0].shape) or original(*a, **k))
-    monkeypatch.setattr(generator_module, "PREFILL_CHUNK_ROWS", 30)
+    monkeypatch.setattr(generator.engine, "max_prefill_tokens_per_step", 30)
     chunked = generator.generate_batch(prompts, **options)
-    assert [shape for shape in calls if shape[1] > 1] == [(3, 10)] * 4  # 40 columns, 4 chunks
+    prompt_passes = [shape for shape in calls if shape[1] > 1]
+    assert len(prompt_passes) >= 3 and all(rows * width <= 30 for rows, width in prompt_passes)
     chunked_static = generator.generate_batch(prompts, static_prompt=static,
                                               cache_static_prompt=False, **options)
     for ours, theirs in ((chunked, whole), (chunked_static, whole_static)):

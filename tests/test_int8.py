@@ -108,7 +108,9 @@ def test_int8_folder_with_a_float_type_dequantizes(folders, tmp_path):
 def test_prefill_is_as_accurate_as_weight_only_int8(folders, tmp_path):
     """Prompts (many rows) run two int8 passes: ~16-bit activations, the error of the weights."""
     _, source, _ = folders
-    int8 = kiln.Generator(kiln.convert(source, tmp_path / "q", quantization="int8"))
+    # A float32 KV cache for both: what is compared is the activations' quantization.
+    int8 = kiln.Generator(kiln.convert(source, tmp_path / "q", quantization="int8"),
+                          kv_cache_dtype="float32")
     weight_only = kiln.Generator(int8.model_path, compute_type="float32")  # same int8 weights
     prompt = random_prompt(40, VOCAB, 3)
     expected, actual = logits(weight_only, prompt), logits(int8, prompt)
@@ -116,13 +118,13 @@ def test_prefill_is_as_accurate_as_weight_only_int8(folders, tmp_path):
 
 
 def stepwise_argmax(generator, ids: list[int]) -> list[int]:
-    """Greedy choice after each prefix, one token per decode step (the one-row int8 path)."""
+    """Greedy choice after each prefix, one token per decode step (one 8-bit int8 pass)."""
     cache = KVCache(generator.spec, 1, len(ids), generator.dtype, "cpu")
     choices = []
     with torch.inference_mode():
         for position, token in enumerate(ids):
             step = generator.model(torch.tensor([[token]]), torch.tensor([[position]]), cache,
-                                   kv_length=position + 1)
+                                   kv_length=position + 1, decode=True)
             choices.append(step[0, -1, :generator.spec.usable_vocab_size].argmax().item())
     return choices
 
@@ -159,8 +161,11 @@ def test_int8_greedy_agrees_with_float32(tmp_path, family):
 def test_backends_agree_and_the_fallback_works(folders, monkeypatch):
     _, _, float_folder = folders
     prompt = random_prompt(30, VOCAB, 4)
-    fbgemm = kiln.Generator(float_folder, compute_type="int8", int8_backend="fbgemm")
-    int_mm = kiln.Generator(float_folder, compute_type="int8", int8_backend="int_mm")
+    # A float32 KV cache: bfloat16 would round the kernels' last-bit differences up to 1e-3.
+    fbgemm = kiln.Generator(float_folder, compute_type="int8", int8_backend="fbgemm",
+                            kv_cache_dtype="float32")
+    int_mm = kiln.Generator(float_folder, compute_type="int8", int8_backend="int_mm",
+                            kv_cache_dtype="float32")
     assert isinstance(fbgemm.model.layers[0].attn.qkv.kernel, kernels.FbgemmKernel)
     assert (fbgemm.int8_backend, int_mm.int8_backend) == ("fbgemm", "int_mm")
     assert isinstance(int_mm.model.layers[0].attn.qkv.kernel, kernels.IntMMKernel)
@@ -169,10 +174,11 @@ def test_backends_agree_and_the_fallback_works(folders, monkeypatch):
     assert fbgemm.generate_batch([prompt], **options)[0].sequences_ids == \
         int_mm.generate_batch([prompt], **options)[0].sequences_ids
     if kernels.onednn_available():
-        onednn = kiln.Generator(float_folder, compute_type="int8", int8_backend="onednn")
+        onednn = kiln.Generator(float_folder, compute_type="int8", int8_backend="onednn",
+                                kv_cache_dtype="float32")
         assert isinstance(onednn.model.layers[0].attn.qkv.kernel, kernels.OnednnKernel)
         assert torch.allclose(logits(onednn, prompt), logits(int_mm, prompt), atol=1e-3)
-        # one row (decode), a few rows (batched decode), many rows (two-pass prompt)
+        # one, a few, many rows: decode steps of that many rows, and prompts of that length
         for rows in (1, 3, 30):
             batch = [random_prompt(rows, VOCAB, seed) for seed in range(2)]
             assert onednn.generate_batch(batch, **options)[0].sequences_ids == \
@@ -228,8 +234,10 @@ def test_fbgemm_without_vnni_uses_seven_bit_activations(folders, monkeypatch):
     _, _, float_folder = folders
     monkeypatch.setattr(kernels.FbgemmKernel, "full_range", False)
     monkeypatch.setattr(kernels.FbgemmKernel, "levels", 63)
-    seven_bit = kiln.Generator(float_folder, compute_type="int8", int8_backend="fbgemm")
-    weight_only = kiln.Generator(float_folder, compute_type="int8", int8_backend=None)
+    seven_bit = kiln.Generator(float_folder, compute_type="int8", int8_backend="fbgemm",
+                               kv_cache_dtype="float32")
+    weight_only = kiln.Generator(float_folder, compute_type="int8", int8_backend=None,
+                                 kv_cache_dtype="float32")
     prompt = random_prompt(40, VOCAB, 5)
     expected, actual = logits(weight_only, prompt), logits(seven_bit, prompt)
     assert ((actual - expected).norm() / expected.norm()).item() < 1e-3
@@ -242,13 +250,14 @@ def test_few_rows_run_weight_only_below_a_kernels_min_rows(folders, monkeypatch)
     """On CUDA `_int_mm` needs more than 16 rows, so the int_mm kernel runs from 65 rows and
     fewer run weight-only (Triton there). The routing is device-independent: checked here."""
     _, _, float_folder = folders
-    generator = kiln.Generator(float_folder, compute_type="int8", int8_backend="int_mm")
+    generator = kiln.Generator(float_folder, compute_type="int8", int8_backend="int_mm",
+                               kv_cache_dtype="float32")
     short, long = random_prompt(30, VOCAB, 6), random_prompt(70, VOCAB, 7)
     expected = [logits(generator, short), logits(generator, long)]
     kernel_rows, weight_only_rows = [], []
     original_call, original_weight_only = kernels.IntMMKernel.__call__, QuantizedLinear.weight_only
-    monkeypatch.setattr(kernels.IntMMKernel, "__call__", lambda self, x: kernel_rows.append(
-        x.shape[0]) or original_call(self, x))
+    monkeypatch.setattr(kernels.IntMMKernel, "__call__", lambda self, x, *rest: kernel_rows.append(
+        x.shape[0]) or original_call(self, x, *rest))
     monkeypatch.setattr(QuantizedLinear, "weight_only", lambda self, x: weight_only_rows.append(
         x.reshape(-1, x.shape[-1]).shape[0]) or original_weight_only(self, x))
     for module in generator.model.modules():

@@ -53,11 +53,13 @@ def sampling_probabilities(logits: torch.Tensor, params: SamplingParams) -> torc
     return logits.softmax(dim=-1)
 
 
-def choose_tokens(logits: torch.Tensor, params: SamplingParams,
-                  generator: torch.Generator | None,
+def choose_tokens(logits: torch.Tensor,
+                  choices: list[tuple[SamplingParams, torch.Generator | None]],
                   usable_vocab_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pick one token per row of float32 logits [B, V]; return (ids, log-probs under the model).
+    """Pick one token per row of float32 logits [B, V], each row with its own sampling
+    parameters and random stream; return (ids, log-probs under the model).
 
+    Rows never influence each other: a row's token is the same whatever rows share the call.
     Ids >= `usable_vocab_size` (padding rows of the embedding, which no tokenizer produces)
     are never picked. The log-prob is of the model's whole distribution, before that mask
     and before top-k/temperature/top-p, which is what CTranslate2 reports in `scores`.
@@ -66,10 +68,14 @@ def choose_tokens(logits: torch.Tensor, params: SamplingParams,
     if usable_vocab_size is not None and usable_vocab_size < logits.shape[-1]:
         logits = logits.clone()
         logits[:, usable_vocab_size:] = float("-inf")
-    if params.greedy:
-        ids = logits.argmax(dim=-1)
-    else:
-        probs = sampling_probabilities(logits, params)
-        noise = torch.empty_like(probs).exponential_(1.0, generator=generator)
-        ids = (probs / noise).argmax(dim=-1)
+    ids = logits.argmax(dim=-1)
+    sampled: dict[SamplingParams, list[int]] = {}
+    for row, (params, _) in enumerate(choices):
+        if not params.greedy:
+            sampled.setdefault(params, []).append(row)
+    for params, rows in sampled.items():
+        probs = sampling_probabilities(logits[rows], params)
+        noise = torch.stack([torch.empty_like(probs[0]).exponential_(1.0, generator=choices[row][1])
+                             for row in rows])
+        ids[rows] = (probs / noise).argmax(dim=-1)
     return ids, log_probs.gather(-1, ids.unsqueeze(-1)).squeeze(-1)

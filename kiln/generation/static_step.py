@@ -69,7 +69,7 @@ class _StepModule(nn.Module):
 
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, *kv: torch.Tensor):
         cache = _CacheView(kv[: self.layers], kv[self.layers:])
-        return self.model(ids, positions, cache, kv_length=self.kv_length)[:, -1]
+        return self.model(ids, positions, cache, kv_length=self.kv_length, decode=True)[:, -1]
 
 
 def default_capture(device: torch.device) -> str | None:
@@ -91,18 +91,14 @@ class StaticDecodeStep:
         self._cache = None  # the KV cache the steps were built for
         self._pool = None
 
-    def slots_for(self, rows: int) -> int:
-        """The KV cache slots a batch of `rows` needs (its padding rows need slots too)."""
-        return batch_bucket(rows)
-
     def step(self, ids: torch.Tensor, positions: torch.Tensor, cache,
              kv_length: int) -> torch.Tensor:
         """Logits [B, V] of one decode step; valid until the next call."""
         rows = ids.shape[0]
-        bucket = batch_bucket(rows)
-        if bucket > cache.num_slots:
-            raise ValueError(f"a batch of {rows} runs as {bucket} rows but the cache has "
-                             f"{cache.num_slots} slots; allocate slots_for({rows})")
+        bucket = min(batch_bucket(rows), cache.num_slots)  # a bucket never exceeds the slots
+        if rows > cache.num_slots:
+            raise ValueError(f"a batch of {rows} rows needs {rows} slots but the cache has "
+                             f"{cache.num_slots}")
         if cache is not self._cache:  # graphs hold the old cache's addresses
             self.reset()
             self._cache = cache
@@ -130,7 +126,7 @@ class StaticDecodeStep:
         self._cache = None
 
     def _run(self, step: _Step, cache, kv_length: int) -> torch.Tensor:
-        return self.model(step.ids, step.positions, cache, kv_length=kv_length)[:, -1]
+        return self.model(step.ids, step.positions, cache, kv_length=kv_length, decode=True)[:, -1]
 
     def _build(self, key: tuple[int, int], cache) -> _Step:
         bucket, kv_length = key

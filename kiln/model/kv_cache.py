@@ -11,6 +11,9 @@ of a ragged batch write their (ignored) keys, so padding never overwrites a real
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
 
 from .spec import ModelSpec
@@ -24,8 +27,8 @@ class KVCache:
                              f"{num_slots} and {max_length}")
         shape = (num_slots, spec.num_kv_heads, max_length + 1, spec.head_dim)
         # zeros, not empty: masked attention weights are exactly 0, but 0 * NaN garbage is NaN.
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(spec.num_layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(spec.num_layers)]
+        self.keys = [_zeros(shape, dtype, device) for _ in range(spec.num_layers)]
+        self.values = [_zeros(shape, dtype, device) for _ in range(spec.num_layers)]
         self.num_slots = num_slots
         self.max_length = max_length
         self.dtype = dtype
@@ -36,12 +39,21 @@ class KVCache:
         """Where padding tokens write; never read, because reads stop at max_length."""
         return self.max_length
 
-    def fits(self, num_slots: int, max_length: int, dtype: torch.dtype,
-             device: torch.device) -> bool:
-        return (num_slots <= self.num_slots and max_length <= self.max_length
-                and dtype == self.dtype and device == self.device)
-
-    def copy_slots(self, source: torch.Tensor, destination: torch.Tensor) -> None:
-        """Copy whole slots (beam search reorders hypotheses this way, without recompute)."""
+    def copy_slots(self, source, destination, length: int | None = None) -> None:
+        """Copy slots (their first `length` positions, default all) without recompute: beam
+        search reorders hypotheses this way, the slot pool compacts itself."""
+        source = torch.as_tensor(source, device=self.device)
+        destination = torch.as_tensor(destination, device=self.device)
+        columns = slice(None) if length is None else slice(0, length)
         for tensor in self.keys + self.values:
-            tensor.index_copy_(0, destination, tensor.index_select(0, source))
+            view = tensor[:, :, columns]
+            view.index_copy_(0, destination, view.index_select(0, source))
+
+
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
+    """Zeros. On CPU from calloc'd memory: the system hands out zero pages only as they are
+    written, so a pool sized for long sequences costs memory for what it holds."""
+    if torch.device(device).type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    raw = np.zeros(math.prod(shape) * dtype.itemsize, dtype=np.uint8)
+    return torch.from_numpy(raw).view(dtype).view(shape)

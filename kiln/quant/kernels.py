@@ -4,11 +4,15 @@ Every backend computes `x @ W^T` for an int8 weight `W = Wq / scale` (one scale 
 the activations quantized **per token** (per row of x), never with one scale for a whole
 prompt. Rows are first normalised by their own max, so all values lie in [-1, 1]:
 
-- up to ONE_PASS_MAX_ROWS rows (decode steps): one int8 pass, 8-bit activations per token,
-  as CTranslate2 does; the weights stream from memory once.
-- more rows (prefill, scoring): two passes, the rounded activations and then their residual,
-  which gives ~16-bit activations (the error of weight-only int8) at twice the int8 compute,
+- decode steps: one int8 pass, 8-bit activations per token, as CTranslate2 does; the
+  weights stream from memory once.
+- prompts and scoring: two passes, the rounded activations and then their residual, which
+  gives ~16-bit activations (the error of weight-only int8) at twice the int8 compute,
   still about the cost of a float32 GEMM.
+
+Which of the two a call runs is the caller's choice (the kind of forward pass), never the
+number of rows: a row's result is then the same whatever rows share the call, since every
+row is quantized on its own and integer products are exact.
 
 Backends:
 - "fbgemm" (the default): PyTorch's x86 quantized engine, weight prepacked at load. Its
@@ -28,7 +32,6 @@ import torch
 
 from . import triton_int8
 
-ONE_PASS_MAX_ROWS = 16
 BACKENDS = ("onednn", "fbgemm", "int_mm")
 
 
@@ -48,35 +51,32 @@ class Int8Kernel:
     stored_weight: torch.Tensor | None  # the plain int8 weight if the kernel still needs it
     # Fewer rows run weight-only instead (QuantizedLinear.weight_only); needs stored_weight.
     min_rows = 1
+    decodes = True  # also runs decode steps (one pass); False: those run weight-only
     levels = 127  # activations are quantized to multiples of 1 / levels in [-1, 1]
-    bias: torch.Tensor | None  # float32; grid_matmul adds it to every product
+    bias: torch.Tensor | None  # float32, added after the product
 
     def grid_matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """x [M, K] float32 in [-1, 1] -> x @ W^T (+ bias) float32, x rounded to multiples
+        """x [M, K] float32 in [-1, 1] -> x @ W^T float32 (no bias), x rounded to multiples
         of 1/levels."""
         raise NotImplementedError
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """x @ W^T + bias for float x [M, K]."""
+    def __call__(self, x: torch.Tensor, two_pass: bool = True) -> torch.Tensor:
+        """x @ W^T + bias for float x [M, K]: one pass (decode) or two (prompts)."""
         x = x.float()
-        row_max = x.abs().amax(dim=-1, keepdim=True).clamp_min(1e-30)
+        row_max = torch.linalg.vector_norm(x, float("inf"), dim=-1, keepdim=True).clamp_min(1e-30)
         x = x / row_max
-        rows = x.shape[0]
-        if rows <= ONE_PASS_MAX_ROWS:
-            product = self.grid_matmul(x)
-        else:
+        if two_pass:
             # |x - coarse| <= 1/(2 levels): the residual, scaled back to [-1, 1], is a 2nd pass,
             # run in the same call as the first: the weight streams once for both.
-            gain = 2.0 * self.levels
+            rows, gain = x.shape[0], 2.0 * self.levels
             coarse = torch.round(x * self.levels) / self.levels
-            residual = (x - coarse) * gain
-            both = self.grid_matmul(torch.cat((coarse, residual)))
+            both = self.grid_matmul(torch.cat((coarse, (x - coarse) * gain)))
             product = both[:rows].add_(both[rows:], alpha=1.0 / gain)
-            if self.bias is not None:
-                product -= self.bias / gain  # both passes added it
+        else:
+            product = self.grid_matmul(x)
         if self.bias is None:
             return product * row_max
-        return (product - self.bias) * row_max + self.bias
+        return torch.addcmul(self.bias, product, row_max)
 
 
 class FbgemmKernel(Int8Kernel):
@@ -91,13 +91,8 @@ class FbgemmKernel(Int8Kernel):
             zero_points = torch.zeros(weight.shape[0], dtype=torch.long)
             quantized = torch._make_per_channel_quantized_tensor(
                 weight.contiguous(), (1.0 / scale).double(), zero_points, 0)
-            self.packed = torch.ops.quantized.linear_prepack(quantized, self.bias)
+            self.packed = torch.ops.quantized.linear_prepack(quantized, None)
         self.stored_weight = None  # the packed copy is all the kernel needs
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] == 1:  # one token: the dynamic per-tensor scale is a per-token scale
-            return torch.ops.quantized.linear_dynamic(x.float(), self.packed, not self.full_range)
-        return super().__call__(x)
 
     def grid_matmul(self, x: torch.Tensor) -> torch.Tensor:
         # Quantizes x to uint8 with scale 1/levels around the zero point levels+1 (exact on the
@@ -120,19 +115,20 @@ class OnednnKernel(Int8Kernel):
         quantized = torch.round(x * self.levels).to(torch.int8)
         return torch.ops.onednn.qlinear_pointwise(
             quantized, 1.0 / self.levels, 0, self.packed, self.inverse_scale, self.zero_points,
-            self.bias, 1.0, 0, torch.float32, "none", [], "")
+            None, 1.0, 0, torch.float32, "none", [], "")
 
 
 class IntMMKernel(Int8Kernel):
-    """On CUDA this is W8A8 for prompts and large batches: `_int_mm` needs more than 16 rows
-    there, and up to triton_int8.MAX_ROWS rows the weight-only kernel streams the weight once
-    anyway, so fewer rows than CUDA_MIN_ROWS run weight-only."""
+    """On CUDA this is W8A8 for prompts: `_int_mm` needs more than 16 rows there, and up to
+    triton_int8.MAX_ROWS rows the weight-only kernel streams the weight once anyway, so fewer
+    rows than CUDA_MIN_ROWS run weight-only, and so do decode steps (whatever their rows)."""
 
     CUDA_MIN_ROWS = triton_int8.MAX_ROWS + 1
 
     def __init__(self, weight: torch.Tensor, scale: torch.Tensor,
                  bias: torch.Tensor | None) -> None:
         self.min_rows = self.CUDA_MIN_ROWS if weight.is_cuda else 1
+        self.decodes = not weight.is_cuda
         self.bias = None if bias is None else bias.detach().float()
         self.stored_weight = weight
         self.transposed = weight.t()  # a view: _int_mm reads it without a copy
@@ -140,8 +136,7 @@ class IntMMKernel(Int8Kernel):
 
     def grid_matmul(self, x: torch.Tensor) -> torch.Tensor:
         quantized = torch.round(x * 127.0).to(torch.int8)
-        product = torch._int_mm(quantized, self.transposed).float() * self.inverse_scale
-        return product if self.bias is None else product + self.bias
+        return torch._int_mm(quantized, self.transposed).float() * self.inverse_scale
 
 
 def fbgemm_available() -> bool:

@@ -1,0 +1,153 @@
+"""One validated set of generation options, with CTranslate2's names and semantics.
+
+Every entry point (generate_batch, generate_tokens, the text API, the engine) builds a
+GenerationOptions and nothing else: options are checked once, here, before any work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from ..errors import RequestError
+from .batching import BATCH_TYPES
+from .sampling import SamplingParams
+
+TokenLike = str | int
+MAX_STOP_STRINGS = 16
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    """What to generate for one prompt. Lengths follow CTranslate2: with
+    `include_prompt_in_result` (the default) `max_length`/`min_length` count the prompt's
+    tokens after the first; otherwise generated tokens only. `sampling_topk=1` is greedy."""
+
+    max_length: int = 512
+    min_length: int = 0
+    sampling_topk: int = 1
+    sampling_topp: float = 1.0
+    sampling_temperature: float = 1.0
+    seed: int | None = None
+    end_token: TokenLike | Sequence[TokenLike] | None = None  # None: the model's EOS ids
+    return_end_token: bool = False
+    include_prompt_in_result: bool = True
+    return_scores: bool = False
+    return_logits_vocab: bool = False
+    return_alternatives: bool = False
+    min_alternative_expansion_prob: float = 0.0
+    beam_size: int = 1
+    patience: float = 1.0
+    num_hypotheses: int = 1
+    length_penalty: float = 1.0
+    repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+    disable_unk: bool = False
+    suppress_sequences: Sequence[Sequence[TokenLike]] | None = None
+    static_prompt: Sequence[TokenLike] | None = None
+    cache_static_prompt: bool = True
+    stop: str | Sequence[str] | None = None  # stop strings, matched on the decoded text
+    callback: Callable | None = None  # step_result -> bool (True stops that prompt)
+    max_batch_size: int = 0
+    batch_type: str = "examples"
+
+    @classmethod
+    def from_kwargs(cls, **kwargs) -> GenerationOptions:
+        """Options from keyword arguments; an unknown name is a RequestError listing the known."""
+        unknown = sorted(set(kwargs) - set(FIELDS))
+        if unknown:
+            raise RequestError(f"unknown generation option(s) {', '.join(unknown)}; known: "
+                               f"{', '.join(FIELDS)}")
+        return cls(**kwargs)
+
+    def replace(self, **changes) -> GenerationOptions:
+        return dataclasses.replace(self, **changes)
+
+    def __post_init__(self) -> None:
+        _check_int("max_length", self.max_length, 1)
+        _check_int("min_length", self.min_length, 0)
+        if self.seed is not None:
+            _check_int("seed", self.seed, 0)
+        sampling = self.sampling  # checks top-k, top-p and temperature
+        beam = self.beam
+        if self.callback is not None and not callable(self.callback):
+            raise TypeError("callback must be callable: step_result -> bool (True stops the item)")
+        if self.beam_size == 1 and self.num_hypotheses > 1 and not self.return_alternatives:
+            raise RequestError(f"num_hypotheses={self.num_hypotheses} needs beam_size >= "
+                               f"{self.num_hypotheses} (or return_alternatives=True)")
+        if not 0.0 <= self.min_alternative_expansion_prob <= 1.0:
+            raise RequestError(f"min_alternative_expansion_prob must be in [0, 1], got "
+                               f"{self.min_alternative_expansion_prob!r}")
+        if self.return_alternatives and (self.callback is not None or self.return_logits_vocab):
+            raise RequestError("return_alternatives cannot be combined with callback or "
+                               "return_logits_vocab")
+        if beam.beam_size > 1 and not sampling.greedy and 0 < self.sampling_topk < 2 * beam.beam_size:
+            raise RequestError(f"sampling in beam search draws 2 x beam_size candidates: "
+                               f"sampling_topk must be 0 or >= {2 * beam.beam_size}, got "
+                               f"{self.sampling_topk}")
+        if beam.beam_size > 1 and (self.callback is not None or self.return_logits_vocab):
+            raise RequestError("callback and return_logits_vocab work with greedy or sampled "
+                               "decoding (beam_size=1) only")
+        if self.batch_type not in BATCH_TYPES:
+            raise RequestError(f"batch_type must be one of {BATCH_TYPES}, got {self.batch_type!r}")
+        if (not isinstance(self.max_batch_size, int) or isinstance(self.max_batch_size, bool)
+                or self.max_batch_size < 0):
+            raise RequestError(f"max_batch_size must be an int >= 0 (0: no limit), got "
+                               f"{self.max_batch_size!r}")
+        stops = self.stop_strings
+        if self.stop is not None and (not stops or not all(isinstance(s, str) and s for s in stops)):
+            raise RequestError(f"stop must be a non-empty string or a list of them, got "
+                               f"{self.stop!r}")
+        if len(stops) > MAX_STOP_STRINGS:
+            raise RequestError(f"at most {MAX_STOP_STRINGS} stop strings, got {len(stops)}")
+        if stops and beam.beam_size > 1:
+            raise RequestError("stop strings work with greedy or sampled decoding (beam_size=1)")
+
+    @property
+    def sampling(self) -> SamplingParams:
+        return SamplingParams(self.sampling_topk, self.sampling_topp, self.sampling_temperature)
+
+    @property
+    def beam(self) -> BeamOptions:
+        return BeamOptions(self.beam_size, self.patience,
+                           1 if self.return_alternatives else self.num_hypotheses,
+                           self.length_penalty)
+
+    @property
+    def stop_strings(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+
+@dataclass
+class BeamOptions:
+    beam_size: int
+    patience: float = 1.0
+    num_hypotheses: int = 1
+    length_penalty: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.beam_size, int) or self.beam_size < 1:
+            raise RequestError(f"beam_size must be an int >= 1, got {self.beam_size!r}")
+        if not isinstance(self.num_hypotheses, int) or not 1 <= self.num_hypotheses:
+            raise RequestError(f"num_hypotheses must be an int >= 1, got {self.num_hypotheses!r}")
+        if self.num_hypotheses > self.beam_size and self.beam_size > 1:
+            raise RequestError(f"num_hypotheses ({self.num_hypotheses}) cannot exceed beam_size "
+                               f"({self.beam_size})")
+        if not self.patience > 0:
+            raise RequestError(f"patience must be > 0, got {self.patience!r}")
+
+    @property
+    def max_candidates(self) -> int:
+        return round(self.beam_size * self.patience)
+
+
+FIELDS = tuple(field.name for field in dataclasses.fields(GenerationOptions))
+
+
+def _check_int(name: str, value: object, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        kind = "a positive int" if minimum == 1 else f"an int >= {minimum}"
+        raise RequestError(f"{name} must be {kind}, got {value!r}")
