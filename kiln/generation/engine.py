@@ -311,9 +311,9 @@ class Engine:
                 running = list(self._running)
             decoding = [s for s in running if s.prompt_done]
             prefilling = [s for s in running if not s.prompt_done]
-            ready = self._run_decode(decoding) if decoding else []
-            ready += self._run_prefill(prefilling) if prefilling else []
-            self._advance(ready, events)
+            decoded = self._run_decode(decoding) if decoding else None
+            prefilled = self._run_prefill(prefilling) if prefilling else []
+            self._advance(decoding, decoded, prefilled, events)
         except Exception as error:  # noqa: BLE001 - any failure ends the requests in flight
             with self._lock:
                 for sequence in list(self._running):
@@ -348,19 +348,16 @@ class Engine:
                     sequence.save_static = False
             self._running.append(sequence)
 
-    def _run_decode(self, sequences: list[_Sequence]) -> list[tuple[_Sequence, torch.Tensor]]:
+    def _run_decode(self, sequences: list[_Sequence]) -> torch.Tensor:
+        """One decode step for the sequences; their logits, rows in sequence order."""
         rows = [(slot, token, sequence.computed) for sequence in sequences
                 for slot, token in zip(sequence.slots, sequence.inputs, strict=True)]
         logits = self.runner.decode(rows)
-        ready, offset = [], 0
         for sequence in sequences:
-            count = len(sequence.slots)
-            ready.append((sequence, logits[offset:offset + count]))
-            offset += count
             sequence.computed += 1
             for slot in sequence.slots:
                 self.pool.lengths[slot] = sequence.computed
-        return ready
+        return logits
 
     def _run_prefill(self, sequences: list[_Sequence]) -> list[tuple[_Sequence, torch.Tensor]]:
         remaining = []
@@ -388,17 +385,29 @@ class Engine:
                 ready.append((sequence, output[-1:]))
         return ready
 
-    def _advance(self, ready: list[tuple[_Sequence, torch.Tensor]],
-                 events: list[TokenEvent]) -> None:
-        """Each request's search picks its next tokens; report them; finish what is done."""
-        tokens = [(s, logits) for s, logits in ready if isinstance(s.search, TokenSearch)]
+    def _advance(self, decoding: list[_Sequence], decoded: torch.Tensor | None,
+                 prefilled: list[tuple[_Sequence, torch.Tensor]], events: list[TokenEvent]) -> None:
+        """Each request's search picks its next tokens; report them; finish what is done.
+        `decoded`: the decode step's logits, rows in the order of `decoding`'s rows."""
+        ready, offset = [], 0  # (sequence, its first row in `decoded`)
+        for sequence in decoding:
+            ready.append((sequence, offset))
+            offset += len(sequence.slots)
         decisions = []
-        if tokens:
-            logits = torch.cat([logits for _, logits in tokens]) if len(tokens) > 1 else tokens[0][1]
-            decisions = list(zip([s for s, _ in tokens],
-                                 choose_for([s.search for s, _ in tokens], logits,
-                                            self.spec.usable_vocab_size), strict=True))
-        decisions += [(s, s.search.advance(logits)) for s, logits in ready
+        tokens = [(s, row) for s, row in ready if isinstance(s.search, TokenSearch)]
+        if tokens:  # all rows of the step at once; usually the whole block, no copy
+            block = decoded if len(tokens) == decoded.shape[0] else decoded[
+                torch.tensor([row for _, row in tokens], device=decoded.device)]
+            decisions += zip([s for s, _ in tokens], choose_for(
+                [s.search for s, _ in tokens], block, self.spec.usable_vocab_size), strict=True)
+        first = [(s, logits) for s, logits in prefilled if isinstance(s.search, TokenSearch)]
+        if first:
+            decisions += zip([s for s, _ in first], choose_for(
+                [s.search for s, _ in first], torch.cat([logits for _, logits in first]),
+                self.spec.usable_vocab_size), strict=True)
+        decisions += [(s, s.search.advance(decoded[row:row + len(s.slots)])) for s, row in ready
+                      if not isinstance(s.search, TokenSearch)]
+        decisions += [(s, s.search.advance(logits)) for s, logits in prefilled
                       if not isinstance(s.search, TokenSearch)]
         with self._lock:
             for sequence, decision in decisions:

@@ -25,7 +25,7 @@ import torch
 
 from ..errors import OutOfMemory
 from .slots import SlotPool
-from .static_step import StaticDecodeStep, default_capture, kv_bucket
+from .static_step import StaticDecodeStep, batch_bucket, default_capture, kv_bucket
 
 STATIC_PROMPT_STATES = 8  # static prompts whose keys/values are kept (CTranslate2: unbounded)
 
@@ -97,7 +97,10 @@ class ModelRunner:
     def decode(self, rows: list[tuple[int, int, int]]) -> torch.Tensor:
         """Logits [len(rows), V] for rows of (slot, token, position)."""
         cache = self.cache
+        static = self.static_step()
         width = max(slot for slot, _, _ in rows) + 1
+        if static is not None:  # padded here to the step's bucket, so nothing is copied there
+            width = min(batch_bucket(width), cache.num_slots)
         ids = [0] * width
         positions = [cache.scratch_position] * width
         for slot, token, position in rows:
@@ -106,15 +109,15 @@ class ModelRunner:
         ids_tensor = torch.tensor(ids, device=self.device)
         positions_tensor = torch.tensor(positions, device=self.device)
         with _memory_errors("a decode step", len(rows)):
-            static = self.static_step()
             if static is not None:
                 logits = static.step(ids_tensor, positions_tensor, cache, kv_length)
             else:
                 logits = self.model(ids_tensor.unsqueeze(1), positions_tensor.unsqueeze(1), cache,
                                     kv_length=kv_length, decode=True)[:, -1]
-        if [slot for slot, _, _ in rows] == list(range(width)):
-            return logits
-        return logits[torch.tensor([slot for slot, _, _ in rows], device=self.device)]
+        slots = [slot for slot, _, _ in rows]
+        if slots == list(range(len(slots))):
+            return logits[: len(slots)]
+        return logits[torch.tensor(slots, device=self.device)]
 
     def prefill(self, chunks: list[Chunk]) -> list[torch.Tensor]:
         """Run prompt chunks; for each, the logits [1, V] of its last token or, for

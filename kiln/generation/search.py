@@ -57,20 +57,27 @@ class TokenSearch(Search):
         self.end_ids, self.return_end_token = end_ids, return_end_token
         self.processors, self.keep_logits = processors, keep_logits
         self.row = RowState(scored=request.counted_prompt, length_penalty=length_penalty)
-        self._end_list = sorted(end_ids)
+        self.end_list = sorted(end_ids)
+        self._end_tensor: torch.Tensor | None = None
 
     @property
     def steps(self) -> int:
         """Tokens chosen so far (end token included)."""
         return self.row.scored - self.request.counted_prompt
 
-    def prepare(self, logits: torch.Tensor) -> torch.Tensor:
-        """Apply processors and the min_length end-token mask to this row's logits [1, V]."""
-        if self.processors.active:
-            logits = self.processors.apply(logits, [self.request.history_prefix + self.row.tokens])
-        if self._end_list and self.steps < self.request.min_new_tokens:
-            logits[:, self._end_list] = float("-inf")
-        return logits
+    def processed(self, logits: torch.Tensor) -> torch.Tensor:
+        """This row's logits [1, V] after the logits processors."""
+        return self.processors.apply(logits, [self.request.history_prefix + self.row.tokens])
+
+    def end_tensor(self, device: torch.device) -> torch.Tensor:
+        if self._end_tensor is None:
+            self._end_tensor = torch.tensor(self.end_list, dtype=torch.long, device=device)
+        return self._end_tensor
+
+    @property
+    def ends_masked(self) -> bool:
+        """End tokens are forbidden this step (min_length not reached)."""
+        return bool(self.end_list) and self.steps < self.request.min_new_tokens
 
     def accept(self, token: int, log_prob: float, logits: torch.Tensor) -> Decision:
         if self.keep_logits:
@@ -91,13 +98,18 @@ class TokenSearch(Search):
 
 def choose_for(searches: list[TokenSearch], logits: torch.Tensor,
                usable_vocab_size: int | None = None) -> list[Decision]:
-    """One token for each search from its row of logits [N, V], picked together: each row
-    with its own options and random stream, so a row's token never depends on the others."""
-    rows = [search.prepare(logits[index:index + 1]) for index, search in enumerate(searches)]
-    processed = torch.cat(rows) if len(rows) > 1 else rows[0]
-    ids, log_probs = choose_tokens(processed, [(s.sampling, s.generator) for s in searches],
+    """One token for each search from its row of logits [N, V] (changed in place), picked
+    together: each row with its own options and random stream, so a row's token never
+    depends on the others. Processors first, then the min_length end mask, then the choice."""
+    for index, search in enumerate(searches):
+        if search.processors.active:
+            logits[index:index + 1] = search.processed(logits[index:index + 1])
+    for index, search in enumerate(searches):
+        if search.ends_masked:
+            logits[index].index_fill_(0, search.end_tensor(logits.device), float("-inf"))
+    ids, log_probs = choose_tokens(logits, [(s.sampling, s.generator) for s in searches],
                                    usable_vocab_size)
-    return [search.accept(token, log_prob, processed[index:index + 1])
+    return [search.accept(token, log_prob, logits[index:index + 1])
             for index, (search, token, log_prob) in enumerate(zip(
                 searches, ids.tolist(), log_probs.tolist(), strict=True))]
 

@@ -106,6 +106,10 @@ class StaticDecodeStep:
         step = self._steps.get(key)
         if step is None:
             step = self._steps[key] = self._build(key, cache)
+        if step.traced is not None and rows == bucket:  # a trace reads its inputs directly
+            step.logits = step.traced(ids.view(-1, 1), positions.view(-1, 1), *cache.keys,
+                                      *cache.values)
+            return step.logits
         step.ids[:rows].copy_(ids.view(-1, 1))
         step.positions[:rows].copy_(positions.view(-1, 1))
         if rows < bucket:  # an earlier, larger batch may have left real positions there
