@@ -24,7 +24,7 @@ VOCAB = 90
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("engine")
-    source = save_hf_model(tiny_gpt_neox(seed=41, max_position_embeddings=256), root / "hf",
+    source = save_hf_model(tiny_gpt_neox(seed=41, max_position_embeddings=512), root / "hf",
                            tokenizer_vocab=VOCAB)
     return {"float32": kiln.convert(source, root / "float32"),
             "int8": kiln.convert(source, root / "int8", quantization="int8")}
@@ -38,7 +38,8 @@ def run_alone(engine, prompt, **options):
 @pytest.mark.parametrize("weights", ["float32", "int8"])
 def test_requests_arriving_at_random_steps_give_what_each_gives_alone(folders, weights):
     """16 ragged requests with different lengths and options, added at random steps while
-    others run (6 slots, small prefill budget: chunked prompts beside decode rows)."""
+    others run (6 slots, small prefill budget: chunked prompts beside decode rows; some rows
+    past 256 positions, so the step reads more attention columns than short rows need)."""
     engine = kiln.Engine(folders[weights], max_batch_size=6, max_prefill_tokens_per_step=24)
     picker = random.Random(5)
     requests = []
@@ -49,7 +50,8 @@ def test_requests_arriving_at_random_steps_give_what_each_gives_alone(folders, w
             options.update(sampling_topk=8, sampling_temperature=1.3, seed=100 + index)
         if index % 5 == 2:
             options.update(repetition_penalty=1.4)
-        requests.append((random_prompt(picker.randint(1, 60), VOCAB, seed=index), options))
+        length = picker.randint(230, 300) if index % 4 == 3 else picker.randint(1, 60)
+        requests.append((random_prompt(length, VOCAB, seed=index), options))
     alone = [run_alone(engine, prompt, **options) for prompt, options in requests]
 
     tokens: dict[int, list[int]] = {}
@@ -107,8 +109,8 @@ def test_requests_that_cannot_fit_are_refused_before_any_work(folders, monkeypat
     monkeypatch.setattr(engine.runner, "prefill", lambda *a: calls.append(a))
     with pytest.raises(kiln.RequestError, match="engine's 64 positions per sequence"):
         engine.add_request([5] * 40, max_length=30, include_prompt_in_result=False)
-    with pytest.raises(kiln.RequestError, match="context of 256"):
-        engine.add_request([5] * 200, max_length=100, include_prompt_in_result=False)
+    with pytest.raises(kiln.RequestError, match="context of 512"):
+        engine.add_request([5] * 500, max_length=100, include_prompt_in_result=False)
     with pytest.raises(kiln.RequestError, match="beam_size=4 needs 4 cache slots"):
         engine.add_request([5, 6], max_length=8, beam_size=4)
     with pytest.raises(kiln.RequestError, match="unknown generation option"):
