@@ -174,6 +174,10 @@ def _add_bench(subparsers) -> None:
                         help="size of the bandwidth measurement's tensor (default: 2)")
     parser.add_argument("--worker-timeout", type=float, default=3600.0,
                         help="seconds before a worker is stopped and recorded as an error")
+    parser.add_argument("--concurrency", nargs="+", type=int, default=None, metavar="N",
+                        help="measure the engine instead: N requests with max_length drawn from "
+                             "16-256 submitted at once vs the same requests one after another "
+                             "(aggregate tokens/s, TTFT, inter-token latency); kiln engines only")
     parser.add_argument("--prepare-only", action="store_true",
                         help="build and convert the models into --work-dir, measure nothing")
     parser.set_defaults(run=_run_bench)

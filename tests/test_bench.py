@@ -106,6 +106,34 @@ def test_run_writes_results_table_chart_and_benchmarks_md(work_dir, tmp_path):
         assert "(results/decode_tokens_per_s.png)" in text
 
 
+def test_concurrency_run_compares_together_with_one_by_one(work_dir, tmp_path):
+    from kiln.bench.concurrency import workload
+
+    output, benchmarks_md = tmp_path / "engine", tmp_path / "BENCHMARKS.md"
+    from dataclasses import replace
+
+    long_tiny = replace(TINY, max_positions=300)  # room for 4 + up to 256 new tokens
+    options = BenchOptions(models=["tiny300"], model_configs={"tiny300": long_tiny},
+                           prompt_tokens=[4], runs=1, engines=["kiln:float32"], threads=2,
+                           work_dir=work_dir,
+                           output=output, benchmarks_md=benchmarks_md, bandwidth_gib=0.01,
+                           concurrency=[3])
+    results = run_bench(options)
+    (cell,) = results["cells"]
+    requests = workload(3, 4, cell["runs"][0]["vocab"], 0)
+    assert requests == workload(3, 4, cell["runs"][0]["vocab"], 0)
+    assert all(16 <= new <= 256 for _, new in requests)
+    total = sum(new for _, new in requests)
+    for mode in ("sequential", "concurrent"):  # every token of every request was timed
+        assert cell[mode]["tokens"] == total and cell[mode]["itl_p99_s"] >= cell[mode]["itl_p50_s"]
+    assert cell["aggregate_speedup"] == pytest.approx(
+        cell["concurrent"]["tokens_per_s"] / cell["sequential"]["tokens_per_s"])
+    assert "--concurrency 3" in results["command"]
+    assert "| tiny300 | kiln:float32 | 3 |" in benchmarks_md.read_text()
+    with pytest.raises(ValueError, match="kiln engines only"):
+        run_bench(BenchOptions(engines=["ctranslate2:int8"], concurrency=[2], threads=2))
+
+
 def test_benchmarks_md_section_is_replaced_not_repeated(tmp_path):
     path = tmp_path / "BENCHMARKS.md"
     update_benchmarks_md(path, "out", "first", "one\n")

@@ -178,3 +178,81 @@ def markdown(cells: list[dict]) -> str:
             f"{ms(together['itl_p50_s'])} / {ms(together['itl_p99_s'])} ms | "
             f"{cell['itl_p99_over_single_stream']:.2f}x |")
     return "\n".join(lines) + "\n"
+
+
+def run_cases(models, engines, folders: list[dict], options) -> list[dict]:
+    """Every (model, engine, N) in `options.runs` fresh processes, engines alternated; the
+    median of each figure."""
+    import subprocess
+
+    from .folders import tokenizer_size
+    from .run import _log, _worker_env
+
+    prepared = {(f["model"], f["engine"]): f for f in folders}
+    cells = []
+    for model in models:
+        vocab = tokenizer_size(options.work_dir / model.name / "hf")
+        for count in options.concurrency:
+            records: dict[str, list[dict]] = {str(engine): [] for engine in engines}
+            errors: dict[str, str] = {}
+            for run in range(options.runs):
+                for engine in engines:
+                    label, folder = str(engine), prepared[(model.name, str(engine))]
+                    if label in errors:
+                        continue
+                    if folder.get("error"):
+                        errors[label] = folder["error"]
+                        continue
+                    env = _worker_env(options.threads)
+                    if engine.backend:
+                        env["KILN_INT8_BACKEND"] = engine.backend
+                    command = worker_command(folder["path"], "default", count,
+                                             options.prompt_tokens[0], vocab, options.seed,
+                                             options.threads, options.device)
+                    done = subprocess.run(command, capture_output=True, text=True, env=env,
+                                          timeout=options.worker_timeout_s)
+                    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+                    if done.returncode != 0 or not lines:
+                        errors[label] = " / ".join(done.stderr.strip().splitlines()[-3:])
+                        _log(f"{model.name} {label} x{count} run {run + 1}: error: {errors[label]}")
+                        continue
+                    record = json.loads(lines[-1])
+                    records[label].append(record)
+                    _log(f"{model.name} {label} x{count} run {run + 1}: "
+                         f"{record['aggregate_speedup']:.2f}x aggregate, ITL p99 "
+                         f"{record['itl_p99_over_single_stream']:.2f}x single-stream")
+            for label, runs in records.items():
+                cell = {"model": model.name, "engine": label, "concurrency": count, "runs": runs}
+                if label in errors:
+                    cell["error"] = errors[label]
+                elif runs:
+                    cell.update(summarize(runs))
+                cells.append(cell)
+    return cells
+
+
+def write_outputs(results: dict, output, benchmarks_md) -> dict:
+    from pathlib import Path
+
+    from .publish import RESULTS_FILE, TABLE_FILE, _section_id, update_benchmarks_md
+
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    paths = {"results": output / RESULTS_FILE, "table": output / TABLE_FILE}
+    paths["results"].write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
+    machine = results["machine"]
+    title = (f"Engine under concurrent requests: {machine['cpu']}, "
+             f"{results['options']['threads']} threads, {machine['date'][:10]}")
+    body = (f"Command: `{results['command']}`. Prompts of {results['options']['prompt_tokens'][0]} "
+            f"tokens; each request generates {MIN_NEW}-{MAX_NEW} tokens (seeded), greedy, no early "
+            "stop. *One by one*: each request alone, start to end, as a server serving one "
+            "caller at a time would. *Together*: all submitted at once to one engine. "
+            "Aggregate = together tok/s / one-by-one tok/s; single-stream ITL = the one-by-one "
+            f"ITL p50. Medians of {results['options']['runs']} fresh processes.\n\n"
+            + markdown(results["cells"]))
+    paths["table"].write_text(body, encoding="utf-8")
+    if benchmarks_md is not None:
+        update_benchmarks_md(Path(benchmarks_md), _section_id(output, Path(benchmarks_md)), title,
+                             body)
+        paths["benchmarks_md"] = Path(benchmarks_md)
+    return paths

@@ -43,6 +43,7 @@ class BenchOptions:
     worker_timeout_s: float = 3600.0
     model_configs: dict[str, PythiaShape] = field(default_factory=dict)  # extra Pythia shapes
     prepare_only: bool = False  # build the folders, measure nothing
+    concurrency: list[int] = field(default_factory=list)  # engine runs: N requests at once
 
     def command(self) -> str:
         """The `kiln bench` command line that reproduces this run."""
@@ -56,6 +57,8 @@ class BenchOptions:
             parts += ["--device", self.device]
         if self.seed:
             parts += ["--seed", str(self.seed)]
+        if self.concurrency:
+            parts += ["--concurrency", *map(str, self.concurrency)]
         parts += ["--output", str(self.output)]
         return shlex.join(parts)
 
@@ -155,6 +158,10 @@ def _check(options: BenchOptions) -> None:
                          f"{options.new_tokens}")
     if min(options.batch, default=0) < 1 or min(options.prompt_tokens, default=0) < 1:
         raise ValueError("every batch size and prompt length must be >= 1")
+    if options.concurrency and (min(options.concurrency) < 1 or any(
+            not engine.startswith("kiln:") for engine in options.engines)):
+        raise ValueError("--concurrency N (>= 1) measures kiln's engine: give kiln engines only, "
+                         "e.g. --engines kiln:int8")
 
 
 def run_bench(options: BenchOptions) -> dict:
@@ -180,6 +187,18 @@ def run_bench(options: BenchOptions) -> dict:
                                               device=options.device)
     _log(f"kiln bench: {bandwidth:.1f} GB/s; preparing folders under {options.work_dir}")
     folders = _prepare(models, engines, options.work_dir)
+    if options.concurrency:
+        from .concurrency import run_cases as concurrency_cases
+        from .concurrency import write_outputs as write_concurrency
+
+        results = {"command": options.command(),
+                   "machine": machine.describe(options.threads, options.device),
+                   "bandwidth_gb_s": bandwidth, "options": _jsonable(options), "folders": folders,
+                   "cells": concurrency_cases(models, engines, folders, options)}
+        for name, path in write_concurrency(results, Path(options.output),
+                                            options.benchmarks_md).items():
+            _log(f"kiln bench: wrote {name}: {path}")
+        return results
     results = {"command": options.command(),
                "machine": machine.describe(options.threads, options.device),
                "bandwidth_gb_s": bandwidth, "options": _jsonable(options), "folders": folders,
@@ -255,4 +274,4 @@ def options_from_args(args) -> BenchOptions:
         benchmarks_md=None if args.no_benchmarks_md else Path(args.benchmarks_md),
         seed=args.seed, device=args.device, bandwidth_gib=args.bandwidth_gib,
         worker_timeout_s=args.worker_timeout, model_configs=configs,
-        prepare_only=args.prepare_only)
+        prepare_only=args.prepare_only, concurrency=args.concurrency or [])
