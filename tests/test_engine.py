@@ -314,6 +314,16 @@ def test_kv_cache_dtype_and_memory_budget(folders):
     assert parse_memory("2GiB") == 2 * 2**30 and parse_memory("1.5 MB") == 1_500_000
 
 
+def test_warm_up_captures_every_batch_bucket_once(folders):
+    engine = kiln.Engine(folders["float32"], max_batch_size=6)
+    engine.warm_up(300)
+    steps = engine.runner._static_step._steps
+    assert set(steps) == {(rows, kv) for rows in (1, 2, 4, 6) for kv in (256, 512)}
+    built = dict(steps)
+    run_alone(engine, [5, 6, 7], max_length=8)
+    assert engine.runner._static_step._steps == built  # nothing new to capture
+
+
 def test_slot_pool_hands_out_the_lowest_slots_and_stays_dense(folders):
     spec = kiln.Engine(folders["float32"], max_batch_size=1).spec
     pool = SlotPool(spec, 4, 16, torch.float32, torch.device("cpu"))

@@ -92,12 +92,15 @@ def measure(model: str, compute_type: str, concurrency: int, prompt_tokens: int,
                     max_batch_size=max(concurrency, 1))
     load_s = time.perf_counter() - start
     requests = workload(concurrency, prompt_tokens, vocab, seed)
+    start = time.perf_counter()
+    engine.warm_up(prompt_tokens + MAX_NEW)  # every decode step captured before timing
+    warm_up_s = time.perf_counter() - start
     warm = [(prompt, 8) for prompt, _ in requests]
-    run_together(engine, warm)  # every batch bucket's decode step is built before timing
+    run_together(engine, warm)
     run_one_by_one(engine, warm[:1])
     one_by_one = run_one_by_one(engine, requests)
     together = run_together(engine, requests)
-    return {"load_s": load_s, "compute_type_used": engine.loaded.compute.name,
+    return {"load_s": load_s, "warm_up_s": warm_up_s, "compute_type_used": engine.loaded.compute.name,
             "kv_cache_dtype": str(engine.kv_cache_dtype).removeprefix("torch."),
             "sequential": one_by_one, "concurrent": together,
             "aggregate_speedup": together["tokens_per_s"] / one_by_one["tokens_per_s"],

@@ -206,6 +206,12 @@ class Engine:
         with self._lock:
             return bool(self._waiting or self._running)
 
+    def warm_up(self, positions: int | None = None) -> None:
+        """Capture the decode steps of every batch size for sequences of up to `positions`
+        (default: 512, at most max_length) now, so that no stream waits for one later."""
+        with self._step_lock, torch.inference_mode():
+            self.runner.warm_up(min(positions or 512, self.max_length))
+
     # ------------------------------------------------------------ requests
 
     def search_for(self, request: Request, options: GenerationOptions, end_ids=None,

@@ -25,7 +25,7 @@ import torch
 
 from ..errors import OutOfMemory
 from .slots import SlotPool
-from .static_step import StaticDecodeStep, batch_bucket, default_capture, kv_bucket
+from .static_step import KV_BUCKET, StaticDecodeStep, batch_bucket, default_capture, kv_bucket
 
 STATIC_PROMPT_STATES = 8  # static prompts whose keys/values are kept (CTranslate2: unbounded)
 
@@ -93,6 +93,18 @@ class ModelRunner:
                 capture = None  # its op takes a list of optional scalars, which tracing refuses
             self._static_step = StaticDecodeStep(self.model, capture)
         return self._static_step
+
+    def warm_up(self, positions: int) -> None:
+        """Capture the decode step of every batch bucket for sequences of up to `positions`."""
+        static = self.static_step()
+        if static is None:
+            return
+        buckets = sorted({min(batch_bucket(rows), self.pool.num_slots)
+                          for rows in range(1, self.pool.num_slots + 1)})
+        for kv_length in range(KV_BUCKET, min(positions, self.cache.max_length) + KV_BUCKET,
+                               KV_BUCKET):
+            for rows in buckets:
+                static.build(rows, kv_length, self.cache)
 
     def decode(self, rows: list[tuple[int, int, int]]) -> torch.Tensor:
         """Logits [len(rows), V] for rows of (slot, token, position)."""
