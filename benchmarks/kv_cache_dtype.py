@@ -33,7 +33,7 @@ def measure(compute_type: str, kv_cache_dtype: str) -> dict:
     record = {"perplexity": perplexity(generator, text, max_tokens=2048).perplexity}
     prompt = generator.tokenizer.encode(text)[:512]
     for batch in (1, 8):
-        def run(tokens: int) -> float:
+        def run(tokens: int, batch: int = batch) -> float:
             start = time.perf_counter()
             generator.generate_batch([prompt] * batch, max_length=tokens, min_length=tokens,
                                      include_prompt_in_result=False)
