@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import KilnError, RequestError
+from ..errors import KilnError, OutOfMemory, RequestError
 from .beam import BeamSearch
 from .loaded_model import LoadedModel, open_model
 from .options import GenerationOptions
@@ -168,9 +168,15 @@ class Engine:
     def _num_slots(self, max_batch_size: int | None, memory: int | str | None,
                    slot_length: int) -> int:
         per_slot = bytes_per_slot(self.loaded.spec, slot_length, self.kv_cache_dtype)
-        if memory is None and self.loaded.device.type == "cuda" and max_batch_size is None:
+        if memory is None and self.loaded.device.type == "cuda":
+            # At most half of what the weights left (the rest for activations and graphs).
             free, _ = torch.cuda.mem_get_info(self.loaded.device)
-            memory = free // 2  # half of what the weights left; the rest for activations
+            fits = free // 2 // per_slot
+            if fits < 1:
+                raise OutOfMemory(f"one sequence of {slot_length} positions needs "
+                                  f"{per_slot / 2**20:.0f} MiB of KV cache and {free / 2**20:.0f} "
+                                  "MiB are free; lower max_length or use kv_cache_dtype='bfloat16'")
+            return min(max_batch_size or DEFAULT_SLOTS, fits)
         if memory is None:
             return max_batch_size or DEFAULT_SLOTS
         budget = parse_memory(memory)
