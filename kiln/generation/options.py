@@ -16,6 +16,7 @@ from .sampling import SamplingParams
 
 TokenLike = str | int
 MAX_STOP_STRINGS = 16
+MAX_TOP_LOGPROBS = 20
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,7 @@ class GenerationOptions:
     static_prompt: Sequence[TokenLike] | None = None
     cache_static_prompt: bool = True
     stop: str | Sequence[str] | None = None  # stop strings, matched on the decoded text
+    top_logprobs: int = 0  # engine requests: each token event carries the n most likely tokens
     callback: Callable | None = None  # step_result -> bool (True stops that prompt)
     max_batch_size: int = 0
     batch_type: str = "examples"
@@ -69,6 +71,10 @@ class GenerationOptions:
         _check_int("min_length", self.min_length, 0)
         if self.seed is not None:
             _check_int("seed", self.seed, 0)
+        _check_int("top_logprobs", self.top_logprobs, 0)
+        if self.top_logprobs > MAX_TOP_LOGPROBS:
+            raise RequestError(f"top_logprobs must be at most {MAX_TOP_LOGPROBS}, got "
+                               f"{self.top_logprobs}")
         sampling = self.sampling  # checks top-k, top-p and temperature
         beam = self.beam
         if self.callback is not None and not callable(self.callback):
