@@ -60,17 +60,17 @@ def _add_sampling_options(parser: argparse.ArgumentParser, max_length: int) -> N
     parser.add_argument("--seed", type=int, default=None)
 
 
-def _load(args: argparse.Namespace):
+def _load(args: argparse.Namespace, **engine_options):
     from .generator import Generator
 
     if args.model is None:
         if args.revision is not None:
             raise ValueError("--revision needs --model (a hub id)")
         return Generator(device=args.device, compute_type=args.compute_type, seed=args.seed,
-                         cache_dir=args.cache_dir)
+                         cache_dir=args.cache_dir, **engine_options)
     return Generator.from_pretrained(args.model, revision=args.revision, device=args.device,
                                      compute_type=args.compute_type, seed=args.seed,
-                                     cache_dir=args.cache_dir)
+                                     cache_dir=args.cache_dir, **engine_options)
 
 
 def _sampling(args: argparse.Namespace) -> dict:
@@ -136,6 +136,69 @@ def _run_chat(args: argparse.Namespace) -> int:
             sys.stdout.flush()
         sys.stdout.write("\n")
         messages.append({"role": "assistant", "content": "".join(pieces)})
+
+
+def _add_serve(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "serve", help="serve the model over an OpenAI-compatible HTTP API",
+        description="POST /v1/completions and /v1/chat/completions (streamed or not), "
+                    "GET /v1/models, /health and /metrics, on the continuous-batching engine. "
+                    "Needs the serve extra: pip install 'kiln[serve]'.")
+    _add_model_options(parser)
+    parser.set_defaults(compute_type="auto")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--max-batch-size", type=int, default=8,
+                        help="sequences generated at once: KV cache slots (default: 8)")
+    parser.add_argument("--max-queue", type=int, default=64,
+                        help="requests waiting for a slot before new ones get 429 (default: 64)")
+    parser.add_argument("--kv-cache-memory", default=None,
+                        help='size the KV cache by memory instead, e.g. "2GiB" (as many slots as '
+                             "fit, at most --max-batch-size)")
+    parser.add_argument("--max-model-len", type=int, default=None,
+                        help="positions per sequence, prompt included (default: the model's "
+                             "context)")
+    parser.add_argument("--api-key", default=None,
+                        help="require 'Authorization: Bearer KEY' on /v1 (default: "
+                             "$KILN_API_KEY, else open)")
+    parser.add_argument("--served-model-name", default=None,
+                        help="the name clients ask for (default: --model as given)")
+    parser.add_argument("--shutdown-timeout", type=float, default=30.0,
+                        help="on SIGTERM/Ctrl-C, seconds to let requests in flight finish "
+                             "(default: 30)")
+    parser.add_argument("--log-level", default="info",
+                        choices=["critical", "error", "warning", "info", "debug"])
+    parser.set_defaults(run=_run_serve)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    import logging
+    import os
+
+    try:
+        from .serve.server import serve
+    except ImportError as error:
+        raise KilnError(f"kiln serve needs {error.name}: pip install 'kiln[serve]'") from error
+    from .generation.async_engine import AsyncEngine
+    from .sources.default_model import NAME
+
+    for name in ("max_batch_size", "max_queue", "port"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(message)s")
+    args.seed = None
+    engine_options = dict(max_batch_size=args.max_batch_size, kv_cache_memory=args.kv_cache_memory,
+                          max_length=args.max_model_len)
+
+    def load() -> AsyncEngine:
+        engine = _load(args, **engine_options).engine
+        engine.warm_up()  # capture every batch size's decode step before the first request
+        return AsyncEngine(engine)
+
+    return serve(load, served_model_name=args.served_model_name or args.model or NAME,
+                 host=args.host, port=args.port, max_queue=args.max_queue,
+                 api_key=args.api_key or os.environ.get("KILN_API_KEY") or None,
+                 shutdown_timeout=args.shutdown_timeout, log_level=args.log_level)
 
 
 def _add_bench(subparsers) -> None:
@@ -250,6 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_chat(subparsers)
     _add_perplexity(subparsers)
     _add_cache(subparsers)
+    _add_serve(subparsers)
     _add_bench(subparsers)
     return parser
 
