@@ -166,6 +166,10 @@ def _add_serve(subparsers) -> None:
     parser.add_argument("--shutdown-timeout", type=float, default=30.0,
                         help="on SIGTERM/Ctrl-C, seconds to let requests in flight finish "
                              "(default: 30)")
+    parser.add_argument("--warm-up", type=int, default=256, metavar="POSITIONS",
+                        help="before reporting healthy, capture the decode steps of every batch "
+                             "size for sequences of up to this many positions (default: 256; 0: "
+                             "none; longer sequences capture theirs on first use)")
     parser.add_argument("--log-level", default="info",
                         choices=["critical", "error", "warning", "info", "debug"])
     parser.set_defaults(run=_run_serve)
@@ -192,7 +196,8 @@ def _run_serve(args: argparse.Namespace) -> int:
 
     def load() -> AsyncEngine:
         engine = _load(args, **engine_options).engine
-        engine.warm_up()  # capture every batch size's decode step before the first request
+        if args.warm_up > 0:  # no stream should wait for a capture
+            engine.warm_up(args.warm_up)
         return AsyncEngine(engine)
 
     return serve(load, served_model_name=args.served_model_name or args.model or NAME,

@@ -239,7 +239,9 @@ def test_disconnect_mid_stream_frees_the_slot(server):
     generated = server.metrics()["kiln_generation_tokens_total"]
     stop.set()
     reader.join(10)
-    server.wait_until(lambda: server.metrics()["kiln_kv_slots_used"] == 0, 5, "slot freed")
+    freed_after = server.wait_until(lambda: server.metrics()["kiln_kv_slots_used"] == 0, 5,
+                                    "slot freed")
+    assert freed_after < 1.0  # a decode step here is ~2 ms; the rest is polling and HTTP
     after = server.metrics()
     assert after["kiln_generation_tokens_total"] - generated < LONG / 2
     assert after["kiln_requests_aborted_total"] >= 1
@@ -417,5 +419,15 @@ def test_smollm2_server_matches_the_generator(default_model_cache, tmp_path):
                     for i, p in enumerate(prompts)))
 
         assert [r.choices[0].text for r in asyncio.run(together())] == alone
+        # Stop strings and non-ASCII text: streamed pieces are whole characters, never part
+        # of a stop string, and join to the non-streamed text.
+        request = dict(model="SmolLM2-135M-Instruct", max_tokens=48, temperature=0,
+                       prompt="Écris une phrase en français sur le café. Réponse :", stop=["."])
+        whole = api.completions.create(**request).choices[0]
+        pieces = [c.choices[0].text for c in api.completions.create(stream=True, **request)
+                  if c.choices]
+        assert "".join(pieces) == whole.text and "." not in whole.text
+        assert not any("\ufffd" in piece for piece in pieces)
+        assert any(ord(ch) > 127 for ch in whole.text) or whole.finish_reason == "stop"
     finally:
         assert server.stop() == 0

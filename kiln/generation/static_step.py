@@ -16,9 +16,12 @@ A capture fixes every shape (and, for a graph, every address), so the step runs 
   mask hides columns past each row's position, so reading more changes nothing);
 - static input buffers (token ids, positions) copied in before each replay.
 
-One capture per (batch bucket, attention bucket) for one KV cache; graphs share one memory
-pool. Without capture (`capture=None`) the same buffers, buckets and padding run eagerly,
-which is how the CPU tests cover everything but the CUDA capture itself.
+Rows are the dense slots 0..B-1 of the engine's slot pool (the engine keeps used slots
+dense), so the captures read the one KV cache in place, with no gather of slots. One capture
+per (batch bucket, attention bucket), made once for the engine's lifetime and replayed for
+every request after; graphs share one memory pool. Without capture (`capture=None`) the same
+buffers, buckets and padding run eagerly, which is how the CPU tests cover everything but the
+CUDA capture itself.
 """
 
 from __future__ import annotations
