@@ -24,7 +24,6 @@ from tokenizers import Tokenizer
 
 def build_app(generator: ctranslate2.Generator, tokenizer: Tokenizer, name: str) -> FastAPI:
     app = FastAPI()
-    eos = tokenizer.token_to_id("<|endoftext|>")
 
     @app.get("/health")
     async def health():
@@ -34,7 +33,7 @@ def build_app(generator: ctranslate2.Generator, tokenizer: Tokenizer, name: str)
     async def completions(request: Request):
         body = await request.json()
         prompt = tokenizer.encode(body["prompt"]).tokens
-        options = dict(max_length=int(body.get("max_tokens", 16)), end_token=eos,
+        options = dict(max_length=int(body.get("max_tokens", 16)),
                        sampling_temperature=float(body.get("temperature", 1.0)) or 1.0,
                        sampling_topk=1 if not body.get("temperature") else 0)
         loop = asyncio.get_running_loop()
@@ -42,13 +41,13 @@ def build_app(generator: ctranslate2.Generator, tokenizer: Tokenizer, name: str)
         stop = threading.Event()
 
         def produce() -> None:
-            ids = []
-            for step in generator.generate_tokens(prompt, **options):
-                ids.append(step.token_id)
-                loop.call_soon_threadsafe(queue.put_nowait, step.token_id)
-                if stop.is_set():
-                    break
-            loop.call_soon_threadsafe(queue.put_nowait, None)
+            try:
+                for step in generator.generate_tokens(prompt, **options):
+                    loop.call_soon_threadsafe(queue.put_nowait, step.token_id)
+                    if stop.is_set():
+                        break
+            finally:
+                loop.call_soon_threadsafe(queue.put_nowait, None)
 
         threading.Thread(target=produce, daemon=True).start()
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",

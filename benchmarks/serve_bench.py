@@ -4,7 +4,7 @@
 
 Each server runs alone, in its own process; a load generator (the `openai` async client)
 keeps C streamed completions in flight (C = 1, 4, 8, 16) over the same requests (prompts of
-~30 tokens, greedy, max_tokens drawn from 16-128 with a fixed seed) and reports requests/s,
+~14 tokens, greedy, max_tokens drawn from 16-128 with a fixed seed) and reports requests/s,
 output tokens/s (the outputs re-tokenized with SmolLM2's tokenizer, so every server is
 counted alike), time to first token and inter-token latency (p50/p99).
 
@@ -56,8 +56,8 @@ def server_command(name: str, port: int, paths: dict[str, Path], slots: int) -> 
         return [str(bin_dir / "kiln"), "serve", "--port", str(port), "--max-batch-size",
                 str(slots), "--max-queue", "1024", "--log-level", "warning"]
     if name == "transformers":
-        return [str(bin_dir / "transformers"), "serve", "--continuous-batching", "--force-model",
-                str(paths["hf"]), "--device", "cpu", "--port", str(port), "--host", "127.0.0.1",
+        return [str(bin_dir / "transformers"), "serve", "--continuous-batching", str(paths["hf"]),
+                "--device", "cpu", "--port", str(port), "--host", "127.0.0.1",
                 "--log-level", "warning"]
     return [sys.executable, str(ROOT / "benchmarks" / "ct2_server.py"), "--model",
             str(paths["ct2"]), "--tokenizer", str(paths["hf"]), "--port", str(port)]

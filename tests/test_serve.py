@@ -359,7 +359,7 @@ def test_shutdown_timeout_aborts_what_is_left(tiny, tmp_path):
     reader.start()
     server.wait_until(lambda: server.metrics()["kiln_requests_running"] == 1, 30, "running")
     start = time.perf_counter()
-    assert server.stop() == 0
+    assert server.stop(signal.SIGINT) == 0  # Ctrl-C
     assert time.perf_counter() - start < 10
     reader.join(10)
     response = result["response"]
