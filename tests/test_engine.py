@@ -349,3 +349,24 @@ def test_prefill_plan_fits_the_budget_and_always_takes_the_oldest():
     assert width * sum(1 for size in plan if size) <= 512
     assert plan_prefill([10, 10, 10], 16) == [10, 0, 0]
     assert plan_prefill([4, 4, 4, 4, 4], 16) == [4, 4, 4, 4, 0]
+
+
+def test_one_query_attention_is_exact_per_row_whatever_the_batch():
+    """Decode attention gives a row the same bits alone or among 8 others (CPU SDPA's
+    one-query path does not: ~1e-7 apart, enough to flip a near-tie), and equals SDPA."""
+    from kiln.model.decoder import one_query_attention
+
+    generator = torch.Generator().manual_seed(0)
+    q = torch.randn(9, 9, 1, 64, generator=generator)
+    keys = torch.randn(9, 3, 512, 64, generator=generator)
+    values = torch.randn(9, 3, 512, 64, generator=generator)
+    positions = torch.arange(100, 109).view(9, 1, 1, 1)
+    mask = torch.arange(512).view(1, 1, 1, -1) <= positions
+    together = one_query_attention(q, keys, values, mask, 0.125)
+    for row in range(9):
+        alone = one_query_attention(q[row:row + 1], keys[row:row + 1], values[row:row + 1],
+                                    mask[row:row + 1], 0.125)
+        assert torch.equal(alone, together[row:row + 1])
+    reference = torch.nn.functional.scaled_dot_product_attention(
+        q, keys, values, attn_mask=mask, scale=0.125, enable_gqa=True)
+    assert (together - reference).abs().max().item() < 1e-5
