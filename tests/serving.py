@@ -45,11 +45,11 @@ class Server:
                           timeout=kwargs.pop("timeout", 120), **kwargs)
 
     def metrics(self) -> dict[str, float]:
-        """Unlabelled samples of /metrics, by name."""
+        """Samples of /metrics, by name (with its labels, as written)."""
         text = httpx.get(self.url + "/metrics", timeout=10).text
         values = {}
         for line in text.splitlines():
-            if line and not line.startswith("#") and "{" not in line:
+            if line and not line.startswith("#"):
                 name, _, value = line.rpartition(" ")
                 values[name] = float(value)
         return values

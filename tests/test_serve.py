@@ -278,6 +278,7 @@ def test_full_queue_gives_429_then_serves(server):
     assert refused.status_code == 429
     assert refused.headers["retry-after"] == "1"
     assert refused.json()["error"]["code"] == "rate_limit_exceeded"
+    assert server.metrics()['kiln_requests_rejected_total{reason="rate_limit_exceeded"}'] >= 1
     stop.set()  # the long streams leave; the queued requests run
     for thread, _ in readers:
         thread.join(10)

@@ -26,6 +26,8 @@ from .responses import Formatter
 from .service import APIError, ModelService, bad_request
 
 log = logging.getLogger("kiln.serve")
+REJECTIONS = {400: "invalid_request", 401: "unauthorized", 404: "not_found", 429: "queue_full",
+              503: "service_unavailable"}
 
 
 def build_app(service: ModelService, api_key: str | None = None) -> FastAPI:
@@ -34,6 +36,8 @@ def build_app(service: ModelService, api_key: str | None = None) -> FastAPI:
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, error: APIError) -> JSONResponse:
+        reason = error.code or REJECTIONS.get(error.status, str(error.status))
+        service.metrics.rejected.labels(reason).inc()
         return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
     @app.exception_handler(StarletteHTTPException)
@@ -43,9 +47,8 @@ def build_app(service: ModelService, api_key: str | None = None) -> FastAPI:
                             status_code=error.status_code)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation_error(_: Request, error: RequestValidationError) -> JSONResponse:
-        failure = _validation_failure(error.errors())
-        return JSONResponse(failure.body(), status_code=400)
+    async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+        return await _api_error(request, _validation_failure(error.errors()))
 
     @app.exception_handler(Exception)
     async def _server_error(_: Request, error: Exception) -> JSONResponse:
@@ -59,7 +62,6 @@ def build_app(service: ModelService, api_key: str | None = None) -> FastAPI:
         given = request.headers.get("authorization", "")
         scheme, _, token = given.partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip(), api_key):
-            service.metrics.rejected.labels("unauthorized").inc()
             raise APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
                            "invalid_request_error", code="invalid_api_key")
 

@@ -41,8 +41,8 @@ class APIError(Exception):
                           "code": self.code}}
 
 
-def bad_request(message: str, param: str | None = None) -> APIError:
-    return APIError(400, message, param=param)
+def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    return APIError(400, message, param=param, code=code)
 
 
 @dataclass
@@ -118,14 +118,12 @@ class ModelService:
             return
         reason = {"loading": "the model is still loading", "draining": "the server is shutting down",
                   "failed": "the model failed to load"}[self.state]
-        self.metrics.rejected.labels(self.state).inc()
         raise APIError(503, f"{reason}; retry later", "service_unavailable",
                        code="service_unavailable",
                        headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
 
     def check_model(self, name: str | None) -> None:
         if name is not None and name != self.served_model_name:
-            self.metrics.rejected.labels("model_not_found").inc()
             raise APIError(404, f"the model {name!r} does not exist; this server serves "
                                 f"{self.served_model_name!r}", param="model",
                            code="model_not_found")
@@ -146,7 +144,6 @@ class ModelService:
                               param)
         waiting = self.engine.stats().waiting
         if waiting + count > self.max_queue:
-            self.metrics.rejected.labels("queue_full").inc()
             raise APIError(429, f"the server is busy ({waiting} requests queued, at most "
                                 f"{self.max_queue}); retry later", "rate_limit_exceeded",
                            code="rate_limit_exceeded",
@@ -186,7 +183,6 @@ class ModelService:
             request.refuse_unsupported()
             return check()
         except BadField as error:
-            self.metrics.rejected.labels("bad_request").inc()
             raise bad_request(str(error), error.param) from error
 
     def _admit(self, request, prompts: list[list[int]], max_tokens: int | None,
@@ -197,13 +193,12 @@ class ModelService:
                 raise bad_request(f"prompt {index} is empty", "prompt")
             room = context - len(ids)
             if room < 1 or (max_tokens is not None and max_tokens > room):
-                self.metrics.rejected.labels("context_length").inc()
                 asked = f" plus max_tokens={max_tokens}" if max_tokens is not None else ""
                 where = "messages" if isinstance(request, ChatCompletionRequest) else "prompt"
                 raise bad_request(
                     f"this model's maximum context length is {context} tokens; the prompt has "
                     f"{len(ids)} tokens{asked}; shorten the prompt or lower max_tokens",
-                    "max_tokens" if room >= 1 else where)
+                    "max_tokens" if room >= 1 else where, code="context_length_exceeded")
         now = time.perf_counter()
         choices: list[Choice] = []
         try:
