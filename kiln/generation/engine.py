@@ -33,6 +33,7 @@ from .runner import Chunk, ModelRunner
 from .scheduler import plan_prefill
 from .search import Decision, Search, TokenSearch, choose_for
 from .slots import KV_DTYPES, SlotPool, bytes_per_slot, parse_memory
+from .speculation import SpeculationStats, lookup_proposals, verify
 from .text import TextStream
 
 DEFAULT_SLOTS = 16
@@ -144,6 +145,7 @@ class Engine:
         self._live: dict[int, _Sequence] = {}  # waiting or running
         self._finished: OrderedDict[int, _Sequence] = OrderedDict()
         self.on_work: Callable[[], None] | None = None  # AsyncEngine's wake-up
+        self.speculation = SpeculationStats()
 
     # ------------------------------------------------------------ configuration
 
@@ -238,7 +240,8 @@ class Engine:
                               options.return_end_token, processors, usable)
         return TokenSearch(request, options.sampling, generator, end_ids, options.return_end_token,
                            processors, options.return_logits_vocab, options.length_penalty,
-                           options.top_logprobs)
+                           options.top_logprobs,
+                           options.num_speculative_tokens if options.prompt_lookup else 0)
 
     def add_request(self, prompt: Sequence[int | str], options: GenerationOptions | None = None,
                     *, text: bool = False, skip_special_tokens: bool = True,
@@ -326,9 +329,15 @@ class Engine:
                 running = list(self._running)
             decoding = [s for s in running if s.prompt_done]
             prefilling = [s for s in running if not s.prompt_done]
+            speculating = self._proposals(decoding)
+            if speculating:
+                verifying = {s.id for s, _ in speculating}
+                decoding = [s for s in decoding if s.id not in verifying]
             decoded = self._run_decode(decoding) if decoding else None
+            verified = self._run_verify(speculating) if speculating else []
             prefilled = self._run_prefill(prefilling) if prefilling else []
             self._advance(decoding, decoded, prefilled, events)
+            self._advance_verified(verified, events)
         except Exception as error:  # noqa: BLE001 - any failure ends the requests in flight
             with self._lock:
                 for sequence in list(self._running):
@@ -373,6 +382,49 @@ class Engine:
             for slot in sequence.slots:
                 self.pool.lengths[slot] = sequence.computed
         return logits
+
+    def _proposals(self, sequences: list[_Sequence]) -> list[tuple[_Sequence, list[int]]]:
+        """Prompt-lookup proposals of the speculating requests that have some: never more than
+        the request may still generate minus the token verification adds itself."""
+        found = []
+        for sequence in sequences:
+            search = sequence.search
+            if not isinstance(search, TokenSearch) or not search.speculative_tokens:
+                continue
+            count = min(search.speculative_tokens,
+                        sequence.request.max_new_tokens - search.steps - 1)
+            proposals = lookup_proposals(sequence.request.prompt_ids + search.row.tokens, count)
+            if proposals:
+                found.append((sequence, proposals))
+        return found
+
+    def _run_verify(self, items: list[tuple[_Sequence, list[int]]]
+                    ) -> list[tuple[_Sequence, list[int], torch.Tensor]]:
+        rows = [(s.slots[0], token, s.computed + offset) for s, proposals in items
+                for offset, token in enumerate([s.inputs[0], *proposals])]
+        logits = self.runner.verify(rows)
+        verified, first = [], 0
+        for sequence, proposals in items:
+            verified.append((sequence, proposals, logits[first:first + len(proposals) + 1]))
+            first += len(proposals) + 1
+        return verified
+
+    def _advance_verified(self, verified: list[tuple[_Sequence, list[int], torch.Tensor]],
+                          events: list[TokenEvent]) -> None:
+        """Accept proposals; the slot advances past the accepted ones and the target's own
+        token, so rejected positions are simply written over later."""
+        stats = self.speculation
+        for sequence, proposals, logits in verified:
+            decision, emitted, accepted = verify(sequence.search, logits, proposals,
+                                                 self.spec.usable_vocab_size)
+            sequence.computed += emitted
+            self.pool.lengths[sequence.slots[0]] = sequence.computed
+            stats.verify_passes += 1
+            stats.proposed += len(proposals)
+            stats.accepted += accepted
+            stats.emitted += emitted
+            with self._lock:
+                self._apply(sequence, decision, events)
 
     def _run_prefill(self, sequences: list[_Sequence]) -> list[tuple[_Sequence, torch.Tensor]]:
         remaining = []
@@ -436,12 +488,13 @@ class Engine:
         sequence.inputs = decision.inputs
         reason = decision.finish_reason
         new_events = []
-        for token, log_prob in decision.tokens:
+        for index, (token, log_prob) in enumerate(decision.tokens):
             text = ""
             if sequence.text is not None:
                 text = sequence.text.add(token)
+            top = decision.tops[index] if decision.tops else None
             new_events.append(TokenEvent(sequence.id, token, text, log_prob, sequence.reported,
-                                         top_log_probs=decision.top))
+                                         top_log_probs=top))
             sequence.reported += 1
             if sequence.text is not None and sequence.text.stopped:
                 reason = "stop"

@@ -17,6 +17,7 @@ from .sampling import SamplingParams
 TokenLike = str | int
 MAX_STOP_STRINGS = 16
 MAX_TOP_LOGPROBS = 20
+MAX_SPECULATIVE_TOKENS = 32
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,8 @@ class GenerationOptions:
     cache_static_prompt: bool = True
     stop: str | Sequence[str] | None = None  # stop strings, matched on the decoded text
     top_logprobs: int = 0  # engine requests: each token event carries the n most likely tokens
+    prompt_lookup: bool = False  # speculative decoding with proposals from the request's text
+    num_speculative_tokens: int = 4  # proposals verified per target pass
     callback: Callable | None = None  # step_result -> bool (True stops that prompt)
     max_batch_size: int = 0
     batch_type: str = "examples"
@@ -72,6 +75,13 @@ class GenerationOptions:
         if self.seed is not None:
             _check_int("seed", self.seed, 0)
         _check_int("top_logprobs", self.top_logprobs, 0)
+        _check_int("num_speculative_tokens", self.num_speculative_tokens, 1)
+        if self.num_speculative_tokens > MAX_SPECULATIVE_TOKENS:
+            raise RequestError(f"num_speculative_tokens must be at most {MAX_SPECULATIVE_TOKENS},"
+                               f" got {self.num_speculative_tokens}")
+        if self.prompt_lookup and (self.beam_size > 1 or self.return_alternatives):
+            raise RequestError("prompt_lookup (speculative decoding) works with greedy or sampled "
+                               "decoding (beam_size=1, no return_alternatives)")
         if self.top_logprobs > MAX_TOP_LOGPROBS:
             raise RequestError(f"top_logprobs must be at most {MAX_TOP_LOGPROBS}, got "
                                f"{self.top_logprobs}")

@@ -143,6 +143,23 @@ class ModelRunner:
                     results[index] = output
         return results
 
+    def verify(self, rows: list[tuple[int, int, int]]) -> torch.Tensor:
+        """Speculative verification: logits [len(rows), V] for rows of (slot, token, position)
+        where a slot may appear several times (a sequence's last token and its proposals at
+        consecutive positions). Each token runs as its own decode row, the way a decode step
+        would run it (one query, int8 activations in one pass); within each layer every row
+        writes its keys and values before any row attends, so a proposal sees the ones
+        before it. The logits of a position are those decoding would compute: accepted
+        tokens are exactly the ones decoding would have chosen."""
+        cache = self.cache
+        slots = torch.tensor([slot for slot, _, _ in rows], device=self.device)
+        ids = torch.tensor([[token] for _, token, _ in rows], device=self.device)
+        positions = torch.tensor([[position] for _, _, position in rows], device=self.device)
+        kv_length = kv_bucket(max(position for _, _, position in rows) + 1, cache.max_length)
+        with _memory_errors("a verification step", len(rows)):
+            return self.model(ids, positions, cache, kv_length=kv_length, slots=slots,
+                              decode=True)[:, -1]
+
     def _run_packed(self, chunks: list[Chunk], all_logits: bool) -> list[torch.Tensor]:
         cache = self.cache
         width = max(len(chunk.tokens) for chunk in chunks)

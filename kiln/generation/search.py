@@ -28,7 +28,7 @@ class Decision:
     sources: list[int] | None = None  # row k continues old row sources[k] (beams)
     tokens: list[tuple[int, float]] = field(default_factory=list)  # (token, log_prob) to report
     finish_reason: str | None = None  # "length" | "stop" once the request is done
-    top: list[tuple[int, float]] | None = None  # the most likely tokens of the (one) step
+    tops: list[list[tuple[int, float]]] | None = None  # top_logprobs of each reported token
 
 
 class Search:
@@ -52,9 +52,11 @@ class TokenSearch(Search):
 
     def __init__(self, request: Request, sampling: SamplingParams, generator: torch.Generator,
                  end_ids: frozenset[int], return_end_token: bool, processors: Processors,
-                 keep_logits: bool, length_penalty: float, top_logprobs: int = 0) -> None:
+                 keep_logits: bool, length_penalty: float, top_logprobs: int = 0,
+                 speculative_tokens: int = 0) -> None:
         super().__init__(request)
         self.top_logprobs = top_logprobs
+        self.speculative_tokens = speculative_tokens  # prompt-lookup proposals per step
         self.sampling, self.generator = sampling, generator
         self.end_ids, self.return_end_token = end_ids, return_end_token
         self.processors, self.keep_logits = processors, keep_logits
@@ -89,11 +91,11 @@ class TokenSearch(Search):
                      self.steps + 1 >= self.request.max_new_tokens)
         shown = [(token, log_prob)] if not is_end or self.return_end_token else []
         reason = ("stop" if is_end else "length") if self.row.done else None
-        top = None
+        tops = None
         if self.top_logprobs and shown:  # under the same distribution as log_prob
             values, ids = logits[0].float().log_softmax(dim=-1).topk(self.top_logprobs)
-            top = list(zip(ids.tolist(), values.tolist(), strict=True))
-        return Decision(inputs=[token], tokens=shown, finish_reason=reason, top=top)
+            tops = [list(zip(ids.tolist(), values.tolist(), strict=True))]
+        return Decision(inputs=[token], tokens=shown, finish_reason=reason, tops=tops)
 
     def advance(self, logits: torch.Tensor) -> Decision:
         return choose_for([self], logits)[0]
