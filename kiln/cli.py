@@ -73,9 +73,23 @@ def _load(args: argparse.Namespace, **engine_options):
                                      cache_dir=args.cache_dir, **engine_options)
 
 
+def _add_speculation_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--prompt-lookup", action="store_true",
+                        help="speculative decoding with proposals from the text itself (same "
+                             "greedy output; faster when the output repeats the input)")
+    parser.add_argument("--speculative-tokens", type=int, default=4, metavar="K",
+                        help="proposals verified per model pass (default: 4)")
+
+
+def _speculation(args: argparse.Namespace) -> dict:
+    if not args.prompt_lookup:
+        return {}
+    return dict(prompt_lookup=True, num_speculative_tokens=args.speculative_tokens)
+
+
 def _sampling(args: argparse.Namespace) -> dict:
     return dict(max_length=args.max_length, sampling_topk=args.top_k, sampling_topp=args.top_p,
-                sampling_temperature=args.temperature)
+                sampling_temperature=args.temperature, **_speculation(args))
 
 
 def _print_stream(pieces) -> None:
@@ -92,6 +106,7 @@ def _add_generate(subparsers) -> None:
                         help="ask the prompt as a chat message through the model's chat template")
     _add_model_options(parser)
     _add_sampling_options(parser, max_length=64)
+    _add_speculation_options(parser)
     parser.set_defaults(run=_run_generate)
 
 
@@ -112,6 +127,7 @@ def _add_chat(subparsers) -> None:
     parser.add_argument("--system", default=None, help="a system message to start with")
     _add_model_options(parser)
     _add_sampling_options(parser, max_length=512)
+    _add_speculation_options(parser)
     parser.set_defaults(run=_run_chat)
 
 
@@ -166,6 +182,7 @@ def _add_serve(subparsers) -> None:
     parser.add_argument("--shutdown-timeout", type=float, default=30.0,
                         help="on SIGTERM/Ctrl-C, seconds to let requests in flight finish "
                              "(default: 30)")
+    _add_speculation_options(parser)
     parser.add_argument("--warm-up", type=int, default=256, metavar="POSITIONS",
                         help="before reporting healthy, capture the decode steps of every batch "
                              "size for sequences of up to this many positions (default: 256; 0: "
@@ -202,6 +219,7 @@ def _run_serve(args: argparse.Namespace) -> int:
 
     return serve(load, served_model_name=args.served_model_name or args.model or NAME,
                  host=args.host, port=args.port, max_queue=args.max_queue,
+                 default_options=_speculation(args),
                  api_key=args.api_key or os.environ.get("KILN_API_KEY") or None,
                  shutdown_timeout=args.shutdown_timeout, log_level=args.log_level)
 

@@ -155,6 +155,16 @@ def test_concurrent_greedy_requests_equal_one_by_one(server):
     assert len(set(alone)) > 8
 
 
+def test_prompt_lookup_extension_gives_the_same_greedy_text(server):
+    prompt = words(random_prompt(9, VOCAB, seed=21) * 3)
+    api = client(server)
+    plain = api.completions.create(model="tiny", prompt=prompt, max_tokens=40, temperature=0)
+    fast = api.completions.create(model="tiny", prompt=prompt, max_tokens=40, temperature=0,
+                                  extra_body={"prompt_lookup": True, "num_speculative_tokens": 6})
+    assert fast.choices[0].text == plain.choices[0].text
+    assert fast.usage == plain.usage
+
+
 def test_chat_completion_uses_the_template(server, tiny):
     model, _ = tiny
     prompt = [3, 7, 8, 4, 5]  # the template renders "t3 t7 t8 t4 t5"

@@ -56,6 +56,7 @@ def test_greedy_with_prompt_lookup_gives_plain_greedy_tokens(folders, model):
     plain = run()
     speculative = run(prompt_lookup=True, num_speculative_tokens=5)
     assert speculative == plain
+    assert run(prompt_lookup=True, num_speculative_tokens=2, adaptive_speculation=True) == plain
     stats = generator.engine.speculation
     assert stats.proposed > 100
     if model.startswith("neox"):  # this model copies its context: most proposals are kept

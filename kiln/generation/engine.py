@@ -27,7 +27,7 @@ import torch
 from ..errors import KilnError, OutOfMemory, RequestError
 from .beam import BeamSearch
 from .loaded_model import LoadedModel, open_model
-from .options import GenerationOptions
+from .options import MAX_SPECULATIVE_TOKENS, GenerationOptions
 from .requests import Request, RequestBuilder
 from .runner import Chunk, ModelRunner
 from .scheduler import plan_prefill
@@ -241,7 +241,8 @@ class Engine:
         return TokenSearch(request, options.sampling, generator, end_ids, options.return_end_token,
                            processors, options.return_logits_vocab, options.length_penalty,
                            options.top_logprobs,
-                           options.num_speculative_tokens if options.prompt_lookup else 0)
+                           options.num_speculative_tokens if options.prompt_lookup else 0,
+                           options.adaptive_speculation)
 
     def add_request(self, prompt: Sequence[int | str], options: GenerationOptions | None = None,
                     *, text: bool = False, skip_special_tokens: bool = True,
@@ -423,6 +424,11 @@ class Engine:
             stats.proposed += len(proposals)
             stats.accepted += accepted
             stats.emitted += emitted
+            search = sequence.search
+            if search.adaptive_speculation:  # longer runs while they are accepted
+                search.speculative_tokens = (
+                    min(search.speculative_tokens + 2, MAX_SPECULATIVE_TOKENS)
+                    if accepted == len(proposals) else max(search.speculative_tokens - 1, 1))
             with self._lock:
                 self._apply(sequence, decision, events)
 

@@ -52,7 +52,8 @@ class GenerationOptions:
     stop: str | Sequence[str] | None = None  # stop strings, matched on the decoded text
     top_logprobs: int = 0  # engine requests: each token event carries the n most likely tokens
     prompt_lookup: bool = False  # speculative decoding with proposals from the request's text
-    num_speculative_tokens: int = 4  # proposals verified per target pass
+    num_speculative_tokens: int = 4  # proposals verified per target pass (the first, if adaptive)
+    adaptive_speculation: bool = False  # k grows by 2 after a fully accepted pass, else shrinks by 1
     callback: Callable | None = None  # step_result -> bool (True stops that prompt)
     max_batch_size: int = 0
     batch_type: str = "examples"

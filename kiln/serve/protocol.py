@@ -37,6 +37,8 @@ class _Request(BaseModel):
     top_k: int | None = Field(None, ge=-1)  # extension: -1 or 0 is the whole distribution
     min_tokens: int | None = Field(None, ge=0)  # extension: end tokens are barred until then
     repetition_penalty: float | None = Field(None, gt=0.0)  # extension (CTranslate2's)
+    prompt_lookup: bool | None = None  # extension: speculative decoding from the text itself
+    num_speculative_tokens: int | None = Field(None, ge=1, le=32)  # extension
     seed: int | None = None
     stop: str | list[str] | None = None
     n: int = Field(1, ge=1, le=MAX_N)
@@ -89,6 +91,10 @@ class _Request(BaseModel):
             options["repetition_penalty"] = self.repetition_penalty
         if self.stop:
             options["stop"] = list(self.stop)
+        if self.prompt_lookup is not None:
+            options["prompt_lookup"] = self.prompt_lookup
+        if self.num_speculative_tokens is not None:
+            options["num_speculative_tokens"] = self.num_speculative_tokens
         return options
 
     def choice_seed(self, index: int) -> int | None:

@@ -62,9 +62,12 @@ class _Server(uvicorn.Server):
 
 def serve(load: Callable[[], AsyncEngine], *, served_model_name: str, host: str = "127.0.0.1",
           port: int = 8000, max_queue: int = 64, api_key: str | None = None,
-          shutdown_timeout: float = 30.0, log_level: str = "info") -> int:
-    """Serve until a signal; the exit status (0 after a graceful stop, 1 if loading failed)."""
-    service = ModelService(load, served_model_name, max_queue=max_queue)
+          shutdown_timeout: float = 30.0, log_level: str = "info",
+          default_options: dict | None = None) -> int:
+    """Serve until a signal; 0 after a graceful stop (a failure to load is raised).
+    `default_options`: generation options every request starts from (e.g. prompt lookup)."""
+    service = ModelService(load, served_model_name, max_queue=max_queue,
+                           default_options=default_options)
     app = build_app(service, api_key)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
                             timeout_graceful_shutdown=5, lifespan="off")

@@ -75,8 +75,9 @@ class Admitted:
 
 class ModelService:
     def __init__(self, load: Callable[[], AsyncEngine], served_model_name: str, *,
-                 max_queue: int = 64) -> None:
+                 max_queue: int = 64, default_options: dict | None = None) -> None:
         self._load = load
+        self.default_options = dict(default_options or {})
         self.served_model_name = served_model_name
         self.max_queue = max_queue
         self.state = "loading"  # -> "ready" -> "draining"; or "failed"
@@ -204,7 +205,8 @@ class ModelService:
         try:
             for prompt_index, ids in enumerate(prompts):
                 new_tokens = max_tokens or context - len(ids)
-                options = request.engine_options(new_tokens, top_logprobs or 0)
+                options = {**self.default_options,
+                           **request.engine_options(new_tokens, top_logprobs or 0)}
                 for sample in range(request.n):
                     request_id = self.engine.add_request(
                         ids, text=True, seed=request.choice_seed(sample), **options)
