@@ -63,6 +63,7 @@ def _add_sampling_options(parser: argparse.ArgumentParser, max_length: int) -> N
 def _load(args: argparse.Namespace, **engine_options):
     from .generator import Generator
 
+    engine_options.update(_draft(args))
     if args.model is None:
         if args.revision is not None:
             raise ValueError("--revision needs --model (a hub id)")
@@ -77,14 +78,25 @@ def _add_speculation_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt-lookup", action="store_true",
                         help="speculative decoding with proposals from the text itself (same "
                              "greedy output; faster when the output repeats the input)")
+    parser.add_argument("--draft-model", default=None,
+                        help="speculative decoding with this smaller model (same tokenizer) "
+                             "proposing tokens: a folder, .gguf file or hub id")
+    parser.add_argument("--draft-compute-type", default="default",
+                        help="the draft model's compute type (default: as stored)")
     parser.add_argument("--speculative-tokens", type=int, default=4, metavar="K",
                         help="proposals verified per model pass (default: 4)")
 
 
 def _speculation(args: argparse.Namespace) -> dict:
-    if not args.prompt_lookup:
+    if not (args.prompt_lookup or args.draft_model):
         return {}
-    return dict(prompt_lookup=True, num_speculative_tokens=args.speculative_tokens)
+    return dict(prompt_lookup=args.prompt_lookup, num_speculative_tokens=args.speculative_tokens)
+
+
+def _draft(args: argparse.Namespace) -> dict:
+    if not getattr(args, "draft_model", None):
+        return {}
+    return dict(draft_model=args.draft_model, draft_compute_type=args.draft_compute_type)
 
 
 def _sampling(args: argparse.Namespace) -> dict:

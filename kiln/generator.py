@@ -24,7 +24,7 @@ from .quant.compute_types import ComputeType
 from .quant.compute_types import resolve as resolve_compute_type
 
 ENGINE_OPTIONS = ("max_batch_size", "max_length", "kv_cache_memory", "kv_cache_dtype",
-                  "max_prefill_tokens_per_step")
+                  "max_prefill_tokens_per_step", "draft_model", "draft_compute_type")
 
 
 class Generator:

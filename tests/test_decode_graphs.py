@@ -62,7 +62,8 @@ def test_static_steps_equal_eager_steps(folders, weights, options, capture, monk
                                                             abs=tolerance)
     # The engine's cache never changes, so its steps are kept: only buckets, no raw sizes.
     steps = generator.engine.runner._static_step._steps
-    assert {rows for rows, _ in steps} <= {1, 2, 4, 8} and {4, 8} <= {rows for rows, _ in steps}
+    assert {rows for rows, _, _ in steps} <= {1, 2, 4, 8}
+    assert {4, 8} <= {rows for rows, _, _ in steps}
     assert all((step.traced is not None) == (capture == "trace") for step in steps.values())
 
 
@@ -79,7 +80,7 @@ def test_attention_buckets_past_256_columns(folders, monkeypatch):
                         lambda self, key, cache: built.append(key) or original(self, key, cache))
     static = generator.generate_batch(prompts, **options)
     assert [r.sequences_ids for r in static] == [r.sequences_ids for r in eager]
-    assert built == [(2, 256), (2, 512)]  # crossing 256 columns: one more step
+    assert built == [(2, 256, False), (2, 512, False)]  # crossing 256 columns: one more step
 
 
 def test_steps_survive_across_requests(folders):
@@ -102,7 +103,7 @@ def test_too_few_slots_is_refused(folders):
         step.step(torch.zeros(3, dtype=torch.long), torch.zeros(3, dtype=torch.long), cache, 4)
     three = KVCache(generator.spec, 3, 16, torch.float32, "cpu")  # 3 rows run as 3, not 4
     assert step.step(torch.zeros(3, dtype=torch.long), torch.full((3,), 16), three, 4).shape[0] == 3
-    assert list(step._steps) == [(3, 16)]
+    assert list(step._steps) == [(3, 16, False)]
 
 
 def test_capture_by_device():

@@ -319,7 +319,7 @@ def test_warm_up_captures_every_batch_bucket_once(folders):
     engine = kiln.Engine(folders["float32"], max_batch_size=6)
     engine.warm_up(300)
     steps = engine.runner._static_step._steps
-    assert set(steps) == {(rows, kv) for rows in (1, 2, 4, 6) for kv in (256, 512)}
+    assert set(steps) == {(rows, kv, False) for rows in (1, 2, 4, 6) for kv in (256, 512)}
     built = dict(steps)
     run_alone(engine, [5, 6, 7], max_length=8)
     assert engine.runner._static_step._steps == built  # nothing new to capture

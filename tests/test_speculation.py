@@ -59,6 +59,8 @@ def test_greedy_with_prompt_lookup_gives_plain_greedy_tokens(folders, model):
     assert run(prompt_lookup=True, num_speculative_tokens=2, adaptive_speculation=True) == plain
     stats = generator.engine.speculation
     assert stats.proposed > 100
+    # Verification ran as captured slot-addressed steps (traced on CPU), not eagerly.
+    assert any(addressed for _, _, addressed in generator.engine.runner._static_step._steps)
     if model.startswith("neox"):  # this model copies its context: most proposals are kept
         assert stats.accepted > 20 and stats.tokens_per_pass > 1.5
     else:  # this one does not: the rejection path, nearly every pass
@@ -142,3 +144,51 @@ def test_speculative_sampling_reproduces_the_target_distribution():
         assert _distance(_speculative_draws(p, proposer, accept_or_resample), p) < 0.015
         assert _distance(_speculative_draws(p, proposer, _accept_always), p) > 0.1
     assert _distance(_speculative_draws(p, q, _resample_from_p), p) > 0.05
+
+
+@pytest.fixture(scope="module")
+def drafts(tmp_path_factory, folders):
+    """Draft models for the tiny GPT-NeoX target: itself (always agrees), a smaller random one
+    with the same vocabulary (mostly disagrees), and one with another tokenizer."""
+    root = tmp_path_factory.mktemp("drafts")
+    small = save_hf_model(tiny_gpt_neox(seed=99, num_hidden_layers=1, max_position_embeddings=512),
+                          root / "small", tokenizer_vocab=VOCAB)
+    other = save_hf_model(tiny_gpt_neox(seed=5, max_position_embeddings=512), root / "other",
+                          tokenizer_vocab=VOCAB - 10)
+    return {"self": folders["neox-float32"], "small": kiln.convert(small, root / "small-kiln"),
+            "other": kiln.convert(other, root / "other-kiln")}
+
+
+@pytest.mark.parametrize("draft", ["self", "small"])
+def test_greedy_with_a_draft_model_gives_plain_greedy_tokens(folders, drafts, draft):
+    target = kiln.Generator(folders["neox-int8"], max_batch_size=3)
+    prompts = [random_prompt(n, VOCAB, seed=n) for n in (4, 13, 7, 21)]  # ragged, 4 > 3 slots
+    options = dict(max_length=30, end_token=[], include_prompt_in_result=False)
+    plain = [r.sequences_ids[0] for r in target.generate_batch(prompts, **options)]
+    fast = kiln.Generator(folders["neox-int8"], max_batch_size=3, draft_model=drafts[draft])
+    assert [r.sequences_ids[0] for r in fast.generate_batch(
+        prompts, num_speculative_tokens=4, **options)] == plain
+    stats = fast.engine.speculation
+    assert stats.verify_passes > 0
+    if draft == "self":  # the float32 target drafting for its int8 self agrees nearly always
+        assert stats.acceptance_rate > 0.8 and stats.tokens_per_pass > 3.5
+    # An end token and lengths landing inside accepted runs; opting out per request.
+    end = plain[1][9]
+    for extra in (dict(end_token=end), dict(max_length=5), dict(use_draft_model=False)):
+        expected = target.generate_batch(prompts, **{**options, **extra})
+        got = fast.generate_batch(prompts, **{**options, **extra})
+        assert [r.sequences_ids for r in got] == [r.sequences_ids for r in expected]
+
+
+def test_sampling_with_a_draft_model_runs_seeded(folders, drafts):
+    fast = kiln.Generator(folders["neox-float32"], draft_model=drafts["small"])
+    options = dict(max_length=20, end_token=[], include_prompt_in_result=False, sampling_topk=0,
+                   sampling_temperature=0.9, seed=3)
+    first = fast.generate_batch([[5, 6, 7, 8]], **options)[0].sequences_ids[0]
+    assert fast.generate_batch([[5, 6, 7, 8]], **options)[0].sequences_ids[0] == first
+    assert len(first) == 20 and max(first) < VOCAB
+
+
+def test_a_draft_with_another_vocabulary_is_refused(folders, drafts):
+    with pytest.raises(kiln.ModelFileError, match="must share the target's tokenizer"):
+        kiln.Generator(folders["neox-float32"], draft_model=drafts["other"])

@@ -26,6 +26,7 @@ import torch
 
 from ..errors import KilnError, OutOfMemory, RequestError
 from .beam import BeamSearch
+from .draft import DraftModel, DraftRequest
 from .loaded_model import LoadedModel, open_model
 from .options import MAX_SPECULATIVE_TOKENS, GenerationOptions
 from .requests import Request, RequestBuilder
@@ -84,6 +85,7 @@ class _Sequence:
     computed: int = 0  # cache positions filled (the same for all of the request's rows)
     inputs: list[int] = field(default_factory=list)  # next decode input of each row
     save_static: bool = False  # store the static prompt's keys/values once computed
+    draft_computed: int = 0  # positions of the draft model's cache that hold this request
     reported: int = 0
     events: deque = field(default_factory=deque)
     finish_reason: str | None = None
@@ -117,7 +119,8 @@ class Engine:
                  max_batch_size: int | None = None, max_length: int | None = None,
                  kv_cache_memory: int | str | None = None, kv_cache_dtype: str = "auto",
                  max_prefill_tokens_per_step: int | None = None, seed: int | None = None,
-                 static_decode: bool = True, **load_options) -> None:
+                 static_decode: bool = True, draft_model: str | Path | LoadedModel | None = None,
+                 draft_compute_type: str = "default", **load_options) -> None:
         self._check_options(max_batch_size, max_length, max_prefill_tokens_per_step, kv_cache_dtype)
         self.loaded = model if isinstance(model, LoadedModel) else open_model(model, **load_options)
         loaded = self.loaded
@@ -128,6 +131,10 @@ class Engine:
         self.pool = SlotPool(loaded.spec, num_slots, slot_length, self.kv_cache_dtype,
                              loaded.device)
         self.runner = ModelRunner(loaded.model, self.pool, loaded.device, static_decode)
+        self.draft = None
+        if draft_model is not None:
+            self.draft = self._open_draft(draft_model, draft_compute_type, load_options,
+                                          static_decode)
         self.builder = RequestBuilder(loaded.spec, loaded.config.tokens, loaded.vocabulary,
                                       str(loaded.path))
         self.max_prefill_tokens_per_step = (max_prefill_tokens_per_step
@@ -160,6 +167,15 @@ class Engine:
         if kv_cache_dtype not in ("auto", *KV_DTYPES):
             raise ValueError(f"kv_cache_dtype must be one of auto, {', '.join(KV_DTYPES)}; got "
                             f"{kv_cache_dtype!r}")
+
+    def _open_draft(self, draft_model, compute_type: str, load_options: dict,
+                    static_decode: bool) -> DraftModel:
+        device = self.loaded.device
+        draft = draft_model if isinstance(draft_model, LoadedModel) else open_model(
+            draft_model, device.type, compute_type, device_index=device.index or 0,
+            cache_dir=load_options.get("cache_dir"))
+        return DraftModel(draft, self.loaded, self.pool.num_slots, self.pool.slot_length,
+                          self.kv_cache_dtype, static_decode)
 
     def _kv_dtype(self, name: str) -> torch.dtype:
         if name != "auto":
@@ -238,11 +254,14 @@ class Engine:
         if options.beam_size > 1:
             return BeamSearch(request, options.beam, options.sampling, generator, end_ids,
                               options.return_end_token, processors, usable)
+        drafted = (self.draft is not None and options.use_draft_model
+                   and not options.prompt_lookup)
+        speculating = options.prompt_lookup or drafted
         return TokenSearch(request, options.sampling, generator, end_ids, options.return_end_token,
                            processors, options.return_logits_vocab, options.length_penalty,
                            options.top_logprobs,
-                           options.num_speculative_tokens if options.prompt_lookup else 0,
-                           options.adaptive_speculation)
+                           options.num_speculative_tokens if speculating else 0,
+                           options.adaptive_speculation, drafted)
 
     def add_request(self, prompt: Sequence[int | str], options: GenerationOptions | None = None,
                     *, text: bool = False, skip_special_tokens: bool = True,
@@ -332,7 +351,7 @@ class Engine:
             prefilling = [s for s in running if not s.prompt_done]
             speculating = self._proposals(decoding)
             if speculating:
-                verifying = {s.id for s, _ in speculating}
+                verifying = {s.id for s, _, _ in speculating}
                 decoding = [s for s in decoding if s.id not in verifying]
             decoded = self._run_decode(decoding) if decoding else None
             verified = self._run_verify(speculating) if speculating else []
@@ -384,41 +403,59 @@ class Engine:
                 self.pool.lengths[slot] = sequence.computed
         return logits
 
-    def _proposals(self, sequences: list[_Sequence]) -> list[tuple[_Sequence, list[int]]]:
-        """Prompt-lookup proposals of the speculating requests that have some: never more than
-        the request may still generate minus the token verification adds itself."""
-        found = []
+    def _proposals(self, sequences: list[_Sequence]
+                   ) -> list[tuple[_Sequence, list[int], torch.Tensor | None]]:
+        """Proposals of the speculating requests (prompt lookup or the draft model), with the
+        draft's distributions for sampled requests: never more than the request may still
+        generate minus the token verification adds itself."""
+        found, drafting = [], []
         for sequence in sequences:
             search = sequence.search
             if not isinstance(search, TokenSearch) or not search.speculative_tokens:
                 continue
             count = min(search.speculative_tokens,
                         sequence.request.max_new_tokens - search.steps - 1)
-            proposals = lookup_proposals(sequence.request.prompt_ids + search.row.tokens, count)
+            if count < 1:
+                continue
+            history = sequence.request.prompt_ids + search.row.tokens
+            if search.drafted:
+                drafting.append(DraftRequest(
+                    sequence.slots[0], history[sequence.draft_computed:sequence.computed + 1],
+                    sequence.draft_computed, count, search.sampling, search.generator))
+                found.append((sequence, None, None))
+                continue
+            proposals = lookup_proposals(history, count)
             if proposals:
-                found.append((sequence, proposals))
+                found.append((sequence, proposals, None))
+        if drafting:
+            drafted = iter(self.draft.propose(drafting))
+            found = [(s, *next(drafted)) if proposals is None else (s, proposals, q)
+                     for s, proposals, q in found]
+            for sequence, proposals, _ in found:
+                if sequence.search.drafted:  # its cache now holds the input and k-1 proposals
+                    sequence.draft_computed = sequence.computed + len(proposals)
         return found
 
-    def _run_verify(self, items: list[tuple[_Sequence, list[int]]]
-                    ) -> list[tuple[_Sequence, list[int], torch.Tensor]]:
-        rows = [(s.slots[0], token, s.computed + offset) for s, proposals in items
+    def _run_verify(self, items: list[tuple[_Sequence, list[int], torch.Tensor | None]]
+                    ) -> list[tuple[_Sequence, list[int], torch.Tensor | None, torch.Tensor]]:
+        rows = [(s.slots[0], token, s.computed + offset) for s, proposals, _ in items
                 for offset, token in enumerate([s.inputs[0], *proposals])]
         logits = self.runner.verify(rows)
         verified, first = [], 0
-        for sequence, proposals in items:
-            verified.append((sequence, proposals, logits[first:first + len(proposals) + 1]))
+        for sequence, proposals, q in items:
+            verified.append((sequence, proposals, q, logits[first:first + len(proposals) + 1]))
             first += len(proposals) + 1
         return verified
 
-    def _advance_verified(self, verified: list[tuple[_Sequence, list[int], torch.Tensor]],
-                          events: list[TokenEvent]) -> None:
+    def _advance_verified(self, verified: list, events: list[TokenEvent]) -> None:
         """Accept proposals; the slot advances past the accepted ones and the target's own
         token, so rejected positions are simply written over later."""
         stats = self.speculation
-        for sequence, proposals, logits in verified:
+        for sequence, proposals, q, logits in verified:
             decision, emitted, accepted = verify(sequence.search, logits, proposals,
-                                                 self.spec.usable_vocab_size)
+                                                 self.spec.usable_vocab_size, q)
             sequence.computed += emitted
+            sequence.draft_computed = min(sequence.draft_computed, sequence.computed)
             self.pool.lengths[sequence.slots[0]] = sequence.computed
             stats.verify_passes += 1
             stats.proposed += len(proposals)
@@ -564,6 +601,8 @@ class Engine:
         owners = {slot: sequence for sequence in self._running for slot in sequence.slots}
         for source, destination in self.pool.compaction_moves():
             sequence = owners.pop(source)
+            if self.draft is not None:
+                self.draft.move(source, destination, sequence.draft_computed)
             sequence.slots = [destination if slot == source else slot for slot in sequence.slots]
             owners[destination] = sequence
 

@@ -54,6 +54,7 @@ class GenerationOptions:
     prompt_lookup: bool = False  # speculative decoding with proposals from the request's text
     num_speculative_tokens: int = 4  # proposals verified per target pass (the first, if adaptive)
     adaptive_speculation: bool = False  # k grows by 2 after a fully accepted pass, else shrinks by 1
+    use_draft_model: bool = True  # speculate with the engine's draft model, when it has one
     callback: Callable | None = None  # step_result -> bool (True stops that prompt)
     max_batch_size: int = 0
     batch_type: str = "examples"

@@ -153,12 +153,15 @@ class ModelRunner:
         tokens are exactly the ones decoding would have chosen."""
         cache = self.cache
         slots = torch.tensor([slot for slot, _, _ in rows], device=self.device)
-        ids = torch.tensor([[token] for _, token, _ in rows], device=self.device)
-        positions = torch.tensor([[position] for _, _, position in rows], device=self.device)
+        ids = torch.tensor([token for _, token, _ in rows], device=self.device)
+        positions = torch.tensor([position for _, _, position in rows], device=self.device)
         kv_length = kv_bucket(max(position for _, _, position in rows) + 1, cache.max_length)
+        static = self.static_step()
         with _memory_errors("a verification step", len(rows)):
-            return self.model(ids, positions, cache, kv_length=kv_length, slots=slots,
-                              decode=True)[:, -1]
+            if static is not None:
+                return static.step(ids, positions, cache, kv_length, slots=slots)
+            return self.model(ids.unsqueeze(1), positions.unsqueeze(1), cache,
+                              kv_length=kv_length, slots=slots, decode=True)[:, -1]
 
     def _run_packed(self, chunks: list[Chunk], all_logits: bool) -> list[torch.Tensor]:
         cache = self.cache

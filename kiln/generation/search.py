@@ -53,11 +53,13 @@ class TokenSearch(Search):
     def __init__(self, request: Request, sampling: SamplingParams, generator: torch.Generator,
                  end_ids: frozenset[int], return_end_token: bool, processors: Processors,
                  keep_logits: bool, length_penalty: float, top_logprobs: int = 0,
-                 speculative_tokens: int = 0, adaptive_speculation: bool = False) -> None:
+                 speculative_tokens: int = 0, adaptive_speculation: bool = False,
+                 drafted: bool = False) -> None:
         super().__init__(request)
         self.top_logprobs = top_logprobs
-        self.speculative_tokens = speculative_tokens  # prompt-lookup proposals per step
+        self.speculative_tokens = speculative_tokens  # proposals per step (0: none)
         self.adaptive_speculation = adaptive_speculation
+        self.drafted = drafted  # proposals from the draft model, else from prompt lookup
         self.sampling, self.generator = sampling, generator
         self.end_ids, self.return_end_token = end_ids, return_end_token
         self.processors, self.keep_logits = processors, keep_logits

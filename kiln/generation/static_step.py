@@ -49,6 +49,7 @@ def kv_bucket(kv_length: int, max_length: int) -> int:
 class _Step:
     ids: torch.Tensor  # [B', 1] static token ids
     positions: torch.Tensor  # [B', 1] static cache positions
+    slots: torch.Tensor | None = None  # [B'] static slot of each row (slot-addressed steps)
     logits: torch.Tensor | None = None  # [B', V] written by every run
     graph: object | None = None  # torch.cuda.CUDAGraph when captured
     traced: object | None = None  # a TorchScript function of (ids, positions, *keys, *values)
@@ -64,15 +65,18 @@ class _CacheView:
 class _StepModule(nn.Module):
     """The decode step as a module of flat tensor inputs, which is what tracing needs."""
 
-    def __init__(self, model: nn.Module, kv_length: int) -> None:
+    def __init__(self, model: nn.Module, kv_length: int, addressed: bool) -> None:
         super().__init__()
         self.model = model
         self.kv_length = kv_length
+        self.addressed = addressed
         self.layers = len(model.layers)
 
-    def forward(self, ids: torch.Tensor, positions: torch.Tensor, *kv: torch.Tensor):
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, *rest: torch.Tensor):
+        slots, kv = (rest[0], rest[1:]) if self.addressed else (None, rest)
         cache = _CacheView(kv[: self.layers], kv[self.layers:])
-        return self.model(ids, positions, cache, kv_length=self.kv_length, decode=True)[:, -1]
+        return self.model(ids, positions, cache, kv_length=self.kv_length, slots=slots,
+                          decode=True)[:, -1]
 
 
 def default_capture(device: torch.device) -> str | None:
@@ -83,45 +87,60 @@ def default_capture(device: torch.device) -> str | None:
 
 class StaticDecodeStep:
     """`step(ids, positions, cache, kv_length)` == `model(ids[:, None], positions[:, None],
-    cache, kv_length=kv_length)[:, -1]`, run at static shapes (and replayed on CUDA)."""
+    cache, kv_length=kv_length)[:, -1]`, run at static shapes (and replayed on CUDA).
+
+    With `slots`, rows name their cache slot (several rows may share one: speculative
+    verification runs a sequence's proposals as rows of its slot); such steps are captured
+    separately, at power-of-two row counts that may exceed the slots."""
 
     def __init__(self, model: torch.nn.Module, capture: str | None) -> None:
         if capture not in ("cuda_graph", "trace", None):
             raise ValueError(f"capture must be 'cuda_graph', 'trace' or None, got {capture!r}")
         self.model = model
         self.capture = capture
-        self._steps: dict[tuple[int, int], _Step] = {}
+        self._steps: dict[tuple[int, int, bool], _Step] = {}
         self._cache = None  # the KV cache the steps were built for
         self._pool = None
 
-    def step(self, ids: torch.Tensor, positions: torch.Tensor, cache,
-             kv_length: int) -> torch.Tensor:
+    def step(self, ids: torch.Tensor, positions: torch.Tensor, cache, kv_length: int,
+             slots: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [B, V] of one decode step; valid until the next call."""
         rows = ids.shape[0]
-        bucket = min(batch_bucket(rows), cache.num_slots)  # a bucket never exceeds the slots
-        if rows > cache.num_slots:
-            raise ValueError(f"a batch of {rows} rows needs {rows} slots but the cache has "
-                             f"{cache.num_slots}")
+        addressed = slots is not None
+        if addressed:
+            bucket = batch_bucket(rows)
+        else:
+            bucket = min(batch_bucket(rows), cache.num_slots)  # a bucket never exceeds the slots
+            if rows > cache.num_slots:
+                raise ValueError(f"a batch of {rows} rows needs {rows} slots but the cache has "
+                                 f"{cache.num_slots}")
         if cache is not self._cache:  # graphs hold the old cache's addresses
             self.reset()
             self._cache = cache
-        key = (bucket, kv_bucket(kv_length, cache.max_length))
+        key = (bucket, kv_bucket(kv_length, cache.max_length), addressed)
         step = self._steps.get(key)
         if step is None:
             step = self._steps[key] = self._build(key, cache)
+        extra = (slots,) if addressed else ()
         if step.traced is not None and rows == bucket:  # a trace reads its inputs directly
-            step.logits = step.traced(ids.view(-1, 1), positions.view(-1, 1), *cache.keys,
-                                      *cache.values)
+            step.logits = step.traced(ids.view(-1, 1), positions.view(-1, 1), *extra,
+                                      *cache.keys, *cache.values)
             return step.logits
         step.ids[:rows].copy_(ids.view(-1, 1))
         step.positions[:rows].copy_(positions.view(-1, 1))
+        if addressed:
+            step.slots[:rows].copy_(slots)
         if rows < bucket:  # an earlier, larger batch may have left real positions there
             step.ids[rows:].zero_()
             step.positions[rows:].fill_(cache.scratch_position)
+            if addressed:
+                step.slots[rows:].zero_()  # slot 0's scratch column: never read
         if step.graph is not None:
             step.graph.replay()
         elif step.traced is not None:
-            step.logits = step.traced(step.ids, step.positions, *cache.keys, *cache.values)
+            static_extra = (step.slots,) if addressed else ()
+            step.logits = step.traced(step.ids, step.positions, *static_extra, *cache.keys,
+                                      *cache.values)
         else:
             step.logits = self._run(step, cache, key[1])
         return step.logits[:rows]
@@ -132,7 +151,8 @@ class StaticDecodeStep:
         if cache is not self._cache:
             self.reset()
             self._cache = cache
-        key = (min(batch_bucket(rows), cache.num_slots), kv_bucket(kv_length, cache.max_length))
+        key = (min(batch_bucket(rows), cache.num_slots), kv_bucket(kv_length, cache.max_length),
+               False)
         if key not in self._steps:
             self._steps[key] = self._build(key, cache)
 
@@ -143,15 +163,18 @@ class StaticDecodeStep:
         self._cache = None
 
     def _run(self, step: _Step, cache, kv_length: int) -> torch.Tensor:
-        return self.model(step.ids, step.positions, cache, kv_length=kv_length, decode=True)[:, -1]
+        return self.model(step.ids, step.positions, cache, kv_length=kv_length, slots=step.slots,
+                          decode=True)[:, -1]
 
-    def _build(self, key: tuple[int, int], cache) -> _Step:
-        bucket, kv_length = key
+    def _build(self, key: tuple[int, int, bool], cache) -> _Step:
+        bucket, kv_length, addressed = key
         device = cache.device
         # Padding rows (and every row while warming up and capturing) write to the scratch
         # column, so building a graph never touches a real cache entry.
         step = _Step(ids=torch.zeros(bucket, 1, dtype=torch.long, device=device),
-                     positions=torch.full((bucket, 1), cache.scratch_position, device=device))
+                     positions=torch.full((bucket, 1), cache.scratch_position, device=device),
+                     slots=torch.zeros(bucket, dtype=torch.long, device=device)
+                     if addressed else None)
         if self.capture == "cuda_graph":
             self._capture_graph(step, cache, kv_length)
         elif self.capture == "trace":
@@ -159,8 +182,10 @@ class StaticDecodeStep:
         return step
 
     def _trace(self, step: _Step, cache, kv_length: int) -> None:
-        module = _StepModule(self.model, kv_length)
-        inputs = (step.ids, step.positions, *cache.keys, *cache.values)
+        addressed = step.slots is not None
+        module = _StepModule(self.model, kv_length, addressed)
+        inputs = (step.ids, step.positions, *((step.slots,) if addressed else ()), *cache.keys,
+                  *cache.values)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # deprecation, and Python values made constants
@@ -173,7 +198,7 @@ class StaticDecodeStep:
         # TorchScript profiles a function's first runs and optimizes it then (~0.3 s for
         # SmolLM2): done here, on padding rows that write only the scratch column.
         for _ in range(WARMUP_RUNS + 1):
-            traced(step.ids, step.positions, *cache.keys, *cache.values)
+            traced(*inputs)
         step.traced = traced
 
     def _capture_graph(self, step: _Step, cache, kv_length: int) -> None:
