@@ -276,6 +276,10 @@ def _add_bench(subparsers) -> None:
                         help="measure the engine instead: N requests with max_length drawn from "
                              "16-256 submitted at once vs the same requests one after another "
                              "(aggregate tokens/s, TTFT, inter-token latency); kiln engines only")
+    parser.add_argument("--speculative", action="store_true",
+                        help="measure speculative decoding instead: prompt lookup on SmolLM2 "
+                             "with and without, acceptance, tokens per pass, verify cost (more "
+                             "with python benchmarks/speculative.py)")
     parser.add_argument("--prepare-only", action="store_true",
                         help="build and convert the models into --work-dir, measure nothing")
     parser.set_defaults(run=_run_bench)
@@ -284,6 +288,11 @@ def _add_bench(subparsers) -> None:
 def _run_bench(args: argparse.Namespace) -> int:
     from .bench.run import options_from_args, run_bench
 
+    if args.speculative:
+        from .bench.speculative import main as speculative
+
+        speculative(["--runs", str(args.runs), "--tokens", str(args.new_tokens)])
+        return 0
     run_bench(options_from_args(args))
     return 0
 

@@ -192,3 +192,22 @@ def test_sampling_with_a_draft_model_runs_seeded(folders, drafts):
 def test_a_draft_with_another_vocabulary_is_refused(folders, drafts):
     with pytest.raises(kiln.ModelFileError, match="must share the target's tokenizer"):
         kiln.Generator(folders["neox-float32"], draft_model=drafts["other"])
+
+
+def test_llama_with_a_draft_and_stop_strings(folders, tmp_path):
+    """A Llama target with a smaller random Llama as draft (partly agreeing at best): the
+    same greedy text as plain decoding, cut at the same stop string."""
+    draft = kiln.convert(save_hf_model(tiny_llama(seed=8, vocab_size=96, num_hidden_layers=1,
+                                                  max_position_embeddings=512),
+                                       tmp_path / "hf", tokenizer_vocab=VOCAB),
+                         tmp_path / "draft")
+    plain = kiln.Generator(folders["llama-float32"])
+    fast = kiln.Generator(folders["llama-float32"], draft_model=draft)
+    prompt = " ".join(f"t{i}" for i in random_prompt(6, VOCAB, seed=12))
+    free = plain.generate(prompt, max_length=30, include_prompt_in_result=False)
+    assert fast.generate(prompt, max_length=30, include_prompt_in_result=False) == free
+    stop = free.split()[7]
+    expected = plain.generate(prompt, max_length=30, include_prompt_in_result=False, stop=[stop])
+    assert fast.generate(prompt, max_length=30, include_prompt_in_result=False,
+                         stop=[stop]) == expected
+    assert fast.engine.speculation.verify_passes > 0
