@@ -22,7 +22,8 @@ import kiln  # noqa: E402
 from kiln.bench.random_folder import pythia_spec, write_random_folder  # noqa: E402
 from kiln.quant.compute_types import ComputeType  # noqa: E402
 
-SHAPES = {"tiny": (128, 2, 4), "1b": (2048, 16, 8), "2.8b": (2560, 32, 32), "12b": (5120, 36, 40)}
+SHAPES = {"tiny": (128, 2, 4), "410m": (1024, 24, 16), "1b": (2048, 16, 8),
+          "2.8b": (2560, 32, 32), "12b": (5120, 36, 40)}
 # TYPE@BACKEND: an int8 backend other than the device's default (int_mm: W8A8 from 65 rows).
 CORRECTNESS_TYPES = ("float32", "bfloat16", "int8_float16", "int8_bfloat16", "int8_float16@int_mm")
 PROMPT_TOKENS = 80  # over 64 rows: the prompt takes the many-rows path of every int8 backend
@@ -198,6 +199,58 @@ def transformers_speed(shape: str, batches, new_tokens: int, device: str) -> dic
                                      for batch, (_, first) in measured.items()}}
 
 
+def speculative_pair(draft_shape: str, target_shape: str, device: str, work: Path,
+                     k: int = 4) -> dict:
+    """A draft/target pair (random weights, int8_float16): greedy with the draft equals plain
+    greedy, and what a trained pair's speed-up depends on here: c (a draft step / a target
+    step), v (a target pass over k+1 rows / one row), the speed-up predicted for acceptance a."""
+    compute = ComputeType.parse("int8_float16")
+    folders = [write_random_folder(pythia_spec(*SHAPES[shape]), work / f"spec-{role}-{shape}",
+                                   compute)
+               for role, shape in (("draft", draft_shape), ("target", target_shape))]
+    plain = kiln.Generator(folders[1], device=device, compute_type="int8_float16")
+    options = dict(max_length=16, end_token=[], include_prompt_in_result=False)
+    expected = plain.generate_batch([SPEED_PROMPT], **options)[0].sequences_ids
+    target_step = _step_seconds(plain.engine.runner, 1, device)
+    verify = _step_seconds(plain.engine.runner, k + 1, device)
+    del plain
+    _free(device)
+    fast = kiln.Generator(folders[1], device=device, compute_type="int8_float16",
+                          draft_model=folders[0], draft_compute_type="int8_float16")
+    same = fast.generate_batch([SPEED_PROMPT], num_speculative_tokens=k,
+                               **options)[0].sequences_ids == expected
+    c = _step_seconds(fast.engine.draft.runner, 1, device) / target_step
+    v = verify / target_step
+    del fast
+    for folder in folders:
+        shutil.rmtree(folder)
+    predicted = {a: (1 - a ** (k + 1)) / ((1 - a) * (k * c + v)) for a in (0.7, 0.8, 0.9)}
+    return {"draft": draft_shape, "target": target_shape, "k": k, "greedy_equal": same,
+            "c": c, "v": v, "target_step_ms": target_step * 1e3, "predicted": predicted}
+
+
+def _step_seconds(runner, rows: int, device: str, context: int = 200, repeats: int = 20) -> float:
+    """A captured step of `rows` consecutive positions of slot 0 (1 row: a decode step)."""
+    from kiln.generation.runner import Chunk
+
+    with torch.inference_mode():
+        runner.prefill([Chunk(0, list(range(10, 10 + context)), 0)])
+        batch = [(0, 7, context + i) for i in range(rows)]
+
+        def run():
+            return runner.decode(batch) if rows == 1 else runner.verify(batch)
+
+        run()
+        _sync(device)
+        samples = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            run()
+            _sync(device)
+            samples.append(time.perf_counter() - start)
+    return sorted(samples)[len(samples) // 2]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda")
@@ -205,6 +258,8 @@ def main() -> int:
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 16])
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--output", default="benchmarks/results/gpu_check.json")
+    parser.add_argument("--speculative", nargs=2, default=["410m", "12b"],
+                        metavar=("DRAFT", "TARGET"), help="the speculative-decoding pair")
     args = parser.parse_args()
     report = {"device": args.device, "date": time.strftime("%Y-%m-%d"),
               "card": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
@@ -237,9 +292,16 @@ def main() -> int:
                 result = {"error": f"{type(error).__name__}: {error}"}
             report["speed"].append({"shape": shape, "engine": "transformers:float16", **result})
             _free(args.device)
+        try:
+            report["speculative"] = speculative_pair(*args.speculative, args.device, work)
+        except Exception as error:
+            report["speculative"] = {"error": f"{type(error).__name__}: {error}"}
+        _free(args.device)
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(report, indent=2))
     print_table(report, bandwidth)
+    # Speculative greedy equality is reported, not required: on CUDA attention is not batch-
+    # invariant (SDPA), so a near-tie may flip between a verify pass and a decode step.
     return 0 if all(row["ok"] for row in report["correctness"]) else 1
 
 
@@ -270,6 +332,14 @@ def print_table(report: dict, bandwidth: float) -> None:
         if row.get("prefill_tokens_per_s"):
             extra += f"  prompt {row['prefill_tokens_per_s'][max(row['prefill_tokens_per_s'])]:.0f}/s"
         print(f"  {row['shape']:5} {row['engine']:22} {rates}{extra}")
+    spec = report["speculative"]
+    if "error" in spec:
+        print(f"\nspeculative decoding: error: {spec['error'][:200]}")
+        return
+    predicted = "  ".join(f"a={a}: {x:.2f}x" for a, x in spec["predicted"].items())
+    print(f"\nspeculative decoding, {spec['draft']} drafting for {spec['target']} (k={spec['k']}):"
+          f" greedy {'equal' if spec['greedy_equal'] else 'DIFFERENT'}; c {spec['c']:.3f}, "
+          f"v {spec['v']:.2f}, target step {spec['target_step_ms']:.1f} ms; predicted {predicted}")
 
 
 if __name__ == "__main__":

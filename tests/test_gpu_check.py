@@ -14,7 +14,8 @@ def test_gpu_check_runs_end_to_end_on_cpu(tmp_path):
     output = tmp_path / "gpu_check.json"
     result = subprocess.run(
         [sys.executable, str(SCRIPT), "--device", "cpu", "--shapes", "tiny", "--batches", "1", "2",
-         "--new-tokens", "4", "--output", str(output)], capture_output=True, text=True, timeout=300)
+         "--new-tokens", "4", "--output", str(output), "--speculative", "tiny", "tiny"],
+        capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     report = json.loads(output.read_text())
     assert {row["compute_type"] for row in report["correctness"]} == {
@@ -29,3 +30,6 @@ def test_gpu_check_runs_end_to_end_on_cpu(tmp_path):
     assert all(set(row["prefill_tokens_per_s"]) == {"1", "2"} for row in report["speed"])
     assert all(set(row["rates"]) == {"1", "2"} for row in report["speed"])
     assert "decode tokens/s" in result.stdout
+    speculative = report["speculative"]
+    assert speculative["greedy_equal"] and speculative["c"] > 0 and speculative["v"] > 0
+    assert "speculative decoding, tiny drafting for tiny" in result.stdout
