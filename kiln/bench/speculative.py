@@ -79,38 +79,45 @@ def main(argv: list[str] | None = None) -> None:
         for name, text in CHATS.items()}
     prompts[CONTINUE] = generator.tokenizer.encode(
         "```python\n" + CODE + "\n\ndef area_of_triangle(base, height):\n")
-    stats = generator.engine.speculation
     print(f"SmolLM2-135M-Instruct int8, {cpu_model()}, 2 threads, {args.tokens} new tokens at "
           f"most, k={args.k}, median of {args.runs}\n")
     print("| prompt | tokens | plain tok/s | lookup tok/s | speed-up | acceptance | "
           "tokens per target pass | same tokens |")
     print("|---|---:|---:|---:|---:|---:|---:|---|")
     for name, ids in prompts.items():
-        def run(ids=ids, **options):
-            start = time.perf_counter()
-            result = generator.generate_batch([ids], max_length=args.tokens,
-                                              include_prompt_in_result=False, **options)[0]
-            return time.perf_counter() - start, result.sequences_ids[0]
-
-        lookup = dict(prompt_lookup=True, num_speculative_tokens=args.k)
-        run(), run(**lookup)  # warm-up: captures every step shape used
-        speeds: dict[str, list[float]] = {"plain": [], "lookup": []}
-        outputs = {}
-        before = (stats.proposed, stats.accepted, stats.verify_passes, stats.emitted)
-        for _ in range(args.runs):
-            for kind, options in (("plain", {}), ("lookup", lookup)):
-                seconds, tokens = run(**options)
-                speeds[kind].append(len(tokens) / seconds)
-                outputs[kind] = tokens
-        proposed, accepted, passes, emitted = (now - then for now, then in zip(
-            (stats.proposed, stats.accepted, stats.verify_passes, stats.emitted), before,
-            strict=True))
-        plain, fast = statistics.median(speeds["plain"]), statistics.median(speeds["lookup"])
-        print(f"| {name} | {len(outputs['plain'])} | {plain:.1f} | {fast:.1f} | "
-              f"{fast / plain:.2f}x | {accepted / max(proposed, 1):.2f} | "
-              f"{emitted / max(passes, 1):.2f} | {outputs['plain'] == outputs['lookup']} |")
+        print(compare(generator, name, ids, {}, dict(prompt_lookup=True,
+                                                     num_speculative_tokens=args.k), args))
     print()
     print(verify_cost(generator))
+
+
+def compare(generator, name: str, ids: list[int], plain_options: dict, fast_options: dict,
+            args) -> str:
+    """One table row: plain vs speculative decoding of `ids`, alternated, medians."""
+    stats = generator.engine.speculation
+
+    def run(**options):
+        start = time.perf_counter()
+        result = generator.generate_batch([ids], max_length=args.tokens,
+                                          include_prompt_in_result=False, **options)[0]
+        return time.perf_counter() - start, result.sequences_ids[0]
+
+    run(**plain_options), run(**fast_options)  # warm-up: captures every step shape used
+    speeds: dict[str, list[float]] = {"plain": [], "fast": []}
+    outputs = {}
+    before = (stats.proposed, stats.accepted, stats.verify_passes, stats.emitted)
+    for _ in range(args.runs):
+        for kind, options in (("plain", plain_options), ("fast", fast_options)):
+            seconds, tokens = run(**options)
+            speeds[kind].append(len(tokens) / seconds)
+            outputs[kind] = tokens
+    proposed, accepted, passes, emitted = (now - then for now, then in zip(
+        (stats.proposed, stats.accepted, stats.verify_passes, stats.emitted), before,
+        strict=True))
+    plain, fast = statistics.median(speeds["plain"]), statistics.median(speeds["fast"])
+    return (f"| {name} | {len(outputs['plain'])} | {plain:.1f} | {fast:.1f} | "
+            f"{fast / plain:.2f}x | {accepted / max(proposed, 1):.2f} | "
+            f"{emitted / max(passes, 1):.2f} | {outputs['plain'] == outputs['fast']} |")
 
 
 def truncated_smollm2(layers: int, work_dir: str):
@@ -151,7 +158,6 @@ def draft_table(args) -> None:
     generator = kiln.Generator(compute_type="int8", draft_model=draft)
     template = generator.chat_template
     chats = {**CHATS, "free writing": "Write a short story about a lighthouse keeper."}
-    stats = generator.engine.speculation
     print(f"SmolLM2-135M-Instruct int8 with its first {args.draft_layers} layers as draft "
           f"(int8), {cpu_model()}, 2 threads, {args.tokens} new tokens at most, k={args.k}, "
           f"median of {args.runs}\n")
@@ -162,30 +168,8 @@ def draft_table(args) -> None:
         ids = generator.tokenizer.encode(template.render([{"role": "user", "content": text}]),
                                          add_special_tokens=False)
 
-        def run(ids=ids, **options):
-            start = time.perf_counter()
-            result = generator.generate_batch([ids], max_length=args.tokens,
-                                              include_prompt_in_result=False, **options)[0]
-            return time.perf_counter() - start, result.sequences_ids[0]
-
-        plain_options = dict(use_draft_model=False)
-        draft_options = dict(num_speculative_tokens=args.k)
-        run(**plain_options), run(**draft_options)
-        speeds: dict[str, list[float]] = {"plain": [], "draft": []}
-        outputs = {}
-        before = (stats.proposed, stats.accepted, stats.verify_passes, stats.emitted)
-        for _ in range(args.runs):
-            for kind, options in (("plain", plain_options), ("draft", draft_options)):
-                seconds, tokens = run(**options)
-                speeds[kind].append(len(tokens) / seconds)
-                outputs[kind] = tokens
-        proposed, accepted, passes, emitted = (now - then for now, then in zip(
-            (stats.proposed, stats.accepted, stats.verify_passes, stats.emitted), before,
-            strict=True))
-        plain, fast = statistics.median(speeds["plain"]), statistics.median(speeds["draft"])
-        print(f"| {name} | {len(outputs['plain'])} | {plain:.1f} | {fast:.1f} | "
-              f"{fast / plain:.2f}x | {accepted / max(proposed, 1):.2f} | "
-              f"{emitted / max(passes, 1):.2f} | {outputs['plain'] == outputs['draft']} |")
+        print(compare(generator, name, ids, dict(use_draft_model=False),
+                      dict(num_speculative_tokens=args.k), args))
     target_step = step_time(generator.engine.runner)
     draft_step = step_time(generator.engine.draft.runner)
     print(f"\nc (a draft decode step / a target decode step, 200-token context): "
