@@ -204,6 +204,8 @@ def speculative_pair(draft_shape: str, target_shape: str, device: str, work: Pat
     """A draft/target pair (random weights, int8_float16): greedy with the draft equals plain
     greedy, and what a trained pair's speed-up depends on here: c (a draft step / a target
     step), v (a target pass over k+1 rows / one row), the speed-up predicted for acceptance a."""
+    from kiln.bench.speculative import pass_seconds
+
     compute = ComputeType.parse("int8_float16")
     folders = [write_random_folder(pythia_spec(*SHAPES[shape]), work / f"spec-{role}-{shape}",
                                    compute)
@@ -211,15 +213,15 @@ def speculative_pair(draft_shape: str, target_shape: str, device: str, work: Pat
     plain = kiln.Generator(folders[1], device=device, compute_type="int8_float16")
     options = dict(max_length=16, end_token=[], include_prompt_in_result=False)
     expected = plain.generate_batch([SPEED_PROMPT], **options)[0].sequences_ids
-    target_step = _step_seconds(plain.engine.runner, 1, device)
-    verify = _step_seconds(plain.engine.runner, k + 1, device)
+    target_step = pass_seconds(plain.engine.runner, 1, repeats=20)
+    verify = pass_seconds(plain.engine.runner, k + 1, repeats=20)
     del plain
     _free(device)
     fast = kiln.Generator(folders[1], device=device, compute_type="int8_float16",
                           draft_model=folders[0], draft_compute_type="int8_float16")
     same = fast.generate_batch([SPEED_PROMPT], num_speculative_tokens=k,
                                **options)[0].sequences_ids == expected
-    c = _step_seconds(fast.engine.draft.runner, 1, device) / target_step
+    c = pass_seconds(fast.engine.draft.runner, 1, repeats=20) / target_step
     v = verify / target_step
     del fast
     for folder in folders:
@@ -227,28 +229,6 @@ def speculative_pair(draft_shape: str, target_shape: str, device: str, work: Pat
     predicted = {a: (1 - a ** (k + 1)) / ((1 - a) * (k * c + v)) for a in (0.7, 0.8, 0.9)}
     return {"draft": draft_shape, "target": target_shape, "k": k, "greedy_equal": same,
             "c": c, "v": v, "target_step_ms": target_step * 1e3, "predicted": predicted}
-
-
-def _step_seconds(runner, rows: int, device: str, context: int = 200, repeats: int = 20) -> float:
-    """A captured step of `rows` consecutive positions of slot 0 (1 row: a decode step)."""
-    from kiln.generation.runner import Chunk
-
-    with torch.inference_mode():
-        runner.prefill([Chunk(0, list(range(10, 10 + context)), 0)])
-        batch = [(0, 7, context + i) for i in range(rows)]
-
-        def run():
-            return runner.decode(batch) if rows == 1 else runner.verify(batch)
-
-        run()
-        _sync(device)
-        samples = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            run()
-            _sync(device)
-            samples.append(time.perf_counter() - start)
-    return sorted(samples)[len(samples) // 2]
 
 
 def main() -> int:

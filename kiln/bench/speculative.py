@@ -170,8 +170,8 @@ def draft_table(args) -> None:
 
         print(compare(generator, name, ids, dict(use_draft_model=False),
                       dict(num_speculative_tokens=args.k), args))
-    target_step = step_time(generator.engine.runner)
-    draft_step = step_time(generator.engine.draft.runner)
+    target_step = pass_seconds(generator.engine.runner, 1)
+    draft_step = pass_seconds(generator.engine.draft.runner, 1)
     print(f"\nc (a draft decode step / a target decode step, 200-token context): "
           f"{draft_step / target_step:.2f} ({draft_step * 1e3:.2f} / {target_step * 1e3:.2f} ms)")
 
@@ -192,9 +192,9 @@ def pair_table(args) -> None:
                for model in resolve_models([draft_name, target_name])]
     draft, target = (kiln.Generator(folder, compute_type="int8", max_batch_size=1)
                      for folder in folders)
-    target_step = step_time(target.engine.runner)
-    c = step_time(draft.engine.runner) / target_step
-    v = rows_time(target.engine.runner, args.k + 1) / target_step
+    target_step = pass_seconds(target.engine.runner, 1)
+    c = pass_seconds(draft.engine.runner, 1) / target_step
+    v = pass_seconds(target.engine.runner, args.k + 1) / target_step
     print(f"Pythia-{draft_name} drafting for Pythia-{target_name} (int8, random weights), "
           f"{cpu_model()}, 2 threads, k={args.k}: c = {c:.3f}, v = {v:.2f} "
           f"(target step {target_step * 1e3:.1f} ms)\n")
@@ -205,68 +205,45 @@ def pair_table(args) -> None:
         print(f"| {a:.1f} | {tokens:.2f} | {tokens / (args.k * c + v):.2f}x |")
 
 
-def rows_time(runner, rows: int, prompt_length: int = 200, repeats: int = 30) -> float:
-    """A captured verification pass of `rows` consecutive positions of one slot."""
+def pass_seconds(runner, rows: int, context: int = 200, repeats: int = 30) -> float:
+    """Median time of a captured pass over `rows` consecutive positions of slot 0 after a
+    `context`-token prompt: a decode step for one row, a verification pass for more."""
     import torch
 
     from kiln.generation.runner import Chunk
 
+    def sync() -> None:
+        if runner.device.type == "cuda":
+            torch.cuda.synchronize(runner.device)
+
     with torch.inference_mode():
-        runner.prefill([Chunk(0, list(range(1000, 1000 + prompt_length)), 0)])
-        batch = [(0, 7, prompt_length + i) for i in range(rows)]
-        runner.verify(batch)
+        runner.prefill([Chunk(0, list(range(1000, 1000 + context)), 0)])
+        batch = [(0, 7, context + i) for i in range(rows)]
+
+        def run():
+            return runner.decode(batch) if rows == 1 else runner.verify(batch)
+
+        run()
+        sync()
         samples = []
         for _ in range(repeats):
             start = time.perf_counter()
-            runner.verify(batch)
+            run()
+            sync()
             samples.append(time.perf_counter() - start)
     return statistics.median(samples)
 
 
-def step_time(runner, prompt_length: int = 200, repeats: int = 30) -> float:
-    import torch
-
-    from kiln.generation.runner import Chunk
-
-    with torch.inference_mode():
-        runner.prefill([Chunk(0, list(range(1000, 1000 + prompt_length)), 0)])
-        runner.decode([(0, 7, prompt_length)])
-        samples = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            runner.decode([(0, 7, prompt_length)])
-            samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
-
-
-def verify_cost(generator, prompt_length: int = 200, repeats: int = 30) -> str:
+def verify_cost(generator) -> str:
     """v: a verification pass of k+1 rows of one slot, in units of a one-row decode step
     (both captured, same attention length): what a speculative pass costs."""
-    import torch
-
-    from kiln.generation.runner import Chunk
-
     runner = generator.engine.runner
-    ids = list(range(1000, 1000 + prompt_length))
-    with torch.inference_mode():
-        runner.prefill([Chunk(0, ids, 0)])
-
-        def timed(call) -> float:
-            call()
-            samples = []
-            for _ in range(repeats):
-                start = time.perf_counter()
-                call()
-                samples.append(time.perf_counter() - start)
-            return statistics.median(samples)
-
-        one = timed(lambda: runner.decode([(0, 7, prompt_length)]))
-        lines = ["| rows verified (k+1) | ms per pass | v (x a one-row decode step) |",
-                 "|---:|---:|---:|", f"| 1 (decode) | {one * 1e3:.2f} | 1.00 |"]
-        for rows in (2, 4, 8):
-            cost = timed(lambda rows=rows: runner.verify(
-                [(0, 7, prompt_length + i) for i in range(rows)]))
-            lines.append(f"| {rows} | {cost * 1e3:.2f} | {cost / one:.2f} |")
+    one = pass_seconds(runner, 1)
+    lines = ["| rows verified (k+1) | ms per pass | v (x a one-row decode step) |",
+             "|---:|---:|---:|", f"| 1 (decode) | {one * 1e3:.2f} | 1.00 |"]
+    for rows in (2, 4, 8):
+        cost = pass_seconds(runner, rows)
+        lines.append(f"| {rows} | {cost * 1e3:.2f} | {cost / one:.2f} |")
     return "\n".join(lines)
 
 

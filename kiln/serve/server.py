@@ -34,13 +34,14 @@ class _Server(uvicorn.Server):
 
     def handle_exit(self, sig, frame) -> None:  # noqa: ARG002 - the signal handler's signature
         # Not recorded in uvicorn's captured signals: it would raise them again at exit.
+        # First signal: drain until the timeout; second: abort now; third: exit at once.
+        self.service.start_draining()
         if self.drain_deadline is None:
             self.drain_deadline = time.monotonic() + self.shutdown_timeout
-            self.service.start_draining()
-        else:
-            self.service.start_draining()
-            self.drain_deadline = time.monotonic()
-            self.force_exit = self.should_exit  # a third signal: no more waiting at all
+            return
+        self.drain_deadline = time.monotonic()
+        if self.should_exit:
+            self.force_exit = True
 
     async def watch(self) -> None:
         """Once draining: exit when nothing is in flight or the deadline passed."""
