@@ -19,6 +19,8 @@ def _add_convert(subparsers) -> None:
     parser.add_argument("output_dir", help="the kiln folder to write")
     parser.add_argument("--quantization", choices=list(NAMED),
                         help="weight type to store (default: the checkpoint's)")
+    parser.add_argument("--group-size", type=int, choices=(32, 64, 128, 256), default=None,
+                        help="int4: input columns per scale and minimum (default 32)")
     parser.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
     parser.add_argument("--force", action="store_true", help="replace an existing output folder")
     parser.add_argument("--copy-files", nargs="+", default=None, metavar="FILE",
@@ -31,7 +33,7 @@ def _run_convert(args: argparse.Namespace) -> int:
 
     output = convert_source(args.source, args.output_dir, quantization=args.quantization,
                             force=args.force, copy_files=args.copy_files, revision=args.revision,
-                            progress=sys.stderr.isatty())
+                            progress=sys.stderr.isatty(), group_size=args.group_size)
     print(f"wrote {output}")
     return 0
 
@@ -48,7 +50,10 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
                              "per-user cache folder)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or auto (default: cpu)")
     parser.add_argument("--compute-type", default="default",
-                        help="default, auto, float32, float16 or bfloat16")
+                        help="default, auto, a float type (float32, float16, bfloat16), int8 "
+                             "(int8_float32, ...) or int4 (int4_float32, ...)")
+    parser.add_argument("--group-size", type=int, choices=(32, 64, 128, 256), default=None,
+                        help="int4 compute types: input columns per scale (default 32)")
 
 
 def _add_sampling_options(parser: argparse.ArgumentParser, max_length: int) -> None:
@@ -64,6 +69,8 @@ def _load(args: argparse.Namespace, **engine_options):
     from .generator import Generator
 
     engine_options.update(_draft(args))
+    if getattr(args, "group_size", None) is not None:
+        engine_options["group_size"] = args.group_size
     if args.model is None:
         if args.revision is not None:
             raise ValueError("--revision needs --model (a hub id)")

@@ -37,10 +37,12 @@ class Generator:
                  compute_type: str = "default", *, device_index: int = 0,
                  intra_threads: int = 0, seed: int | None = None,
                  verify_checksums: bool = False, cache_dir: str | Path | None = None,
-                 int8_backend: str = "auto", **engine_options) -> None:
+                 int8_backend: str = "auto", group_size: int | None = None,
+                 **engine_options) -> None:
         """Load a kiln folder. Anything else `from_pretrained` takes (a Hugging Face, GGUF or
         CTranslate2 checkpoint, a hub id) is converted once into the store (`cache_dir`) in
         its own type. With no `model_path`: kiln's default model, SmolLM2-135M-Instruct.
+        `group_size`: int4 groups when quantizing to int4 at load (default 32).
         `engine_options` size the engine (Engine: max_batch_size, max_length,
         kv_cache_memory, kv_cache_dtype, max_prefill_tokens_per_step)."""
         unknown = sorted(set(engine_options) - set(ENGINE_OPTIONS))
@@ -48,7 +50,8 @@ class Generator:
             raise TypeError(f"Generator() got unexpected keyword argument(s) {', '.join(unknown)}")
         loaded = open_model(model_path, device, compute_type, device_index=device_index,
                             intra_threads=intra_threads, verify_checksums=verify_checksums,
-                            cache_dir=cache_dir, int8_backend=int8_backend)
+                            cache_dir=cache_dir, int8_backend=int8_backend,
+                            group_size=group_size)
         self.engine = Engine(loaded, seed=seed, **engine_options)
         self._executor = None
 
@@ -77,6 +80,7 @@ class Generator:
             quantization = resolve_compute_type(compute_type, ComputeType(None, "float32"),
                                                 target).name
         resolved = resolve(name_or_path, revision=revision, quantization=quantization,
+                           group_size=kwargs.get("group_size"),
                            cache_dir=cache_dir, hub_cache_dir=hub_cache_dir,
                            local_files_only=local_files_only, token=token, progress=progress)
         return cls(resolved.folder, device=device, compute_type=compute_type,

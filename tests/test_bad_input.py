@@ -254,7 +254,7 @@ def test_out_of_memory_says_what_to_reduce_and_leaves_the_generator_usable(folde
 def test_bad_options_fail_before_any_conversion(folders, tmp_path):
     """An HF folder would be converted into the cache: a bad option must stop that first."""
     for options, message in ((dict(device="tpu"), "unknown device"),
-                             (dict(compute_type="int4"), "unknown compute_type"),
+                             (dict(compute_type="int3"), "unknown compute_type"),
                              (dict(int8_backend="magic"), "unknown int8 backend")):
         with pytest.raises(ValueError, match=message):
             kiln.Generator(folders[0], cache_dir=tmp_path, **options)

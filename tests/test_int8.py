@@ -49,7 +49,7 @@ def folders(tmp_path_factory):
 def test_every_compute_type_loads_and_generates(folders, compute_type):
     _, _, float_folder = folders
     generator = kiln.Generator(float_folder, compute_type=compute_type)
-    expected = {"int8": "int8_float32", "int16": "int16"}.get(compute_type, compute_type)
+    expected = {"int8": "int8_float32", "int4": "int4_float32"}.get(compute_type, compute_type)
     assert generator.compute_type == expected
     tokens = generator.generate_batch([random_prompt(20, VOCAB, 1)], max_length=8, end_token=[],
                                       include_prompt_in_result=False)[0].sequences_ids[0]

@@ -19,7 +19,8 @@ from ..errors import ModelFileError
 from ..model.decoder import expected_weight_shapes, quantizable_weight_names
 from ..model.spec import KilnConfig, ModelSpec
 from ..quant.compute_types import NAMED, ComputeType
-from ..quant.int8 import INT_DTYPES, IntegerWeight, quantize_rows
+from ..quant.int4 import DEFAULT_GROUP_SIZE, check_group_size
+from ..quant.stored import encode, part_dtypes, weight_type
 from ..storage.safetensors_writer import ShardedWriter
 from .archs import get_adapter
 from .formats import hf
@@ -31,13 +32,15 @@ DEFAULT_SHARD_BYTES = 4 * 1024**3
 def convert(source: str | Path, output_dir: str | Path, quantization: str | None = None,
             force: bool = False, copy_files: Iterable[str] | None = None, *,
             max_shard_bytes: int = DEFAULT_SHARD_BYTES, progress: bool = False,
-            origin: dict[str, Any] | None = None) -> Path:
+            origin: dict[str, Any] | None = None, group_size: int | None = None) -> Path:
     """Convert a local Hugging Face checkpoint folder, GGUF file or CTranslate2 folder into a
     kiln folder (hub ids are downloaded first by `kiln.sources.hub.convert_source`).
 
     `quantization` is a compute type name (float32, float16, bfloat16, int8, int8_float32,
-    int8_float16, int8_bfloat16, int16); None keeps the checkpoint's float type.
-    `progress` shows a bar over the tensors; `origin` (hub id, revision, commit) is recorded
+    int8_float16, int8_bfloat16, int16, int4, int4_float32, int4_float16, int4_bfloat16);
+    None keeps the checkpoint's float type. int4 quantizes in groups of `group_size` input
+    columns (32, 64, 128 or 256; default 32); 4-bit GGUF blocks in the same groups are
+    kept as they are. `progress` shows a bar over the tensors; `origin` (hub id, revision, commit) is recorded
     in config.json.
     """
     source, output_dir = Path(source), Path(output_dir)
@@ -54,6 +57,13 @@ def convert(source: str | Path, output_dir: str | Path, quantization: str | None
         tokens.unk = checkpoint.unk_token_id()
     saved = ComputeType(getattr(checkpoint, "weights", lambda: None)(), checkpoint.dtype())
     target = ComputeType.parse(quantization or saved.name, saved_dtype=saved.dtype)
+    if target.weights == "int4":
+        target = ComputeType("int4", target.dtype,
+                             check_group_size(group_size or DEFAULT_GROUP_SIZE))
+    elif group_size is not None:
+        raise ValueError(f"group_size applies to int4 quantization, not {target.name}")
+    if target.weights == "int4" and hasattr(checkpoint, "keep_4bit_groups"):
+        checkpoint.keep_4bit_groups(target.group_size)
     extra_files = list(copy_files or [])
     missing = [name for name in extra_files if not checkpoint.has_file(name)]
     if missing:
@@ -72,7 +82,7 @@ def convert(source: str | Path, output_dir: str | Path, quantization: str | None
         checkpoint.write_tokenizer(partial, extra_files)
         kiln_config = KilnConfig(
             spec=spec, dtype=target.dtype, weights=target.weights, tokens=tokens,
-            files=weights,
+            files=weights, group_size=target.group_size,
             source={"format": checkpoint.format_name, "path": str(source.resolve()),
                     "model_type": checkpoint.config.get("model_type"),
                     **({"origin": origin} if origin else {})},
@@ -122,11 +132,11 @@ def _usable_tokenizer_size(checkpoint) -> int | None:
     return size
 
 
-def _stored_tensors(named_tensors: Iterator[tuple[str, torch.Tensor]], spec: ModelSpec,
+def _stored_tensors(named_tensors: Iterator[tuple[str, Any]], spec: ModelSpec,
                     target: ComputeType) -> Iterator[tuple[str, torch.Tensor]]:
-    """Checked, cast or quantized (weight + weight_scale) tensors, in the order they come."""
+    """Checked, cast or quantized tensors (with their scales), in the order they come."""
     expected = expected_weight_shapes(spec)
-    quantized = quantizable_weight_names(spec) if target.weights else set()
+    quantizable = quantizable_weight_names(spec)
     for name, tensor in _unshared(named_tensors):
         if name not in expected:
             raise ModelFileError(f"converter produced an unexpected tensor {name!r}")
@@ -134,18 +144,10 @@ def _stored_tensors(named_tensors: Iterator[tuple[str, torch.Tensor]], spec: Mod
         if tuple(tensor.shape) != want:
             raise ModelFileError(f"tensor {name!r} has shape {tuple(tensor.shape)}; the config implies "
                                  f"{want}: config.json and weights disagree")
-        if isinstance(tensor, IntegerWeight):
-            if tensor.bits == target.weights:  # stored integers and scales, used as they are
-                yield name, tensor.values.contiguous()
-                yield f"{name}_scale", tensor.scale.contiguous()
-                continue
-            tensor = tensor.dequantize()
-        if name in quantized:
-            integers, scale = quantize_rows(tensor, target.weights)
-            yield name, integers
-            yield f"{name}_scale", scale
-        else:
-            yield name, tensor.to(target.torch_dtype).contiguous()
+        bits = weight_type(name, target.weights) if name in quantizable else None
+        if name not in quantizable and not isinstance(tensor, torch.Tensor):
+            tensor = tensor.dequantize()  # a norm or bias that came quantized
+        yield from encode(name, tensor, bits, target.group_size, target.torch_dtype)
     if expected:
         raise ModelFileError(f"the checkpoint lacks tensors the config requires: {sorted(expected)}")
 
@@ -166,18 +168,12 @@ def _write_weights(named_tensors: Iterator[tuple[str, torch.Tensor]], spec: Mode
                    target: ComputeType, folder: Path, max_shard_bytes: int) -> dict[str, Any]:
     """Stream tensors into safetensors shards of at most max_shard_bytes each, laid out from
     the spec in advance, so only the tensor being written is in memory."""
-    shapes = expected_weight_shapes(spec, target.weights)
-    quantized = quantizable_weight_names(spec) if target.weights else set()
-
-    def dtype_of(name: str) -> torch.dtype:
-        if name in quantized:
-            return INT_DTYPES[target.weights]
-        if name.endswith("_scale") and name[: -len("_scale")] in quantized:
-            return torch.float32
-        return target.torch_dtype
-
-    writer = ShardedWriter(folder, {name: (dtype_of(name), shape) for name, shape in shapes.items()},
-                           max_shard_bytes)
+    shapes = expected_weight_shapes(spec, target.weights, target.group_size)
+    dtypes: dict[str, torch.dtype] = {}
+    for name in quantizable_weight_names(spec):
+        dtypes.update(part_dtypes(name, weight_type(name, target.weights), target.torch_dtype))
+    writer = ShardedWriter(folder, {name: (dtypes.get(name, target.torch_dtype), shape)
+                                    for name, shape in shapes.items()}, max_shard_bytes)
     try:
         for name, tensor in _stored_tensors(named_tensors, spec, target):
             writer.write(name, tensor)

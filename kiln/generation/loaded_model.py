@@ -4,6 +4,7 @@ template. Everything the engine needs, nothing about generation."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ from ..model.loading import verify_checksums as verify_folder_checksums
 from ..model.spec import KilnConfig, is_kiln_folder
 from ..quant.compute_types import COMPUTE_TYPES, ComputeType
 from ..quant.compute_types import resolve as resolve_compute_type
+from ..quant.int4 import DEFAULT_GROUP_SIZE, check_group_size
 from ..quant.kernels import BACKENDS
 from .chat import ChatTemplate
 from .tokenizer import Tokenizer, Vocabulary
@@ -44,14 +46,20 @@ class LoadedModel:
 def open_model(model_path: str | Path | None = None, device: str = "cpu",
                compute_type: str = "default", *, device_index: int = 0, intra_threads: int = 0,
                verify_checksums: bool = False, cache_dir: str | Path | None = None,
-               int8_backend: str = "auto") -> LoadedModel:
+               int8_backend: str = "auto", group_size: int | None = None) -> LoadedModel:
     """Load a kiln folder. Anything else `Generator.from_pretrained` takes (a Hugging Face,
     GGUF or CTranslate2 checkpoint, a hub id) is converted once into the store (`cache_dir`)
-    in its own type. With no `model_path`: kiln's default model, SmolLM2-135M-Instruct."""
+    in its own type. With no `model_path`: kiln's default model, SmolLM2-135M-Instruct.
+    `group_size`: the int4 groups to quantize into at load (default: the folder's when it is
+    int4, else 32)."""
     # Options first: a bad one must fail before any conversion or loading.
     target = resolve_device(device, device_index)
     if compute_type not in COMPUTE_TYPES:
         resolve_compute_type(compute_type, ComputeType(None, "float32"), target)
+    if group_size is not None:
+        check_group_size(group_size)
+        if not compute_type.startswith("int4"):
+            raise ValueError(f"group_size applies to int4 compute types, not {compute_type!r}")
     if int8_backend == "auto" and os.environ.get("KILN_INT8_BACKEND"):
         int8_backend = os.environ["KILN_INT8_BACKEND"]
     if int8_backend not in ("auto", None, *BACKENDS):
@@ -62,7 +70,9 @@ def open_model(model_path: str | Path | None = None, device: str = "cpu",
     if model_path is None:
         from ..sources.default_model import default_model_path
 
-        model_path = default_model_path(cache_dir)
+        int4 = compute_type.startswith("int4")  # from the file's own 4-bit weights
+        model_path = default_model_path(cache_dir, (group_size or DEFAULT_GROUP_SIZE) if int4
+                                        else None)
     elif not is_kiln_folder(Path(model_path)):
         from ..sources.hub import resolve
 
@@ -71,7 +81,11 @@ def open_model(model_path: str | Path | None = None, device: str = "cpu",
     config = check_folder(path)
     if verify_checksums:
         verify_folder_checksums(path, config)
-    compute = resolve_compute_type(compute_type, ComputeType(config.weights, config.dtype), target)
+    saved = ComputeType(config.weights, config.dtype, config.group_size)
+    compute = resolve_compute_type(compute_type, saved, target)
+    if compute.weights == "int4":
+        compute = dataclasses.replace(compute, group_size=group_size or compute.group_size
+                                      or DEFAULT_GROUP_SIZE)
     if intra_threads:
         torch.set_num_threads(intra_threads)
     if target.type == "cuda" and compute.torch_dtype == torch.float16:

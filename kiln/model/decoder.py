@@ -27,7 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..quant.int4 import DEFAULT_GROUP_SIZE, Int4Linear
 from ..quant.int8 import ActivationMode, QuantizedEmbedding, QuantizedLinear
+from ..quant.stored import weight_type
 from .kv_cache import KVCache
 from .spec import ModelSpec
 
@@ -310,16 +312,22 @@ def quantizable_modules(decoder: Decoder) -> Iterator[tuple[str, nn.Module]]:
 
 
 def build_decoder(spec: ModelSpec, weights: str | None = None,
-                  dtype: torch.dtype = torch.float32) -> Decoder:
-    """The decoder on the meta device (no memory), with integer-weight modules if asked."""
+                  dtype: torch.dtype = torch.float32, group_size: int | None = None) -> Decoder:
+    """The decoder on the meta device (no memory), with integer-weight modules if asked
+    (int4: 4-bit projections in groups of `group_size`, embedding and head in int8)."""
     decoder = Decoder(spec)
     if weights is not None:
         for name, module in list(quantizable_modules(decoder)):
-            if isinstance(module, nn.Linear):
+            bits = weight_type(f"{name}.weight", weights)
+            if isinstance(module, nn.Linear) and bits == "int4":
+                replacement = Int4Linear(module.in_features, module.out_features,
+                                         module.bias is not None,
+                                         group_size or DEFAULT_GROUP_SIZE, dtype)
+            elif isinstance(module, nn.Linear):
                 replacement = QuantizedLinear(module.in_features, module.out_features,
-                                              module.bias is not None, weights, dtype)
+                                              module.bias is not None, bits, dtype)
             else:
-                replacement = QuantizedEmbedding(spec.vocab_size, spec.hidden_size, weights, dtype)
+                replacement = QuantizedEmbedding(spec.vocab_size, spec.hidden_size, bits, dtype)
             decoder.set_submodule(name, replacement)
     return decoder
 
@@ -328,7 +336,23 @@ def quantizable_weight_names(spec: ModelSpec) -> set[str]:
     return {f"{name}.weight" for name, _ in quantizable_modules(build_decoder(spec))}
 
 
-def expected_weight_shapes(spec: ModelSpec, weights: str | None = None) -> dict[str, tuple[int, ...]]:
+def expected_weight_shapes(spec: ModelSpec, weights: str | None = None,
+                           group_size: int | None = None) -> dict[str, tuple[int, ...]]:
     """Every tensor a kiln folder must hold for this spec, with its shape."""
-    decoder = build_decoder(spec, weights)
-    return {name: tuple(tensor.shape) for name, tensor in decoder.state_dict().items()}
+    return {name: tuple(tensor.shape)
+            for name, tensor in expected_weights(spec, weights, group_size).items()}
+
+
+def expected_weights(spec: ModelSpec, weights: str | None = None,
+                     group_size: int | None = None) -> dict[str, torch.Tensor]:
+    """Every tensor a kiln folder must hold, as an empty meta tensor (shape and, for integer
+    weights and their scales, dtype)."""
+    return dict(build_decoder(spec, weights, group_size=group_size).state_dict())
+
+
+def input_sizes(spec: ModelSpec) -> dict[str, int]:
+    """The input size (columns) of every quantizable weight, by name."""
+    sizes = {}
+    for name, module in quantizable_modules(build_decoder(spec)):
+        sizes[f"{name}.weight"] = spec.hidden_size if name == "embed" else module.in_features
+    return sizes

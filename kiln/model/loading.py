@@ -15,11 +15,13 @@ import torch
 
 from ..errors import ModelFileError
 from ..quant.compute_types import ComputeType
-from ..quant.int8 import QuantizedLinear, dequantize_rows, quantize_rows
+from ..quant.int4 import Int4Linear
+from ..quant.int8 import QuantizedLinear
 from ..quant.kernels import default_backend
+from ..quant.stored import encode, is_form, take_stored, weight_type
 from ..storage.layout import CONFIG_FILE
 from ..storage.safetensors_mmap import MappedSafetensors
-from .decoder import Decoder, MetaLinear, build_decoder, expected_weight_shapes, quantizable_weight_names
+from .decoder import Decoder, MetaLinear, build_decoder, expected_weights, input_sizes
 from .spec import KilnConfig, ModelSpec, is_kiln_folder
 
 DEVICES = ("cpu", "cuda", "auto")
@@ -91,16 +93,21 @@ def read_weights(folder: Path, config: KilnConfig) -> tuple[dict[str, torch.Tens
         mapped = MappedSafetensors(Path(folder) / name)
         for key in mapped.keys():
             tensors[key], files[key] = mapped.tensor(key), mapped
-    expected = expected_weight_shapes(config.spec, config.weights)
+    expected = expected_weights(config.spec, config.weights, config.group_size)
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:
         raise ModelFileError(f"{folder} does not match its config.json: missing tensors {missing[:5]}, "
                              f"unexpected tensors {unexpected[:5]}")
-    for key, shape in expected.items():
-        if tuple(tensors[key].shape) != shape:
+    for key, want in expected.items():
+        if tuple(tensors[key].shape) != tuple(want.shape):
             raise ModelFileError(f"{folder}: tensor {key} has shape {tuple(tensors[key].shape)}, "
-                                 f"config.json implies {shape}")
+                                 f"config.json implies {tuple(want.shape)}")
+        integer_part = not want.is_floating_point() or key.endswith(("_scale", "_scales", "_mins"))
+        if integer_part and tensors[key].dtype != want.dtype:
+            raise ModelFileError(f"{folder}: tensor {key} is {tensors[key].dtype}, config.json "
+                                 f"({config.weights} weights) implies {want.dtype}; the file is "
+                                 "corrupt or from another conversion: convert the model again")
     return tensors, files
 
 
@@ -110,17 +117,26 @@ def load_decoder(folder: Path, config: KilnConfig, compute: ComputeType,
     between float and integer weights where the folder and the compute type differ."""
     tensors, files = read_weights(folder, config)
     copied: list[str] = []  # stored tensors that were converted: their mapped pages are spare
-    decoder = build_decoder(config.spec, compute.weights, compute.torch_dtype)
+    decoder = build_decoder(config.spec, compute.weights, compute.torch_dtype, compute.group_size)
     state = dict(_converted(tensors, config, compute, device, copied))
     decoder.load_state_dict(state, strict=True, assign=True)
     del state, tensors
     if config.spec.tie_word_embeddings:
         decoder.tie_head(_tied_head(decoder, config.spec, compute))
     for name in copied:
-        files[name].release(name)
-    if compute.weights == "int8":
+        for part in (name, f"{name}_scale", f"{name}_scales", f"{name}_mins"):
+            if part in files:
+                files[part].release(part)
+
+    def release(name: str) -> None:
+        if name not in copied and name in files:
+            files[name].release(name)
+
+    if compute.weights == "int4":
+        pack_int4_kernels(decoder, release, drop_stored=set(copied))
+    if compute.weights in ("int8", "int4"):
         backend = default_backend(device) if int8_backend == "auto" else int8_backend
-        pack_kernels(decoder, backend, release=lambda name: files[name].release(name))
+        pack_kernels(decoder, backend, release=release)
         decoder.int8_backend = backend
     decoder.prepare(device)
     decoder.eval().requires_grad_(False)
@@ -143,29 +159,37 @@ def pack_kernels(decoder: Decoder, backend: str | None, release: Callable[[str],
         list(pool.map(lambda item: pack(*item), modules))
 
 
+def pack_int4_kernels(decoder: Decoder, release: Callable[[str], None],
+                      drop_stored: set[str]) -> None:
+    """Pack every 4-bit projection for the device's kernel. The stored form of a packed one
+    is released: mapped pages are dropped (they re-read from the file if the exact path is
+    ever asked for), and weights quantized at load are freed."""
+    for name, module in decoder.named_modules():
+        if isinstance(module, Int4Linear) and module.prepare():
+            if f"{name}.weight" in drop_stored:
+                module.drop_stored()
+            for part in ("weight", "weight_scales", "weight_mins"):
+                release(f"{name}.{part}")
+
+
 def _converted(tensors: dict[str, torch.Tensor], config: KilnConfig, compute: ComputeType,
                device: torch.device, copied: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
     """The stored tensors as the compute type wants them; untouched (mmapped) when they match.
-    Names of tensors that had to be converted are appended to `copied`."""
+    Names of weights that had to be converted are appended to `copied`."""
     dtype = compute.torch_dtype
-    for name in quantizable_weight_names(config.spec):
-        stored = tensors.pop(name)
-        scale = tensors.pop(f"{name}_scale", None)
-        if scale is not None and config.weights == compute.weights:
-            yield name, stored.to(device)
-            yield f"{name}_scale", scale.to(device)
-            continue
-        weight = stored if scale is None else dequantize_rows(stored, scale)
-        if compute.weights is None:
-            weight = weight.to(device=device, dtype=dtype)
+    for name, columns in input_sizes(config.spec).items():
+        stored = take_stored(tensors, name, columns, config.group_size)
+        target = weight_type(name, compute.weights)
+        if target is None and isinstance(stored, torch.Tensor):
+            weight = stored.to(device=device, dtype=dtype)
             yield name, weight
-            if weight.data_ptr() == stored.data_ptr():
-                continue  # used in place
-        else:
-            integers, scale = quantize_rows(weight, compute.weights)
-            yield name, integers.to(device)
-            yield f"{name}_scale", scale.to(device)
-        copied.append(name)
+            if weight.data_ptr() != stored.data_ptr():
+                copied.append(name)
+            continue
+        if not is_form(stored, target, compute.group_size):
+            copied.append(name)
+        for key, tensor in encode(name, stored, target, compute.group_size, dtype):
+            yield key, tensor.to(device)
     for name, tensor in tensors.items():  # norms, biases, learned positions
         yield name, tensor.to(device=device, dtype=dtype)
 
@@ -176,7 +200,7 @@ def _tied_head(decoder: Decoder, spec: ModelSpec, compute: ComputeType) -> torch
         head = MetaLinear(spec.hidden_size, spec.vocab_size, bias=False)
         head.weight = decoder.embed.weight
         return head
-    head = QuantizedLinear(spec.hidden_size, spec.vocab_size, False, compute.weights,
-                           compute.torch_dtype)
+    head = QuantizedLinear(spec.hidden_size, spec.vocab_size, False,
+                           weight_type("embed.weight", compute.weights), compute.torch_dtype)
     head.weight, head.weight_scale = decoder.embed.weight, decoder.embed.weight_scale
     return head

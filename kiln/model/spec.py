@@ -18,13 +18,14 @@ from ..errors import ModelFileError
 from ..storage.layout import CONFIG_FILE, WEIGHTS_FILE  # noqa: F401  (re-exported)
 
 FORMAT_NAME = "kiln"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: int4 weights (4-bit groups); folders without them are written as 1
 
 NORMS = ("layernorm", "rmsnorm")
 ACTIVATIONS = ("gelu", "gelu_tanh", "silu", "relu")
 POSITIONS = ("rotary", "learned")
 FLOAT_DTYPES = ("float32", "float16", "bfloat16")
-INTEGER_WEIGHTS = (None, "int8", "int16")
+INTEGER_WEIGHTS = (None, "int8", "int16", "int4")
+GROUP_SIZES = (32, 64, 128, 256)  # kiln.quant.int4.GROUP_SIZES (not imported: no torch here)
 
 
 @dataclass(frozen=True)
@@ -142,17 +143,22 @@ class KilnConfig:
 
     spec: ModelSpec
     dtype: str  # storage type of the float weights
-    weights: str | None = None  # "int8" or "int16": integer matrices with a scale per row
+    weights: str | None = None  # "int8"/"int16": a scale per row; "int4": 4-bit groups
     files: dict[str, Any] = field(default_factory=dict)  # weight file -> {"bytes", "sha256"}
     tokens: TokenIds = field(default_factory=TokenIds)
     source: dict[str, Any] = field(default_factory=dict)  # where it came from
+    group_size: int | None = None  # int4: input columns per scale and minimum
 
     def to_dict(self) -> dict[str, Any]:
+        quantization: dict[str, Any] = {"dtype": self.dtype, "weights": self.weights}
+        if self.weights == "int4":
+            quantization["group_size"] = self.group_size
         return {
             "format": FORMAT_NAME,
-            "format_version": FORMAT_VERSION,
+            # Older kilns read every folder without int4 weights: only those say version 2.
+            "format_version": FORMAT_VERSION if self.weights == "int4" else 1,
             "model": self.spec.to_dict(),
-            "quantization": {"dtype": self.dtype, "weights": self.weights},
+            "quantization": quantization,
             "tokens": dataclasses.asdict(self.tokens),
             "source": self.source,
             "files": self.files,
@@ -179,10 +185,15 @@ class KilnConfig:
         if weights not in INTEGER_WEIGHTS:
             raise ValueError(f"unknown weight quantization {weights!r} in config.json; known: "
                              f"{INTEGER_WEIGHTS}")
+        group_size = quantization.get("group_size")
+        if weights == "int4" and group_size not in GROUP_SIZES:
+            raise ModelFileError(f"config.json: int4 weights need a group_size in {GROUP_SIZES}, "
+                                 f"got {group_size!r}; convert the model again")
         return cls(
             spec=ModelSpec.from_dict(data["model"]),
             dtype=dtype,
             weights=weights,
+            group_size=group_size if weights == "int4" else None,
             tokens=TokenIds.from_dict(data.get("tokens", {})),
             source=dict(data.get("source", {})),
             files=dict(data.get("files", {})),

@@ -3,6 +3,8 @@
     float32 | float16 | bfloat16               float weights, float activations
     int8_float32 | int8_float16 | int8_bfloat16 int8 weights (one scale per row), float rest
     int8                                       int8 weights, the saved model's float type
+    int4_float32 | int4_float16 | int4_bfloat16 4-bit weights in groups (kiln's own: embedding
+    int4                                       and output head stay int8), float rest
     int16                                      int16 weights, float32 rest
     default                                    what the folder stores (falling back where the
                                                device cannot run it)
@@ -18,20 +20,28 @@ if TYPE_CHECKING:  # torch is imported only when used: `kiln --help` stays insta
     import torch
 
 FLOATS = ("float32", "float16", "bfloat16")
-NAMED = ("int8", "int8_float32", "int8_float16", "int8_bfloat16", "int16", *FLOATS)
+NAMED = ("int8", "int8_float32", "int8_float16", "int8_bfloat16", "int16",
+         "int4", "int4_float32", "int4_float16", "int4_bfloat16", *FLOATS)
+GROUPED = "int4"  # the one weight type with a group size
 COMPUTE_TYPES = ("default", "auto", *NAMED)
 
 
 @dataclass(frozen=True)
 class ComputeType:
-    weights: str | None  # "int8", "int16" or None (float weights)
+    weights: str | None  # "int8", "int16", "int4" or None (float weights)
     dtype: str  # float type of activations and of the weights that stay float
+    group_size: int | None = None  # int4 only: input columns per scale (None: the default)
 
     @property
     def name(self) -> str:
-        if self.weights == "int8":
-            return f"int8_{self.dtype}"
+        if self.weights in ("int8", GROUPED):
+            return f"{self.weights}_{self.dtype}"
         return self.weights or self.dtype
+
+    @property
+    def storage_name(self) -> str:
+        """The name, with the group size where there is one (int4_float32-g32)."""
+        return f"{self.name}-g{self.group_size}" if self.group_size else self.name
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -46,10 +56,10 @@ class ComputeType:
             return cls(None, name)
         if name == "int16":
             return cls("int16", "float32")
-        if name == "int8":
-            return cls("int8", saved_dtype)
-        if name.startswith("int8_") and name[5:] in FLOATS:
-            return cls("int8", name[5:])
+        if name in ("int8", GROUPED):
+            return cls(name, saved_dtype)
+        if name[:5] in ("int8_", "int4_") and name[5:] in FLOATS:
+            return cls(name[:4], name[5:])
         raise ValueError(f"unknown compute type {name!r}; valid: {', '.join(COMPUTE_TYPES)}")
 
 
@@ -77,8 +87,11 @@ def resolve(requested: str, saved: ComputeType, device: torch.device) -> Compute
         if saved.name in valid:
             return saved
         fallback = "float16" if device.type == "cuda" else "float32"  # CTranslate2 does the same
-        return ComputeType(saved.weights if saved.weights == "int8" else None, fallback)
+        kept = saved.weights if saved.weights in ("int8", GROUPED) else None
+        return ComputeType(kept, fallback, saved.group_size if kept == GROUPED else None)
     chosen = ComputeType.parse(requested, saved.dtype)
+    if chosen.weights == GROUPED and saved.weights == GROUPED:
+        chosen = ComputeType(GROUPED, chosen.dtype, saved.group_size)  # the folder's groups
     if chosen.name not in valid:
         raise ValueError(f"compute_type {requested!r} cannot run on {device}; valid there: "
                          f"{', '.join(['default', 'auto', *valid])}")

@@ -30,16 +30,21 @@ def default_gguf() -> Path:
     return path
 
 
-def default_model_path(cache: str | Path | None = None) -> Path:
-    """The converted default model's folder, converting it on first use only."""
+def default_model_path(cache: str | Path | None = None, int4_group_size: int | None = None
+                       ) -> Path:
+    """The converted default model's folder, converting it on first use only. With
+    `int4_group_size`, a second conversion to int4: at 32 it keeps the file's own 4-bit (Q4_1)
+    weights exactly."""
     gguf = default_gguf()
     version = importlib.metadata.version(PACKAGE)
-    folder = store_dir(cache) / "models" / f"{NAME}-{version}-{gguf.stat().st_size}"
+    suffix = f"-int4-g{int4_group_size}" if int4_group_size else ""
+    folder = store_dir(cache) / "models" / f"{NAME}-{version}-{gguf.stat().st_size}{suffix}"
     if not is_kiln_folder(folder):
         from ..conversion import convert
 
-        try:
-            convert(gguf, folder, force=folder.exists())  # a stray non-kiln folder is replaced
+        quantization = "int4" if int4_group_size else None
+        try:  # a stray non-kiln folder is replaced
+            convert(gguf, folder, quantization, force=folder.exists(), group_size=int4_group_size)
         except OSError:
             if not is_kiln_folder(folder):  # unless another process just finished converting
                 raise

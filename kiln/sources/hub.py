@@ -47,13 +47,21 @@ class Resolved:
 def resolve(name_or_path: str | Path, *, revision: str | None = None,
             quantization: str | None = None, cache_dir: str | Path | None = None,
             hub_cache_dir: str | Path | None = None, local_files_only: bool = False,
-            token: str | bool | None = None, progress: bool | None = None) -> Resolved:
-    """A kiln folder for `name_or_path`, converting (once) what needs converting."""
+            token: str | bool | None = None, progress: bool | None = None,
+            group_size: int | None = None) -> Resolved:
+    """A kiln folder for `name_or_path`, converting (once) what needs converting
+    (int4: in groups of `group_size`)."""
     path = Path(name_or_path).expanduser()
+    if quantization and quantization.startswith("int4"):
+        from ..quant.int4 import DEFAULT_GROUP_SIZE
+
+        group_size = group_size or DEFAULT_GROUP_SIZE
+    else:
+        group_size = None
     if path.exists():
         if revision is not None:
             raise ValueError(f"revision={revision!r} applies to hub ids; {path} is a local path")
-        return _resolve_local(path, quantization, cache_dir, progress)
+        return _resolve_local(path, quantization, cache_dir, progress, group_size)
     name = str(name_or_path)
     if not HUB_ID.match(name):
         raise FileNotFoundError(f"no model at {name}: it is neither an existing path nor a hub "
@@ -61,16 +69,22 @@ def resolve(name_or_path: str | Path, *, revision: str | None = None,
     snapshot = download(name, revision, hub_cache_dir, local_files_only, token, progress)
     commit = snapshot.name
     folder = (store_dir(cache_dir) / "models" / "hub" / name.replace("/", "--") / commit /
-              (quantization or "default"))
+              _store_name(quantization, group_size))
     source = {"hub_id": name, "revision": revision or "main", "commit": commit}
-    return Resolved(_convert_once(snapshot, folder, quantization, source, progress), source)
+    return Resolved(_convert_once(snapshot, folder, quantization, source, progress, group_size),
+                    source)
+
+
+def _store_name(quantization: str | None, group_size: int | None) -> str:
+    """The store's folder for one conversion of a source: the type (and int4 groups)."""
+    return (quantization or "default") + (f"-g{group_size}" if group_size else "")
 
 
 def convert_source(source: str | Path, output_dir: str | Path, quantization: str | None = None,
                    force: bool = False, copy_files: Iterable[str] | None = None, *,
                    max_shard_bytes: int = conversion.DEFAULT_SHARD_BYTES, progress: bool = False,
                    origin: dict[str, Any] | None = None, revision: str | None = None,
-                   token: str | bool | None = None) -> Path:
+                   token: str | bool | None = None, group_size: int | None = None) -> Path:
     """Convert a local Hugging Face checkpoint folder, GGUF file or CTranslate2 folder, or a hub
     id, into a kiln folder (`kiln.convert`).
 
@@ -88,7 +102,8 @@ def convert_source(source: str | Path, output_dir: str | Path, quantization: str
     elif revision is not None:
         raise ValueError(f"revision={revision!r} applies to hub ids; {source} is a local path")
     return conversion.convert(source, output_dir, quantization, force, copy_files,
-                              max_shard_bytes=max_shard_bytes, progress=progress, origin=origin)
+                              max_shard_bytes=max_shard_bytes, progress=progress, origin=origin,
+                              group_size=group_size)
 
 
 def download(repo_id: str, revision: str | None, hub_cache_dir: str | Path | None,
@@ -130,7 +145,7 @@ def download(repo_id: str, revision: str | None, hub_cache_dir: str | Path | Non
 
 
 def _resolve_local(path: Path, quantization: str | None, cache_dir: str | Path | None,
-                   progress: bool | None) -> Resolved:
+                   progress: bool | None, group_size: int | None = None) -> Resolved:
     if path.is_dir() and is_kiln_folder(path):
         return Resolved(path, {"path": str(path)})
     if not (path.suffix == ".gguf" and path.is_file()) and not hf.is_hf_folder(path) \
@@ -140,9 +155,10 @@ def _resolve_local(path: Path, quantization: str | None, cache_dir: str | Path |
                                 "(model.bin) or a .gguf file")
     fingerprint = _fingerprint(path)
     folder = (store_dir(cache_dir) / "models" / "local" / f"{path.name}-{fingerprint}" /
-              (quantization or "default"))
+              _store_name(quantization, group_size))
     source = {"path": str(path.resolve()), "fingerprint": fingerprint}
-    return Resolved(_convert_once(path, folder, quantization, source, progress), source)
+    return Resolved(_convert_once(path, folder, quantization, source, progress, group_size),
+                    source)
 
 
 def _fingerprint(path: Path) -> str:
@@ -167,13 +183,14 @@ def stored_folder_is_sound(folder: Path) -> bool:
 
 
 def _convert_once(source: Path, folder: Path, quantization: str | None, origin: dict,
-                  progress: bool | None) -> Path:
+                  progress: bool | None, group_size: int | None = None) -> Path:
     if is_kiln_folder(folder) and stored_folder_is_sound(folder):
         return folder  # already stored: nothing is read or converted
     try:
         # A broken or partial entry is replaced; conversion itself writes atomically.
         conversion.convert(source, folder, quantization=quantization, force=folder.exists(),
-                           progress=_show_progress(progress), origin=origin)
+                           progress=_show_progress(progress), origin=origin,
+                           group_size=group_size)
     except OSError:
         if not (is_kiln_folder(folder) and stored_folder_is_sound(folder)):
             raise  # unless another process finished the same conversion first

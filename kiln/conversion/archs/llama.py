@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from ...model.spec import ModelSpec
-from .registry import Adapter, TensorSource, activation_of, register, rope_settings, take
+from .registry import Adapter, TensorSource, activation_of, cat_rows, register, rope_settings, take
 
 
 @register
@@ -67,7 +67,7 @@ class LlamaAdapter(Adapter):
             yield f"{target}attn_norm.weight", take(tensors, f"{source}input_layernorm.weight")
             yield f"{target}mlp_norm.weight", take(tensors, f"{source}post_attention_layernorm.weight")
             attention = f"{source}self_attn."
-            yield f"{target}attn.qkv.weight", torch.cat(
+            yield f"{target}attn.qkv.weight", cat_rows(
                 [take(tensors, f"{attention}{p}_proj.weight") for p in "qkv"])
             if spec.qkv_bias:
                 yield f"{target}attn.qkv.bias", torch.cat(
@@ -76,7 +76,7 @@ class LlamaAdapter(Adapter):
             if spec.attn_out_bias:
                 yield f"{target}attn.out.bias", take(tensors, f"{attention}o_proj.bias")
             mlp = f"{source}mlp."
-            yield f"{target}mlp.up.weight", torch.cat(
+            yield f"{target}mlp.up.weight", cat_rows(
                 [take(tensors, f"{mlp}gate_proj.weight"), take(tensors, f"{mlp}up_proj.weight")])
             yield f"{target}mlp.down.weight", take(tensors, f"{mlp}down_proj.weight")
             if spec.mlp_bias:

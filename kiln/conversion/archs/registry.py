@@ -66,6 +66,20 @@ def config_value(config: dict[str, Any], *keys: str, default: Any = None) -> Any
     return default
 
 
+def cat_rows(parts: list) -> torch.Tensor:
+    """Weights stacked by rows (q, k, v; gate, up). 4-bit weights in the same groups stay
+    4-bit; any other mix is dequantized to float first."""
+    from ...quant.int4 import GroupWeight
+
+    if all(isinstance(part, GroupWeight) for part in parts):
+        try:
+            return GroupWeight.cat(parts)
+        except ValueError:
+            pass
+    return torch.cat([part if isinstance(part, torch.Tensor) else part.dequantize()
+                      for part in parts])
+
+
 def take(tensors: TensorSource, name: str) -> torch.Tensor:
     if name not in tensors:
         raise ModelFileError(f"the checkpoint has no tensor {name!r}")

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 
 from ...errors import ModelFileError
+from ...quant.int4 import GroupWeight
+from .gguf_int4 import GROUP, NATIVE_TYPES, group_weight
 
 try:
     import gguf
@@ -67,6 +69,11 @@ def _f32(value: Any) -> float:
     return float(str(np.float32(value)))
 
 
+def unpermute_index(rows: int, n_head: int) -> torch.Tensor:
+    """The row order that undoes llama.cpp's q/k permutation (see unpermute_rows)."""
+    return unpermute_rows(torch.arange(rows).unsqueeze(1), n_head).squeeze(1)
+
+
 def unpermute_rows(weight: torch.Tensor, n_head: int) -> torch.Tensor:
     """Undo llama.cpp's q/k row permutation (interleaved rotary -> Hugging Face rotate-half)."""
     out = weight.shape[0]
@@ -101,6 +108,12 @@ class GGUFCheckpoint:
                              f"supported architectures: {', '.join(SUPPORTED_ARCHITECTURES)}")
         self.config = self._build_config()
         self.tensors = self._build_tensors()
+        self._native_group_size: int | None = None
+
+    def keep_4bit_groups(self, group_size: int) -> None:
+        """Conversion to int4 in groups of `group_size`: 4-bit blocks of that size (Q4_0,
+        Q4_1, Q4_K at 32) come as kiln int4 weights, never through float."""
+        self._native_group_size = group_size
 
     # --- metadata -----------------------------------------------------------------------------
 
@@ -226,11 +239,23 @@ class GGUFCheckpoint:
                                  f"{unknown[:8]}{' ...' if len(unknown) > 8 else ''}")
         return tensors
 
-    def _load(self, name: str, unpermute_heads: int | None = None) -> torch.Tensor:
-        """Dequantize one GGUF tensor to float32 in PyTorch `[out, in]` order."""
+    def _load(self, name: str, unpermute_heads: int | None = None) -> torch.Tensor | GroupWeight:
+        """Dequantize one GGUF tensor to float32 in PyTorch `[out, in]` order (or, converting
+        to int4 in its block size, read its 4-bit blocks as they are)."""
         tensor = self._gguf_tensors[name]
         kind = GGMLQuantizationType(tensor.tensor_type)
         shape = tuple(int(n) for n in reversed(tensor.shape.tolist()))
+        if self._native_group_size == GROUP and kind.name in NATIVE_TYPES and len(shape) == 2:
+            try:
+                weight = group_weight(tensor.data, kind.name, *shape)
+            except ValueError as error:
+                raise ModelFileError(f"{self.path}: tensor {name!r}: {error}") from error
+            except OverflowError:
+                weight = None  # scales float16 cannot hold: through float32 instead
+            if weight is not None:
+                if unpermute_heads is not None:
+                    weight = weight.rows(unpermute_index(shape[0], unpermute_heads))
+                return weight
         try:
             array = gguf.quants.dequantize(tensor.data, kind)
         except NotImplementedError as error:
