@@ -107,7 +107,8 @@ def converter_version(engine: str) -> str:
     root = Path(__file__).absolute().parents[1]
     digest = hashlib.sha256()
     for path in sorted([root / "conversion" / "convert.py", root / "model" / "spec.py",
-                        root / "quant" / "int8.py", *root.glob("conversion/archs/*.py"),
+                        root / "quant" / "int8.py", root / "quant" / "int4.py",
+                        root / "quant" / "stored.py", *root.glob("conversion/archs/*.py"),
                         *root.glob("conversion/formats/*.py")]):
         if path.is_file():
             digest.update(path.name.encode() + b"\0" + path.read_bytes())
@@ -132,6 +133,13 @@ def engine_folder(model: BenchModel, engine: EngineType, work_dir: Path) -> Path
                           lambda out: convert_with_ctranslate2(source, out, engine.dtype))
     from ..conversion import convert
 
+    # kiln:int4-g64: int4 in groups of 64
+    quantization, _, group = engine.dtype.partition("-g")
+    group_size = int(group) if group else None
+
+    def build(out: Path, checkpoint: Path) -> None:
+        convert(checkpoint, out, quantization=quantization, group_size=group_size)
+
     if model.shape is None:
         from ..sources.default_model import default_model_path
 
@@ -141,9 +149,9 @@ def engine_folder(model: BenchModel, engine: EngineType, work_dir: Path) -> Path
             return default  # kiln's own converted default model, as users get it
         gguf = smollm2_gguf()
         return build_once(work_dir / model.name / f"kiln-{engine.dtype}", recipe,
-                          lambda out: convert(gguf, out, quantization=engine.dtype))
+                          lambda out: build(out, gguf))
     return build_once(work_dir / model.name / f"kiln-{engine.dtype}", recipe,
-                      lambda out: convert(source, out, quantization=engine.dtype))
+                      lambda out: build(out, source))
 
 
 def tokenizer_size(hf: Path) -> int:

@@ -11,7 +11,9 @@ from safetensors.torch import save_file
 from ..model.decoder import expected_weight_shapes, quantizable_weight_names
 from ..model.spec import KilnConfig, ModelSpec, TokenIds
 from ..quant.compute_types import ComputeType
+from ..quant.int4 import DEFAULT_GROUP_SIZE, group_count
 from ..quant.int8 import INT_DTYPES, QMAX
+from ..quant.stored import weight_type
 
 SHARD_BYTES = 2 * 1024**3
 
@@ -43,22 +45,32 @@ def write_random_folder(spec: ModelSpec, folder: Path, compute: ComputeType,
         shard.clear()
 
     size = 0
+    group_size = (compute.group_size or DEFAULT_GROUP_SIZE) if compute.weights == "int4" else None
     for name, shape in expected_weight_shapes(spec).items():
-        if name in quantized:  # integers drawn directly: 12B values in seconds, not minutes
-            qmax = QMAX[compute.weights]
+        bits = weight_type(name, compute.weights)
+        if name in quantized and bits == "int4":  # random nibbles over [-3 sigma, 3 sigma]
+            groups = group_count(shape[1], group_size)
+            shard[name] = torch.randint(0, 256, (shape[0], -(-shape[1] // 2)),
+                                        generator=generator, dtype=torch.uint8)
+            shard[f"{name}_scales"] = torch.full((shape[0], groups), 0.12 / 15, dtype=torch.float16)
+            shard[f"{name}_mins"] = torch.full((shape[0], groups), -0.06, dtype=torch.float16)
+        elif name in quantized:  # integers drawn directly: 12B values in seconds, not minutes
+            qmax = QMAX[bits]
             shard[name] = torch.randint(-qmax, qmax + 1, shape, generator=generator,
-                                        dtype=INT_DTYPES[compute.weights])
+                                        dtype=INT_DTYPES[bits])
             shard[f"{name}_scale"] = torch.full(shape[:1], qmax / 0.06)  # |w| <= 3 sigma
         elif name.endswith("norm.weight"):
             shard[name] = torch.ones(shape, dtype=compute.torch_dtype)
         else:
             shard[name] = torch.randn(shape, generator=generator, dtype=compute.torch_dtype) * 0.02
-        size += sum(shard[key].nbytes for key in (name, f"{name}_scale") if key in shard)
+        parts = (name, f"{name}_scale", f"{name}_scales", f"{name}_mins")
+        size += sum(shard[key].nbytes for key in parts if key in shard)
         if size > SHARD_BYTES:
             flush()
             size = 0
     if shard:
         flush()
     KilnConfig(spec=spec, dtype=compute.dtype, weights=compute.weights, files=files,
-               tokens=TokenIds(bos=0, eos=[0]), source={"format": "random"}).save(folder)
+               tokens=TokenIds(bos=0, eos=[0]), source={"format": "random"},
+               group_size=group_size).save(folder)
     return folder

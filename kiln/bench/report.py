@@ -62,8 +62,17 @@ def summarize(results: dict) -> list[dict]:
         cell["size_bytes"] = folder.get("size_bytes")
         cell["bytes_per_step"] = folder.get("bytes_per_step")
         cell["ceiling_fraction"] = _ceiling_fraction(cell, bandwidth)
+        cell["weights_gb_s"] = _streamed_gb_s(cell)
         summary.append(cell)
     return summary
+
+
+def _streamed_gb_s(cell: dict) -> float | None:
+    """Weight bytes decoding streams per second: steps/s x bytes per step."""
+    decode = cell["decode_tokens_per_s"]
+    if not decode or not cell["bytes_per_step"]:
+        return None
+    return decode["median"] / cell["batch"] * cell["bytes_per_step"] / 1e9
 
 
 def _ceiling_fraction(cell: dict, bandwidth_gb_s: float | None) -> float | None:
@@ -174,7 +183,7 @@ def absolute_table(summary: list[dict]) -> str:
     gpu = any(cell["peak_device_bytes"] for cell in summary)  # a column only on a GPU run
     header = ["model", "batch", "prompt", "engine", "decode tok/s", "prefill tok/s", "TTFT ms",
               "total s", "peak RSS MiB", *(["peak GPU MiB"] if gpu else []), "load s",
-              "of bandwidth ceiling"]
+              "weights GB/s", "of bandwidth ceiling"]
     body = []
     for cell in summary:
         lead = [cell["model"], str(cell["batch"]), str(cell["prompt_tokens"]), cell["engine"]]
@@ -187,7 +196,9 @@ def absolute_table(summary: list[dict]) -> str:
             _figure(cell["ttft_s"], 1000), _figure(cell["total_s"]),
             _figure(cell["peak_rss_bytes"], 1 / MiB),
             *([_figure(cell["peak_device_bytes"], 1 / MiB)] if gpu else []),
-            _figure(cell["load_s"]), "–" if fraction is None else f"{fraction:.0%}"])
+            _figure(cell["load_s"]),
+            "–" if cell.get("weights_gb_s") is None else f"{cell['weights_gb_s']:.1f}",
+            "–" if fraction is None else f"{fraction:.0%}"])
     return _table(header, body, right_from=4)
 
 
