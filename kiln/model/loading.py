@@ -161,15 +161,21 @@ def pack_kernels(decoder: Decoder, backend: str | None, release: Callable[[str],
 
 def pack_int4_kernels(decoder: Decoder, release: Callable[[str], None],
                       drop_stored: set[str]) -> None:
-    """Pack every 4-bit projection for the device's kernel. The stored form of a packed one
-    is released: mapped pages are dropped (they re-read from the file if the exact path is
-    ever asked for), and weights quantized at load are freed."""
-    for name, module in decoder.named_modules():
-        if isinstance(module, Int4Linear) and module.prepare():
+    """Pack every 4-bit projection for the device's kernel, on all cores. The stored form of
+    a packed one is released: mapped pages are dropped (they re-read from the file if the
+    exact path is ever asked for), and weights quantized at load are freed."""
+
+    def pack(name: str, module: Int4Linear) -> None:
+        if module.prepare():
             if f"{name}.weight" in drop_stored:
                 module.drop_stored()
             for part in ("weight", "weight_scales", "weight_mins"):
                 release(f"{name}.{part}")
+
+    modules = [(name, module) for name, module in decoder.named_modules()
+               if isinstance(module, Int4Linear)]
+    with ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads())) as pool:
+        list(pool.map(lambda item: pack(*item), modules))
 
 
 def _converted(tensors: dict[str, torch.Tensor], config: KilnConfig, compute: ComputeType,

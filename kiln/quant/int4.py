@@ -34,6 +34,7 @@ MID = 8  # tinygemm's zero point: w = (q - 8) * scale + zero
 SCALE_DTYPE = torch.float16
 META = torch.device("meta")
 ROW_TILE = 16  # output rows the kernels tile by
+PACK_ROWS = 1024  # rows packed at a time for the CPU kernel (a multiple of its 64-row blocks)
 
 
 def check_group_size(group_size: int) -> int:
@@ -236,8 +237,6 @@ class Int4Linear(nn.Module):
     def _pack(self, kind: str, column_multiple: int) -> None:
         columns = -(-self.in_features // column_multiple) * column_multiple
         rows = -(-self.out_features // ROW_TILE) * ROW_TILE
-        values = unpack_nibbles(self.weight, self.in_features)
-        values = F.pad(values, (0, columns - self.in_features, 0, rows - self.out_features))
         groups = columns // self.group_size
         scales = F.pad(self.weight_scales.float(), (0, groups - self.weight_scales.shape[1],
                                                     0, rows - self.out_features), value=1.0)
@@ -246,8 +245,15 @@ class Int4Linear(nn.Module):
         scales_and_zeros = (torch.stack([scales, minimums + MID * scales], dim=-1)
                             .transpose(0, 1).contiguous().to(torch.bfloat16))
         if kind == "cpu":
-            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(values.to(torch.int32), 1)
+            # Rows are packed independently, so a few at a time: the int32 values the
+            # packing takes would otherwise need 8x the stored weight at once.
+            packed = torch.empty(rows, columns // 2, dtype=torch.uint8)
+            for start in range(0, rows, PACK_ROWS):
+                values = self._values(start, min(start + PACK_ROWS, rows), columns)
+                packed[start:start + values.shape[0]] = \
+                    torch.ops.aten._convert_weight_to_int4pack_for_cpu(values.to(torch.int32), 1)
         else:
+            values = self._values(0, rows, columns)
             high_first = (values[:, 0::2] << 4 | values[:, 1::2]).to(torch.uint8)
             packed = torch.ops.aten._convert_weight_to_int4pack(high_first.contiguous(),
                                                                 _inner_k_tiles(columns))
@@ -255,6 +261,11 @@ class Int4Linear(nn.Module):
         self.register_buffer("kernel_weight", packed, persistent=False)
         self.register_buffer("kernel_scales_and_zeros", scales_and_zeros, persistent=False)
         self._padded_columns, self.kernel = columns, kind
+
+    def _values(self, start: int, end: int, columns: int) -> torch.Tensor:
+        """The 4-bit values of rows start..end (zero past the real rows and columns)."""
+        values = unpack_nibbles(self.weight[start:min(end, self.out_features)], self.in_features)
+        return F.pad(values, (0, columns - self.in_features, 0, end - start - values.shape[0]))
 
     def _check_against_reference(self) -> None:
         """The CUDA kernel is checked once at load against the exact path: a layout or
