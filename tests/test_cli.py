@@ -79,3 +79,17 @@ def test_help_and_version_do_not_import_torch():
     code = "import sys; from kiln.cli import build_parser; build_parser(); print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
+
+
+def test_convert_to_int4_with_a_group_size_then_generate(source, tmp_path, capsys):
+    output = tmp_path / "int4"
+    assert main(["convert", str(source), str(output), "--quantization", "int4",
+                 "--group-size", "64"]) == 0
+    config = kiln.Generator(output).config
+    assert (config.weights, config.group_size) == ("int4", 64)
+    capsys.readouterr()
+    assert main(["generate", "--model", str(source), "--compute-type", "int4", "--group-size",
+                 "32", "--cache-dir", str(tmp_path / "cache"), "--max-length", "4", "t5 t6"]) == 0
+    assert len(capsys.readouterr().out.split()) == 2 + 4
+    stored = list((tmp_path / "cache").rglob("int4_float32-g32/config.json"))
+    assert len(stored) == 1  # the store keeps int4 conversions apart by group size

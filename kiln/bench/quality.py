@@ -116,13 +116,21 @@ def llama_cpp_folder(key: str, work_dir: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """python -m kiln.bench.quality [WORK_DIR] [KEY ...]: print the perplexity table
+    """python -m kiln.bench.quality [--work-dir DIR] [KEY ...]: print the perplexity table
     (markdown) for KEYs (default: all of ENGINES)."""
+    import argparse
+
     from .folders import DEFAULT_WORK_DIR, EngineType, engine_folder, resolve_models
 
-    argv = sys.argv[1:] if argv is None else argv
-    work_dir = Path(argv[0] if argv else DEFAULT_WORK_DIR).expanduser()
-    keys = ["kiln:float32", *[key for key in (argv[1:] or ENGINES) if key != "kiln:float32"]]
+    parser = argparse.ArgumentParser(prog="python -m kiln.bench.quality",
+                                     description="Perplexity of SmolLM2 per engine and type.")
+    parser.add_argument("keys", nargs="*", metavar="KEY",
+                        help=f"ENGINE:TYPE or llama.cpp-KIND:TYPE (default: {' '.join(ENGINES)})")
+    parser.add_argument("--work-dir", default=str(DEFAULT_WORK_DIR),
+                        help="where the folders are built once (default: %(default)s)")
+    args = parser.parse_args(argv)
+    work_dir = Path(args.work_dir).expanduser()
+    keys = ["kiln:float32", *[key for key in (args.keys or ENGINES) if key != "kiln:float32"]]
     model = resolve_models(["smollm2"])[0]
     folders = {key: llama_cpp_folder(key, work_dir) if key.startswith(LLAMA_CPP)
                else engine_folder(model, EngineType.parse(key), work_dir) for key in keys}
