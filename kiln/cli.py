@@ -354,6 +354,51 @@ def _run_cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_eval(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "eval", help="evaluate a model on lm-evaluation-harness tasks (pip install 'kiln[lmeval]')")
+    parser.add_argument("model", nargs="?", default=None,
+                        help="a kiln folder, Hugging Face folder, .gguf file or hub id "
+                             "(default: kiln's default model)")
+    parser.add_argument("--tasks", nargs="+", required=True, metavar="TASK",
+                        help="lm-eval task names, e.g. lambada_openai")
+    parser.add_argument("--revision", default=None, help="hub revision, e.g. step3000")
+    parser.add_argument("--compute-type", default="default")
+    parser.add_argument("--group-size", type=int, default=None, help="int4 groups")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--num-fewshot", type=int, default=None)
+    parser.add_argument("--limit", type=float, default=None,
+                        help="items per task (a fraction below 1)")
+    parser.add_argument("--include-path", default=None, help="a folder of extra task YAMLs")
+    parser.add_argument("--output", default=None, help="write the results as JSON here")
+    parser.set_defaults(run=_run_eval)
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    try:
+        import lm_eval
+        from lm_eval.tasks import TaskManager
+        from lm_eval.utils import make_table
+    except ImportError:
+        raise ValueError("kiln eval needs lm-evaluation-harness: pip install 'kiln[lmeval]'") \
+            from None
+    import json
+
+    from .lmeval import KilnLM
+
+    model = KilnLM(model=args.model, revision=args.revision, compute_type=args.compute_type,
+                   device=args.device, batch_size=args.batch_size, group_size=args.group_size)
+    results = lm_eval.simple_evaluate(
+        model=model, tasks=args.tasks, num_fewshot=args.num_fewshot, limit=args.limit,
+        task_manager=TaskManager(include_path=args.include_path))
+    print(make_table(results))
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as handle:
+            json.dump(results, handle, indent=2, default=str)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kiln", description="Convert causal language models and run them fast.")
@@ -363,6 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(subparsers)
     _add_chat(subparsers)
     _add_perplexity(subparsers)
+    _add_eval(subparsers)
     _add_cache(subparsers)
     _add_serve(subparsers)
     _add_bench(subparsers)
