@@ -208,6 +208,16 @@ def _add_serve(subparsers) -> None:
                              "none; longer sequences capture theirs on first use)")
     parser.add_argument("--log-level", default="info",
                         choices=["critical", "error", "warning", "info", "debug"])
+    ray = parser.add_argument_group("Ray Serve (pip install 'kiln[ray]')")
+    ray.add_argument("--ray", action="store_true",
+                     help="serve from Ray Serve replicas, one engine each (joins $RAY_ADDRESS, "
+                          "else starts a local Ray)")
+    ray.add_argument("--replicas", type=int, default=1, help="replicas (default: 1)")
+    ray.add_argument("--num-cpus-per-replica", type=float, default=1,
+                     help="CPUs Ray reserves for each replica, also its torch threads (default: 1)")
+    ray.add_argument("--autoscaling", default=None, metavar="JSON",
+                     help='Ray autoscaling_config instead of --replicas, e.g. '
+                          '\'{"min_replicas": 1, "max_replicas": 4}\'')
     parser.set_defaults(run=_run_serve)
 
 
@@ -236,11 +246,37 @@ def _run_serve(args: argparse.Namespace) -> int:
             engine.warm_up(args.warm_up)
         return AsyncEngine(engine)
 
+    if args.ray:
+        return _run_ray_serve(args, NAME)
     return serve(load, served_model_name=args.served_model_name or args.model or NAME,
                  host=args.host, port=args.port, max_queue=args.max_queue,
                  default_options=_speculation(args),
                  api_key=args.api_key or os.environ.get("KILN_API_KEY") or None,
                  shutdown_timeout=args.shutdown_timeout, log_level=args.log_level)
+
+
+def _run_ray_serve(args: argparse.Namespace, default_name: str) -> int:
+    import json
+    import os
+
+    try:
+        from .serve.ray import ReplicaOptions, run
+    except ImportError as error:
+        raise KilnError(f"kiln serve --ray needs {error.name}: pip install 'kiln[ray]'") from error
+    if args.replicas < 1 or args.num_cpus_per_replica <= 0:
+        raise ValueError("--replicas must be >= 1 and --num-cpus-per-replica > 0")
+    autoscaling = json.loads(args.autoscaling) if args.autoscaling else None
+    options = ReplicaOptions(
+        model=args.model, revision=args.revision, compute_type=args.compute_type,
+        group_size=args.group_size, device=args.device, cache_dir=args.cache_dir,
+        max_batch_size=args.max_batch_size, max_model_len=args.max_model_len,
+        kv_cache_memory=args.kv_cache_memory,
+        served_model_name=args.served_model_name or args.model or default_name,
+        api_key=args.api_key or os.environ.get("KILN_API_KEY") or None, warm_up=args.warm_up,
+        default_options=_speculation(args), engine_options=_draft(args))
+    return run(options, host=args.host, port=args.port, replicas=args.replicas,
+               num_cpus_per_replica=args.num_cpus_per_replica, max_queued_requests=args.max_queue,
+               autoscaling_config=autoscaling, shutdown_timeout=args.shutdown_timeout)
 
 
 def _add_bench(subparsers) -> None:
