@@ -193,8 +193,15 @@ class EventStream(StreamingResponse):
         try:
             await asyncio.wait({sender, listener}, return_when=asyncio.FIRST_COMPLETED)
         finally:
+            # Also when this task is cancelled (Ray Serve cancels a request whose client
+            # left), perhaps again while cleaning up: the engine request is aborted and the
+            # request counted as done whatever happens.
             for task in (sender, listener):
                 task.cancel()
-            await asyncio.gather(sender, listener, return_exceptions=True)
-            await self.chunks.aclose()
-            self.on_close()
+            try:
+                await asyncio.gather(sender, listener, return_exceptions=True)
+            finally:
+                try:
+                    await self.chunks.aclose()
+                finally:
+                    self.on_close()
