@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import os
 import sys
 from collections.abc import Sequence
 
@@ -54,6 +55,9 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
                              "(int8_float32, ...) or int4 (int4_float32, ...)")
     parser.add_argument("--group-size", type=int, choices=(32, 64, 128, 256), default=None,
                         help="int4 compute types: input columns per scale (default 32)")
+    parser.add_argument("--tensor-parallel", action="store_true",
+                        help="one rank of `torchrun --nproc-per-node N -m kiln ...`: hold 1/N "
+                             "of every layer (rank 0 prints)")
 
 
 def _add_sampling_options(parser: argparse.ArgumentParser, max_length: int) -> None:
@@ -71,6 +75,8 @@ def _load(args: argparse.Namespace, **engine_options):
     engine_options.update(_draft(args))
     if getattr(args, "group_size", None) is not None:
         engine_options["group_size"] = args.group_size
+    if getattr(args, "tensor_parallel", False):
+        engine_options["tensor_parallel"] = True
     if args.model is None:
         if args.revision is not None:
             raise ValueError("--revision needs --model (a hub id)")
@@ -112,10 +118,18 @@ def _sampling(args: argparse.Namespace) -> dict:
 
 
 def _print_stream(pieces) -> None:
-    for piece in pieces:
-        sys.stdout.write(piece)
-        sys.stdout.flush()
-    sys.stdout.write("\n")
+    out = sys.stdout if _is_first_rank() else open(os.devnull, "w")  # noqa: SIM115
+    for piece in pieces:  # every rank runs every step; one prints
+        out.write(piece)
+        out.flush()
+    out.write("\n")
+
+
+def _is_first_rank() -> bool:
+    """True unless this process is a tensor-parallel rank other than 0."""
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 def _add_generate(subparsers) -> None:
@@ -136,7 +150,8 @@ def _run_generate(args: argparse.Namespace) -> int:
         return 0
     pieces = generator.stream(args.prompt, **_sampling(args))
     first = next(pieces, "")  # errors surface before the prompt is echoed
-    sys.stdout.write(args.prompt)
+    if _is_first_rank():
+        sys.stdout.write(args.prompt)
     _print_stream(itertools.chain([first], pieces))
     return 0
 
@@ -363,8 +378,9 @@ def _run_perplexity(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.file} is not UTF-8 text: {error}") from error
     generator = _load(args)
     result = perplexity(generator, text, max_tokens=args.max_tokens or None, window=args.window)
-    print(f"perplexity {result.perplexity:.4f} over {result.tokens} tokens "
-          f"({generator.compute_type}, {result.windows} window(s))")
+    if _is_first_rank():
+        print(f"perplexity {result.perplexity:.4f} over {result.tokens} tokens "
+              f"({generator.compute_type}, {result.windows} window(s))")
     return 0
 
 

@@ -38,11 +38,13 @@ class Generator:
                  intra_threads: int = 0, seed: int | None = None,
                  verify_checksums: bool = False, cache_dir: str | Path | None = None,
                  int8_backend: str = "auto", group_size: int | None = None,
-                 **engine_options) -> None:
+                 tensor_parallel: bool = False, **engine_options) -> None:
         """Load a kiln folder. Anything else `from_pretrained` takes (a Hugging Face, GGUF or
         CTranslate2 checkpoint, a hub id) is converted once into the store (`cache_dir`) in
         its own type. With no `model_path`: kiln's default model, SmolLM2-135M-Instruct.
         `group_size`: int4 groups when quantizing to int4 at load (default 32).
+        `tensor_parallel`: run as one rank of `torchrun --nproc-per-node N`, holding 1/N of
+        every layer; every rank runs the same calls and gets the same results.
         `engine_options` size the engine (Engine: max_batch_size, max_length,
         kv_cache_memory, kv_cache_dtype, max_prefill_tokens_per_step)."""
         unknown = sorted(set(engine_options) - set(ENGINE_OPTIONS))
@@ -51,7 +53,7 @@ class Generator:
         loaded = open_model(model_path, device, compute_type, device_index=device_index,
                             intra_threads=intra_threads, verify_checksums=verify_checksums,
                             cache_dir=cache_dir, int8_backend=int8_backend,
-                            group_size=group_size)
+                            group_size=group_size, tensor_parallel=tensor_parallel)
         self.engine = Engine(loaded, seed=seed, **engine_options)
         self._executor = None
 

@@ -43,7 +43,7 @@ class DraftModel:
                              f"{loaded.spec.max_position_embeddings} positions, less than the "
                              f"engine's max_length {slot_length}; lower max_length")
         self.loaded = loaded
-        self.pool = SlotPool(loaded.spec, num_slots, slot_length, kv_dtype, loaded.device)
+        self.pool = SlotPool(loaded.model.spec, num_slots, slot_length, kv_dtype, loaded.device)
         self.runner = ModelRunner(loaded.model, self.pool, loaded.device, static_decode)
         self.usable = min(target.spec.usable_vocab_size, loaded.spec.usable_vocab_size)
 

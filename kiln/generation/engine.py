@@ -128,7 +128,7 @@ class Engine:
         context = loaded.spec.max_position_embeddings
         slot_length = min(max_length or context, context)
         num_slots = self._num_slots(max_batch_size, kv_cache_memory, slot_length)
-        self.pool = SlotPool(loaded.spec, num_slots, slot_length, self.kv_cache_dtype,
+        self.pool = SlotPool(loaded.model.spec, num_slots, slot_length, self.kv_cache_dtype,
                              loaded.device)
         self.runner = ModelRunner(loaded.model, self.pool, loaded.device, static_decode)
         self.draft = None
@@ -187,7 +187,7 @@ class Engine:
 
     def _num_slots(self, max_batch_size: int | None, memory: int | str | None,
                    slot_length: int) -> int:
-        per_slot = bytes_per_slot(self.loaded.spec, slot_length, self.kv_cache_dtype)
+        per_slot = bytes_per_slot(self.loaded.model.spec, slot_length, self.kv_cache_dtype)
         if memory is None and self.loaded.device.type == "cuda":
             # At most half of what the weights left (the rest for activations and graphs).
             free, _ = torch.cuda.mem_get_info(self.loaded.device)

@@ -46,12 +46,14 @@ class LoadedModel:
 def open_model(model_path: str | Path | None = None, device: str = "cpu",
                compute_type: str = "default", *, device_index: int = 0, intra_threads: int = 0,
                verify_checksums: bool = False, cache_dir: str | Path | None = None,
-               int8_backend: str = "auto", group_size: int | None = None) -> LoadedModel:
+               int8_backend: str = "auto", group_size: int | None = None,
+               tensor_parallel: bool = False) -> LoadedModel:
     """Load a kiln folder. Anything else `Generator.from_pretrained` takes (a Hugging Face,
     GGUF or CTranslate2 checkpoint, a hub id) is converted once into the store (`cache_dir`)
     in its own type. With no `model_path`: kiln's default model, SmolLM2-135M-Instruct.
     `group_size`: the int4 groups to quantize into at load (default: the folder's when it is
-    int4, else 32)."""
+    int4, else 32). `tensor_parallel`: this process is one rank of a torchrun group and loads
+    its part of every layer (kiln.model.tensor_parallel)."""
     # Options first: a bad one must fail before any conversion or loading.
     target = resolve_device(device, device_index)
     if compute_type not in COMPUTE_TYPES:
@@ -86,13 +88,20 @@ def open_model(model_path: str | Path | None = None, device: str = "cpu",
     if compute.weights == "int4":
         compute = dataclasses.replace(compute, group_size=group_size or compute.group_size
                                       or DEFAULT_GROUP_SIZE)
+    shard = None
+    if tensor_parallel:
+        from ..model.tensor_parallel import current_shard
+
+        shard = current_shard()
+        if target.type == "cuda":  # one GPU per rank
+            target = resolve_device("cuda", int(os.environ.get("LOCAL_RANK", shard.rank)))
     if intra_threads:
         torch.set_num_threads(intra_threads)
     if target.type == "cuda" and compute.torch_dtype == torch.float16:
         # Pythia's activations overflow float16 sums: keep cuBLAS accumulating in float32.
         torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
     try:
-        model = load_decoder(path, config, compute, target, int8_backend)
+        model = load_decoder(path, config, compute, target, int8_backend, shard)
     except torch.OutOfMemoryError as error:
         needed = sum(info.get("bytes", 0) for info in config.files.values())
         raise OutOfMemory(

@@ -91,6 +91,8 @@ class ModelRunner:
             capture = default_capture(self.device)
             if getattr(self.model, "int8_backend", None) == "onednn":
                 capture = None  # its op takes a list of optional scalars, which tracing refuses
+            if getattr(self.model, "shard", None) is not None:
+                capture = None  # all-reduces between ranks: eager steps at the same shapes
             self._static_step = StaticDecodeStep(self.model, capture)
         return self._static_step
 

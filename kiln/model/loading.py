@@ -23,6 +23,7 @@ from ..storage.layout import CONFIG_FILE
 from ..storage.safetensors_mmap import MappedSafetensors
 from .decoder import Decoder, MetaLinear, build_decoder, expected_weights, input_sizes
 from .spec import KilnConfig, ModelSpec, is_kiln_folder
+from .tensor_parallel import Shard, local_spec, shard_state, wrap_row_parallel
 
 DEVICES = ("cpu", "cuda", "auto")
 
@@ -112,15 +113,23 @@ def read_weights(folder: Path, config: KilnConfig) -> tuple[dict[str, torch.Tens
 
 
 def load_decoder(folder: Path, config: KilnConfig, compute: ComputeType,
-                 device: torch.device, int8_backend: str | None = "auto") -> Decoder:
+                 device: torch.device, int8_backend: str | None = "auto",
+                 shard: Shard | None = None) -> Decoder:
     """Build the decoder for `compute` and fill it with the folder's weights, converting
-    between float and integer weights where the folder and the compute type differ."""
+    between float and integer weights where the folder and the compute type differ. With
+    `shard`, only this rank's part of every layer (kiln.model.tensor_parallel)."""
     tensors, files = read_weights(folder, config)
     copied: list[str] = []  # stored tensors that were converted: their mapped pages are spare
-    decoder = build_decoder(config.spec, compute.weights, compute.torch_dtype, compute.group_size)
+    spec = config.spec if shard is None else local_spec(config.spec, shard.world)
+    decoder = build_decoder(spec, compute.weights, compute.torch_dtype, compute.group_size)
     state = dict(_converted(tensors, config, compute, device, copied))
+    if shard is not None:
+        state = shard_state(state, config.spec, shard, compute.group_size)
     decoder.load_state_dict(state, strict=True, assign=True)
     del state, tensors
+    if shard is not None:
+        wrap_row_parallel(decoder)
+        decoder.shard = shard
     if config.spec.tie_word_embeddings:
         decoder.tie_head(_tied_head(decoder, config.spec, compute))
     for name in copied:
