@@ -370,3 +370,30 @@ def test_one_query_attention_is_exact_per_row_whatever_the_batch():
     reference = torch.nn.functional.scaled_dot_product_attention(
         q, keys, values, attn_mask=mask, scale=0.125, enable_gqa=True)
     assert (together - reference).abs().max().item() < 1e-5
+
+
+def _resident_kib() -> int:
+    with open("/proc/self/status") as status:
+        return int(status.read().split("VmRSS:")[1].split()[0])
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/status"), reason="Linux only")
+def test_a_slot_costs_memory_for_what_it_holds_not_its_length():
+    """The pool is sized for full-length sequences but must not be resident for them: a few
+    positions written per slot keep the memory small. (numpy asks for transparent huge pages
+    on large arrays; with them, one write made 2 MiB resident and every used slot cost its
+    whole length.)"""
+    from kiln.model.kv_cache import KVCache
+    from kiln.model.spec import ModelSpec
+
+    spec = ModelSpec(vocab_size=64, hidden_size=1024, num_layers=2, num_heads=16, num_kv_heads=16,
+                     head_dim=64, intermediate_size=64, max_position_embeddings=4096,
+                     rotary_dim=16)
+    before = _resident_kib()
+    cache = KVCache(spec, num_slots=8, max_length=4096, dtype=torch.float32, device="cpu")
+    full_kib = sum(t.numel() * 4 for t in cache.keys + cache.values) // 1024  # 537 MB
+    for tensor in cache.keys + cache.values:
+        tensor[:, :, :32] = 1.0  # 32 positions of every slot and head
+        tensor[:, :, cache.scratch_position] = 1.0  # and the padding column
+    grown = _resident_kib() - before
+    assert grown < full_kib / 10, f"{grown} KiB resident of {full_kib} KiB"
