@@ -124,22 +124,6 @@ def dequantize_groups(packed: torch.Tensor, scales: torch.Tensor, minimums: torc
     return values * scales.float()[:, expand] + minimums.float()[:, expand]
 
 
-def check_group_weight(name: str, weight: GroupWeight) -> None:
-    """Raise ValueError naming the tensor when its parts do not fit together."""
-    rows, columns = weight.shape
-    groups = group_count(columns, weight.group_size)
-    problems = []
-    if weight.packed.dtype != torch.uint8 or tuple(weight.packed.shape) != (rows, -(-columns // 2)):
-        problems.append(f"packed values {tuple(weight.packed.shape)} {weight.packed.dtype}, "
-                        f"expected ({rows}, {-(-columns // 2)}) torch.uint8")
-    for part, tensor in (("scales", weight.scales), ("mins", weight.minimums)):
-        if tuple(tensor.shape) != (rows, groups) or not tensor.is_floating_point():
-            problems.append(f"{part} {tuple(tensor.shape)} {tensor.dtype}, expected "
-                            f"({rows}, {groups}) float")
-    if problems:
-        raise ValueError(f"4-bit tensor {name}: {'; '.join(problems)}")
-
-
 def cpu_kernel_available() -> bool:
     return (hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
             and hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu"))
