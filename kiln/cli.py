@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 from . import __version__
 from .errors import KilnError
-from .quant.compute_types import NAMED
+from .quant.compute_types import DEFAULT_GROUP_SIZE, GROUP_SIZES, NAMED
 
 
 def _add_convert(subparsers) -> None:
@@ -20,8 +20,8 @@ def _add_convert(subparsers) -> None:
     parser.add_argument("output_dir", help="the kiln folder to write")
     parser.add_argument("--quantization", choices=list(NAMED),
                         help="weight type to store (default: the checkpoint's)")
-    parser.add_argument("--group-size", type=int, choices=(32, 64, 128, 256), default=None,
-                        help="int4: input columns per scale and minimum (default 32)")
+    parser.add_argument("--group-size", type=int, choices=GROUP_SIZES, default=None,
+                        help=f"int4: input columns per scale and minimum (default {DEFAULT_GROUP_SIZE})")
     parser.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
     parser.add_argument("--force", action="store_true", help="replace an existing output folder")
     parser.add_argument("--copy-files", nargs="+", default=None, metavar="FILE",
@@ -53,8 +53,8 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compute-type", default="default",
                         help="default, auto, a float type (float32, float16, bfloat16), int8 "
                              "(int8_float32, ...) or int4 (int4_float32, ...)")
-    parser.add_argument("--group-size", type=int, choices=(32, 64, 128, 256), default=None,
-                        help="int4 compute types: input columns per scale (default 32)")
+    parser.add_argument("--group-size", type=int, choices=GROUP_SIZES, default=None,
+                        help=f"int4 compute types: input columns per scale (default {DEFAULT_GROUP_SIZE})")
     parser.add_argument("--tensor-parallel", action="store_true",
                         help="one rank of `torchrun --nproc-per-node N -m kiln ...`: hold 1/N "
                              "of every layer (rank 0 prints)")

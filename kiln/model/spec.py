@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ModelFileError
+from ..quant.compute_types import GROUP_SIZES
 from ..storage.layout import CONFIG_FILE, WEIGHTS_FILE  # noqa: F401  (re-exported)
 
 FORMAT_NAME = "kiln"
@@ -25,7 +26,6 @@ ACTIVATIONS = ("gelu", "gelu_tanh", "silu", "relu")
 POSITIONS = ("rotary", "learned")
 FLOAT_DTYPES = ("float32", "float16", "bfloat16")
 INTEGER_WEIGHTS = (None, "int8", "int16", "int4")
-GROUP_SIZES = (32, 64, 128, 256)  # kiln.quant.int4.GROUP_SIZES (not imported: no torch here)
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,8 @@ FLOATS = ("float32", "float16", "bfloat16")
 NAMED = ("int8", "int8_float32", "int8_float16", "int8_bfloat16", "int16",
          "int4", "int4_float32", "int4_float16", "int4_bfloat16", *FLOATS)
 GROUPED = "int4"  # the one weight type with a group size
+GROUP_SIZES = (32, 64, 128, 256)  # int4: input columns per scale and minimum
+DEFAULT_GROUP_SIZE = 32  # measured on SmolLM2 and chosen: see BENCHMARKS.md, "int4"
 COMPUTE_TYPES = ("default", "auto", *NAMED)
 
 
@@ -37,11 +39,6 @@ class ComputeType:
         if self.weights in ("int8", GROUPED):
             return f"{self.weights}_{self.dtype}"
         return self.weights or self.dtype
-
-    @property
-    def storage_name(self) -> str:
-        """The name, with the group size where there is one (int4_float32-g32)."""
-        return f"{self.name}-g{self.group_size}" if self.group_size else self.name
 
     @property
     def torch_dtype(self) -> torch.dtype:

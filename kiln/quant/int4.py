@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-GROUP_SIZES = (32, 64, 128, 256)
-DEFAULT_GROUP_SIZE = 32  # measured on SmolLM2 and chosen: see BENCHMARKS.md, "int4"
+from .compute_types import DEFAULT_GROUP_SIZE, GROUP_SIZES
+
 LEVELS = 15
 MID = 8  # tinygemm's zero point: w = (q - 8) * scale + zero
 SCALE_DTYPE = torch.float16
@@ -205,10 +205,10 @@ class Int4Linear(nn.Module):
         releases their pages."""
         device = self.weight.device
         if device.type == "cpu" and cpu_kernel_available():
-            self._pack(kind="cpu", column_multiple=self.group_size)
+            self._pack(kind="cpu")
         elif device.type == "cuda" and cuda_kernel_available():
             try:
-                self._pack(kind="cuda", column_multiple=self.group_size)
+                self._pack(kind="cuda")
                 self._check_against_reference()
             except Exception as error:  # noqa: BLE001 - any failure means: use the exact path
                 warnings.warn(f"the CUDA int4 kernel is unavailable here ({type(error).__name__}: "
@@ -216,10 +216,12 @@ class Int4Linear(nn.Module):
                               "runs the exact (slower) reference path", RuntimeWarning,
                               stacklevel=2)
                 self.kernel = None
+                for name in ("kernel_weight", "kernel_scales_and_zeros"):
+                    self._buffers.pop(name, None)
         return self.kernel is not None
 
-    def _pack(self, kind: str, column_multiple: int) -> None:
-        columns = -(-self.in_features // column_multiple) * column_multiple
+    def _pack(self, kind: str) -> None:
+        columns = group_count(self.in_features, self.group_size) * self.group_size
         rows = -(-self.out_features // ROW_TILE) * ROW_TILE
         groups = columns // self.group_size
         scales = F.pad(self.weight_scales.float(), (0, groups - self.weight_scales.shape[1],

@@ -53,7 +53,7 @@ def resolve(name_or_path: str | Path, *, revision: str | None = None,
     (int4: in groups of `group_size`)."""
     path = Path(name_or_path).expanduser()
     if quantization and quantization.startswith("int4"):
-        from ..quant.int4 import DEFAULT_GROUP_SIZE
+        from ..quant.compute_types import DEFAULT_GROUP_SIZE
 
         group_size = group_size or DEFAULT_GROUP_SIZE
     else:
