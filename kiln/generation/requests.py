@@ -30,7 +30,12 @@ class Request:
 
     @property
     def history_prefix(self) -> list[int]:
-        """The prompt tokens that logits processors see before the generated ones."""
+        """The prompt tokens that logits processors see before the generated ones: CTranslate2's
+        alive_seq for the prompt run alone, i.e. the prompt after its first (start) token when
+        it is part of the result, else none; never the static prompt. (CTranslate2 run on a
+        batch of prompts of different lengths with include_prompt_in_result=False also puts a
+        longer prompt's tokens past the shortest prompt's length minus one there; kiln keeps
+        each row independent of the batch.)"""
         return self.prompt_ids[len(self.prompt_ids) - self.counted_prompt:]
 
     @property
