@@ -5,14 +5,16 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
-__all__ = ["AsyncEngine", "Engine", "GenerationOptions", "GenerationResult", "Generator",
-           "KilnError", "ModelFileError", "ModelSpec", "OutOfMemory", "RequestError", "TokenEvent",
-           "convert", "__version__"]
+__all__ = ["AsyncEngine", "Engine", "EngineConfig", "EngineDeadError", "FinishReason",
+           "GenerationOptions", "GenerationResult", "Generator", "KilnError", "ModelFileError",
+           "ModelSpec", "OutOfMemory", "RequestError", "TokenEvent", "convert", "__version__"]
 
 if TYPE_CHECKING:
-    from .errors import KilnError, ModelFileError, OutOfMemory, RequestError
+    from .errors import EngineDeadError, KilnError, ModelFileError, OutOfMemory, RequestError
     from .generation.async_engine import AsyncEngine
-    from .generation.engine import Engine, TokenEvent
+    from .generation.config import EngineConfig
+    from .generation.engine import Engine
+    from .generation.events import FinishReason, TokenEvent
     from .generation.options import GenerationOptions
     from .generation.results import GenerationResult
     from .generator import Generator
@@ -23,11 +25,13 @@ if TYPE_CHECKING:
 _LAZY = {"convert": ("sources.hub", "convert_source"), "Generator": ("generator", "Generator"),
          "GenerationResult": ("generation.results", "GenerationResult"),
          "ModelSpec": ("model.spec", "ModelSpec"),
-         "Engine": ("generation.engine", "Engine"), "TokenEvent": ("generation.engine", "TokenEvent"),
+         "Engine": ("generation.engine", "Engine"), "TokenEvent": ("generation.events", "TokenEvent"),
+         "EngineConfig": ("generation.config", "EngineConfig"),
+         "FinishReason": ("generation.events", "FinishReason"),
          "AsyncEngine": ("generation.async_engine", "AsyncEngine"),
          "GenerationOptions": ("generation.options", "GenerationOptions"),
          **{name: ("errors", name) for name in ("KilnError", "RequestError", "ModelFileError",
-                                                 "OutOfMemory")}}
+                                                 "OutOfMemory", "EngineDeadError")}}
 
 
 def __getattr__(name: str):

@@ -7,7 +7,7 @@ nothing: every layer of kiln may raise these.
 
 from __future__ import annotations
 
-__all__ = ["KilnError", "ModelFileError", "OutOfMemory", "RequestError"]
+__all__ = ["EngineDeadError", "KilnError", "ModelFileError", "OutOfMemory", "RequestError"]
 
 
 class KilnError(Exception):
@@ -25,3 +25,8 @@ class ModelFileError(KilnError, ValueError):
 class OutOfMemory(KilnError, MemoryError):
     """Not enough memory for the weights or the KV cache; the message says how much was needed
     and what to lower."""
+
+
+class EngineDeadError(KilnError, RuntimeError):
+    """The engine's loop stopped on an error it could not contain: every request in it
+    failed, and the engine takes no more. The message names the cause; start a new engine."""

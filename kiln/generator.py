@@ -15,16 +15,15 @@ import torch
 from .generation import text as text_api
 from .generation import token_api
 from .generation.chat import Message
+from .generation.config import SIZING_FIELDS, EngineConfig
 from .generation.engine import Engine
-from .generation.loaded_model import open_model
-from .generation.options import GenerationOptions
+from .generation.options import split_options
 from .generation.results import AsyncGenerationResult, GenerationResult, GenerationStepResult, ScoringResult
 from .generation.tokenizer import Tokenizer
 from .quant.compute_types import ComputeType
 from .quant.compute_types import resolve as resolve_compute_type
 
-ENGINE_OPTIONS = ("max_batch_size", "max_length", "kv_cache_memory", "kv_cache_dtype",
-                  "max_prefill_tokens_per_step", "draft_model", "draft_compute_type")
+ENGINE_OPTIONS = tuple(name for name in SIZING_FIELDS if name != "seed")
 
 
 class Generator:
@@ -45,16 +44,17 @@ class Generator:
         `group_size`: int4 groups when quantizing to int4 at load (default 32).
         `tensor_parallel`: run as one rank of `torchrun --nproc-per-node N`, holding 1/N of
         every layer; every rank runs the same calls and gets the same results.
-        `engine_options` size the engine (Engine: max_batch_size, max_length,
-        kv_cache_memory, kv_cache_dtype, max_prefill_tokens_per_step)."""
+        `engine_options` size and drive the engine (EngineConfig: max_batch_size, max_length,
+        kv_cache_memory, kv_cache_dtype, max_prefill_tokens_per_step, draft_model, ...)."""
         unknown = sorted(set(engine_options) - set(ENGINE_OPTIONS))
         if unknown:
             raise TypeError(f"Generator() got unexpected keyword argument(s) {', '.join(unknown)}")
-        loaded = open_model(model_path, device, compute_type, device_index=device_index,
-                            intra_threads=intra_threads, verify_checksums=verify_checksums,
-                            cache_dir=cache_dir, int8_backend=int8_backend,
-                            group_size=group_size, tensor_parallel=tensor_parallel)
-        self.engine = Engine(loaded, seed=seed, **engine_options)
+        config = EngineConfig(device=device, compute_type=compute_type, device_index=device_index,
+                              intra_threads=intra_threads, verify_checksums=verify_checksums,
+                              cache_dir=cache_dir, int8_backend=int8_backend,
+                              group_size=group_size, tensor_parallel=tensor_parallel, seed=seed,
+                              **engine_options)
+        self.engine = Engine(model_path, config)
         self._executor = None
 
     @classmethod
@@ -135,8 +135,8 @@ class Generator:
         if asynchronous:
             future = self._background().submit(self.generate_batch, start_tokens, **options)
             return [AsyncGenerationResult(future, index) for index in range(len(start_tokens))]
-        return token_api.generate_batch(self.engine, start_tokens,
-                                        GenerationOptions.from_kwargs(**options))
+        request_options, call = split_options(**options)
+        return token_api.generate_batch(self.engine, start_tokens, request_options, call)
 
     def generate_tokens(self, prompt: Sequence[str | int], **options) -> Iterator[GenerationStepResult]:
         """Yield each new token of one prompt as it is generated (`max_length` new tokens at

@@ -53,6 +53,18 @@ def neox_pair(tmp_path_factory):
     return model, kiln.convert(source, root / "kiln")
 
 
+def settle(engine, timeout: float = 5.0) -> None:
+    """Wait until a threaded engine has no work left (its thread applies aborts and frees
+    slots by itself, within a step)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while engine.has_work():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the engine still has work after {timeout} s: {engine.stats()}")
+        time.sleep(0.005)
+
+
 def random_prompt(length: int, vocab: int, seed: int) -> list[int]:
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(3, vocab, (length,), generator=generator).tolist()

@@ -245,6 +245,7 @@ def test_out_of_memory_says_what_to_reduce_and_leaves_the_generator_usable(folde
         kiln.Generator(folders[1], max_batch_size=4)
     monkeypatch.undo()
     monkeypatch.setattr(type(generator.model), "forward", exhausted)  # a step's activations
+    monkeypatch.setattr(type(generator.model), "prefill", exhausted)
     with pytest.raises(MemoryError, match="lower max_prefill_tokens_per_step or max_batch_size"):
         generator.generate_batch([[5, 6]] * 4, max_length=100)
     monkeypatch.undo()

@@ -60,14 +60,20 @@ def test_static_steps_equal_eager_steps(folders, weights, options, capture, monk
         assert [r.sequences_ids for r in ours] == [r.sequences_ids for r in theirs]
         assert [r.scores[0] for r in ours] == pytest.approx([r.scores[0] for r in theirs],
                                                             abs=tolerance)
+    static_step = generator.engine.runner._static_step
+    if capture == "trace":  # one trace served every batch and attention length
+        assert list(static_step._traces) == [False] and not static_step._steps
+        return
     # The engine's cache never changes, so its steps are kept: only buckets, no raw sizes.
-    steps = generator.engine.runner._static_step._steps
+    steps = static_step._steps
     assert {rows for rows, _, _ in steps} <= {1, 2, 4, 8}
     assert {4, 8} <= {rows for rows, _, _ in steps}
-    assert all((step.traced is not None) == (capture == "trace") for step in steps.values())
+    assert not static_step._traces
 
 
-def test_attention_buckets_past_256_columns(folders, monkeypatch):
+@pytest.mark.parametrize("capture", ["trace", None])
+def test_attention_buckets_past_256_columns(folders, monkeypatch, capture):
+    monkeypatch.setattr(runner_module, "default_capture", lambda device: capture)
     generator = kiln.Generator(folders[0])
     prompts = [random_prompt(250, VOCAB, seed=1), random_prompt(5, VOCAB, seed=2)]
     options = dict(max_length=20, end_token=[], include_prompt_in_result=False)
@@ -78,21 +84,36 @@ def test_attention_buckets_past_256_columns(folders, monkeypatch):
     original = StaticDecodeStep._build
     monkeypatch.setattr(StaticDecodeStep, "_build",
                         lambda self, key, cache: built.append(key) or original(self, key, cache))
+    traces = []
+    original_trace = StaticDecodeStep._trace_for
+    monkeypatch.setattr(StaticDecodeStep, "_trace_for", lambda self, addressed, cache: (
+        traces.append(addressed) if addressed not in self._traces else None)
+        or original_trace(self, addressed, cache))
     static = generator.generate_batch(prompts, **options)
     assert [r.sequences_ids for r in static] == [r.sequences_ids for r in eager]
-    assert built == [(2, 256, False), (2, 512, False)]  # crossing 256 columns: one more step
+    if capture == "trace":  # the trace made at start serves both lengths: nothing to build
+        assert built == [] and traces == []
+    else:
+        assert built == [(2, 256, False), (2, 512, False)]  # crossing 256 columns: one more step
 
 
-def test_steps_survive_across_requests(folders):
+@pytest.mark.parametrize("capture", ["trace", None])
+def test_steps_survive_across_requests(folders, monkeypatch, capture):
+    monkeypatch.setattr(runner_module, "default_capture", lambda device: capture)
     generator = kiln.Generator(folders[0])
     options = dict(max_length=8, end_token=[], include_prompt_in_result=False)
     generator.generate_batch([random_prompt(4, VOCAB, seed=3)], **options)
     static = generator.engine.runner._static_step
-    built = dict(static._steps)
+    built = {**static._steps, **static._traces}
     assert len(built) == 1
     generator.generate_batch([random_prompt(100, VOCAB, seed=3)], **options)  # a longer one
+    generator.generate_batch([random_prompt(2, VOCAB, seed=3)] * 3, **options)  # more rows
     assert static._cache is generator.engine.pool.cache
-    assert static._steps == built and all(static._steps[k] is built[k] for k in built)
+    now = {**static._steps, **static._traces}
+    if capture is None:  # a new bucket of rows is a new step; the old ones are kept
+        assert all(now[k] is built[k] for k in built)
+    else:  # one trace for every shape
+        assert now.keys() == built.keys() and all(now[k] is built[k] for k in built)
 
 
 def test_too_few_slots_is_refused(folders):
@@ -114,18 +135,16 @@ def test_capture_by_device():
 
 
 def test_a_failing_trace_falls_back_to_eager_steps(folders, monkeypatch):
-    generator = kiln.Generator(folders[0])
     options = dict(max_length=12, end_token=[], include_prompt_in_result=False)
     prompts = [random_prompt(7, VOCAB, seed=8)]
-    generator.static_decode = False
-    eager = generator.generate_batch(prompts, **options)
-    generator.static_decode = True
+    eager = kiln.Generator(folders[0], static_decode=False).generate_batch(prompts, **options)
 
     def broken(*args, **kwargs):
         raise RuntimeError("tracing is gone")
 
     monkeypatch.setattr(torch.jit, "trace", broken)
     with pytest.warns(RuntimeWarning, match="tracing failed: tracing is gone"):
+        generator = kiln.Generator(folders[0])  # its thread traces when it starts
         static = generator.generate_batch(prompts, **options)
     assert [r.sequences_ids for r in static] == [r.sequences_ids for r in eager]
     assert generator.engine.runner._static_step.capture is None

@@ -13,10 +13,9 @@ import torch
 
 import kiln
 from kiln.generation.engine import EngineStats, cpu_has_amx
-from kiln.generation.scheduler import plan_prefill
 from kiln.generation.slots import SlotPool, parse_memory
 
-from .conftest import random_prompt, save_hf_model, tiny_gpt_neox
+from .conftest import random_prompt, save_hf_model, settle, tiny_gpt_neox
 
 VOCAB = 90
 
@@ -35,13 +34,7 @@ def run_alone(engine, prompt, **options):
     return [event.token_id for event in engine.stream(request_id) if event.token_id is not None]
 
 
-@pytest.mark.parametrize("weights", ["float32", "int8"])
-def test_requests_arriving_at_random_steps_give_what_each_gives_alone(folders, weights):
-    """16 ragged requests with different lengths and options, added at random steps while
-    others run (6 slots, small prefill budget: chunked prompts beside decode rows; some rows
-    past 256 positions, so the step reads more attention columns than short rows need)."""
-    engine = kiln.Engine(folders[weights], max_batch_size=6, max_prefill_tokens_per_step=24)
-    picker = random.Random(5)
+def ragged_requests(picker: random.Random) -> list[tuple[list[int], dict]]:
     requests = []
     for index in range(16):
         options = dict(max_length=picker.randint(3, 30), end_token=[],
@@ -52,6 +45,19 @@ def test_requests_arriving_at_random_steps_give_what_each_gives_alone(folders, w
             options.update(repetition_penalty=1.4)
         length = picker.randint(230, 300) if index % 4 == 3 else picker.randint(1, 60)
         requests.append((random_prompt(length, VOCAB, seed=index), options))
+    return requests
+
+
+@pytest.mark.parametrize("weights", ["float32", "int8"])
+def test_requests_arriving_at_random_steps_give_what_each_gives_alone(folders, weights):
+    """16 ragged requests with different lengths and options, added at random steps while
+    others run (6 slots, small prefill budget: chunked prompts beside decode rows; some rows
+    past 256 positions, so the step reads more attention columns than short rows need).
+    Stepped by hand (a caller-driven engine), so the arrival steps are exactly these."""
+    engine = kiln.Engine(folders[weights], max_batch_size=6, max_prefill_tokens_per_step=24,
+                         threaded=False)
+    picker = random.Random(5)
+    requests = ragged_requests(picker)
     alone = [run_alone(engine, prompt, **options) for prompt, options in requests]
 
     tokens: dict[int, list[int]] = {}
@@ -73,6 +79,37 @@ def test_requests_arriving_at_random_steps_give_what_each_gives_alone(folders, w
     assert engine.stats().slots_used == 0
 
 
+@pytest.mark.parametrize("weights", ["float32", "int8"])
+def test_requests_arriving_while_the_engine_runs_give_what_each_gives_alone(folders, weights):
+    """The same requests submitted at random moments to an engine stepping on its own thread
+    (the default), consumed by threads of their own."""
+    engine = kiln.Engine(folders[weights], max_batch_size=6, max_prefill_tokens_per_step=24)
+    picker = random.Random(6)
+    requests = ragged_requests(picker)
+    alone = [run_alone(engine, prompt, **options) for prompt, options in requests]
+    steps = []
+    original = engine.runner.execute
+    engine.runner.execute = lambda plan: steps.append(len(plan.sequences)) or original(plan)
+    results: dict[int, list[int]] = {}
+
+    def consume(index, request_id):
+        results[index] = [e.token_id for e in engine.stream(request_id) if e.token_id is not None]
+
+    threads = []
+    for index, (prompt, options) in enumerate(requests):
+        thread = threading.Thread(target=consume, args=(index, engine.add_request(prompt,
+                                                                                  **options)))
+        thread.start()
+        threads.append(thread)
+        threading.Event().wait(picker.random() * 0.01)
+    for thread in threads:
+        thread.join()
+    assert [results[index] for index in range(16)] == alone
+    assert max(steps) >= 3  # requests did share steps
+    settle(engine)
+    assert engine.stats().slots_used == 0
+
+
 def test_seeded_sampling_is_the_same_alone_or_batched(folders):
     engine = kiln.Engine(folders["int8"], max_batch_size=8)
     prompts = [random_prompt(n, VOCAB, seed=n) for n in (3, 9, 14, 2)]
@@ -87,7 +124,8 @@ def test_seeded_sampling_is_the_same_alone_or_batched(folders):
 
 
 def test_a_long_prompt_does_not_stall_running_streams(folders):
-    engine = kiln.Engine(folders["float32"], max_batch_size=4, max_prefill_tokens_per_step=16)
+    engine = kiln.Engine(folders["float32"], max_batch_size=4, max_prefill_tokens_per_step=16,
+                         threaded=False)
     running = engine.add_request(random_prompt(4, VOCAB, seed=1), max_length=40, end_token=[],
                                  include_prompt_in_result=False)
     engine.step()  # its prompt and first token
@@ -119,7 +157,7 @@ def test_requests_that_cannot_fit_are_refused_before_any_work(folders, monkeypat
 
 
 def test_abort_mid_stream_frees_the_slot_for_the_next_request_in_the_same_step(folders):
-    engine = kiln.Engine(folders["float32"], max_batch_size=1)
+    engine = kiln.Engine(folders["float32"], max_batch_size=1, threaded=False)
     first = engine.add_request([5, 6, 7], max_length=50, end_token=[])
     stream = engine.stream(first)
     next(stream), next(stream)
@@ -138,6 +176,24 @@ def test_abort_mid_stream_frees_the_slot_for_the_next_request_in_the_same_step(f
     assert [e.finish_reason for e in events if e.request_id == second] == ["abort"]
     assert any(e.request_id == third and e.token_id is not None for e in events)
     assert len(engine.result(second).result.tokens) == 1
+
+
+def test_a_stream_left_early_frees_its_slot_for_the_next_request(folders):
+    engine = kiln.Engine(folders["float32"], max_batch_size=1)  # its own thread
+    first = engine.add_request([5, 6, 7], max_length=200, end_token=[])
+    stream = engine.stream(first)
+    next(stream), next(stream)
+    second = engine.add_request([8, 9], max_length=4, end_token=[],
+                                include_prompt_in_result=False)
+    assert engine.stats().waiting == 1  # no free slot while the first runs
+    stream.close()  # leaving the stream aborts the request
+    output = engine.result(second)  # ...and the second gets the slot
+    assert output.finish_reason == kiln.FinishReason.LENGTH == "length"
+    assert len(output.result.tokens) == 4
+    first_output = engine._registry.finished.get(first)
+    assert first_output is None or first_output.finish_reason == "abort"
+    settle(engine)
+    assert engine.stats() == EngineStats(waiting=0, running=0, slots=1, slots_used=0)
 
 
 def test_abort_of_a_waiting_request_and_finish_reasons(folders):
@@ -171,14 +227,16 @@ def test_200_requests_through_4_slots_hold_nothing_afterwards(folders):
                                   include_prompt_in_result=False)
                for i, p in enumerate(prompts[start:start + 25])]
         engine.wait(ids)
+    settle(engine)
     assert engine.stats() == EngineStats(0, 0, 4, 0)
-    assert not engine._live and not engine._finished and not engine._running
+    registry = engine._registry
+    assert not registry.live and not registry.finished and not engine.scheduler.running
     assert tensors() <= before
 
 
 def test_a_crash_inside_a_step_fails_the_requests_in_flight_and_the_engine_goes_on(folders,
                                                                                     monkeypatch):
-    engine = kiln.Engine(folders["float32"], max_batch_size=2)
+    engine = kiln.Engine(folders["float32"], max_batch_size=2, threaded=False)
     expected = run_alone(engine, [5, 6, 7], max_length=6, end_token=[])
     first = engine.add_request([5, 6, 7], max_length=6, end_token=[])
     second = engine.add_request([8, 9], max_length=6, end_token=[])
@@ -192,6 +250,7 @@ def test_a_crash_inside_a_step_fails_the_requests_in_flight_and_the_engine_goes_
     monkeypatch.setattr(engine.runner, "decode", broken)
     events = engine.step()
     assert {e.request_id for e in events if e.error is not None} == {first, second}
+    assert {e.finish_reason for e in events if e.error is not None} == {"error"}
     with pytest.raises(RuntimeError, match="kernel exploded"):
         engine.result(first)
     monkeypatch.setattr(engine.runner, "decode", original)
@@ -206,6 +265,7 @@ def test_out_of_memory_in_a_step_says_what_to_lower(folders, monkeypatch):
         raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
 
     monkeypatch.setattr(type(engine.loaded.model), "forward", exhausted)
+    monkeypatch.setattr(type(engine.loaded.model), "prefill", exhausted)
     request_id = engine.add_request([5, 6], max_length=4)
     with pytest.raises(kiln.OutOfMemory, match="max_prefill_tokens_per_step or max_batch_size"):
         engine.result(request_id)
@@ -315,14 +375,22 @@ def test_kv_cache_dtype_and_memory_budget(folders):
     assert parse_memory("2GiB") == 2 * 2**30 and parse_memory("1.5 MB") == 1_500_000
 
 
-def test_warm_up_captures_every_batch_bucket_once(folders):
+def test_the_decode_step_is_captured_when_the_engine_starts(folders, monkeypatch):
+    """On CPU one trace serves every batch size and attention length: made at start, it is
+    all that any request needs (rows 1..6, 300 positions), so no stream waits for a capture."""
+    from kiln.generation.static_step import StaticDecodeStep
+
     engine = kiln.Engine(folders["float32"], max_batch_size=6)
+    static = engine.runner._static_step
+    assert list(static._traces) == [False] and not static._steps
+    built = []
+    monkeypatch.setattr(StaticDecodeStep, "_build", lambda *a: built.append(a) or 1 / 0)
     engine.warm_up(300)
-    steps = engine.runner._static_step._steps
-    assert set(steps) == {(rows, kv, False) for rows in (1, 2, 4, 6) for kv in (256, 512)}
-    built = dict(steps)
-    run_alone(engine, [5, 6, 7], max_length=8)
-    assert engine.runner._static_step._steps == built  # nothing new to capture
+    prompts = [random_prompt(n, VOCAB, seed=n) for n in (3, 280, 5, 7, 9, 11)]
+    ids = [engine.add_request(p, max_length=300 - len(p) if len(p) > 200 else 8, end_token=[],
+                              include_prompt_in_result=False) for p in prompts]
+    engine.wait(ids)
+    assert list(static._traces) == [False] and not built  # nothing new to capture
 
 
 def test_slot_pool_hands_out_the_lowest_slots_and_stays_dense(folders):
@@ -338,17 +406,6 @@ def test_slot_pool_hands_out_the_lowest_slots_and_stays_dense(folders):
     assert torch.all(pool.cache.keys[0][0, :, :3] == 7.0)
     with pytest.raises(kiln.KilnError, match="slot 3 is not in use"):
         pool.release([3])
-
-
-def test_prefill_plan_fits_the_budget_and_always_takes_the_oldest():
-    assert plan_prefill([600], 512) == [512]
-    assert plan_prefill([3, 500], 512) == [3, 3]
-    plan = plan_prefill([3, 500, 4, 5], 512)
-    assert plan[0] > 0 and len(plan) == 4
-    width = max(plan)
-    assert width * sum(1 for size in plan if size) <= 512
-    assert plan_prefill([10, 10, 10], 16) == [10, 0, 0]
-    assert plan_prefill([4, 4, 4, 4, 4], 16) == [4, 4, 4, 4, 0]
 
 
 def test_one_query_attention_is_exact_per_row_whatever_the_batch():

@@ -12,22 +12,23 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from .engine import Submission
 from .search import Expansion, TokenSearch
 
 
-def expand_alternatives(engine, batch, options, end_ids, processors,
+def expand_alternatives(engine, batch, options, call, end_ids, processors,
                         row_offset: int) -> list[list[tuple[list[int], float]]]:
     """Per request: [(tokens after the prompt, score), ...], best expansion first."""
     usable = engine.spec.usable_vocab_size
-    firsts = [engine.submit(request, Expansion(request, options.num_hypotheses,
-                                               options.min_alternative_expansion_prob, end_ids,
-                                               processors, usable),
-                            cache_static_prompt=options.cache_static_prompt)
-              for request in batch]
+    firsts = engine.submit_batch([
+        Submission(request, Expansion(request, call.alternatives,
+                                      call.min_alternative_expansion_prob, end_ids,
+                                      processors, usable),
+                   cache_static_prompt=options.cache_static_prompt) for request in batch])
     expansions = [(index, token, value)
                   for index, output in enumerate(engine.wait(firsts))
                   for token, value in output.result]
-    children, child_ids = [], []
+    children, submissions = [], []
     for number, (index, token, _) in enumerate(expansions):
         request = batch[index]
         remaining = options.max_length - len(request.prompt_ids)
@@ -38,8 +39,8 @@ def expand_alternatives(engine, batch, options, end_ids, processors,
         children.append(child)
         if child is not None:
             search = engine.search_for(child, options, end_ids, processors, row_offset + number)
-            child_ids.append(engine.submit(child, search))
-    outputs = iter(engine.wait(child_ids))
+            submissions.append(Submission(child, search))
+    outputs = iter(engine.wait(engine.submit_batch(submissions)))
     found: list[list[tuple[list[int], float]]] = [[] for _ in batch]
     for (index, token, value), child in zip(expansions, children, strict=True):
         tokens, score = [], 0.0

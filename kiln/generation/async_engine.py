@@ -1,9 +1,11 @@
-"""AsyncEngine: the engine for asyncio code, its steps run by a thread of its own.
+"""AsyncEngine: the engine for asyncio code.
 
 `add_request` queues a request (checked at once: a bad one raises RequestError before any
-work) and `stream(id)` yields its TokenEvents as the engine thread produces them; leaving
+work) and `stream(id)` yields its TokenEvents as the engine's thread produces them; leaving
 the loop early (a client that went away) aborts the request, whose slots are free for the
-next step. The loop thread sleeps while there is no work.
+next step. Events reach the event loop in one hop per step, not one per token: the engine's
+thread collects a step's events for each event loop and hands them over with a single
+`call_soon_threadsafe`.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 from ..errors import RequestError
 from .engine import Engine, RequestOutput, TokenEvent
 from .loaded_model import LoadedModel
+from .loop import WAIT_SLICE
 from .options import GenerationOptions
 
 
@@ -23,12 +26,14 @@ class AsyncEngine:
     def __init__(self, model: str | Path | LoadedModel | Engine | None = None,
                  **engine_options) -> None:
         self.engine = model if isinstance(model, Engine) else Engine(model, **engine_options)
-        self._queues: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
-        self._wake = threading.Condition()
+        self._queues: dict[int, asyncio.Queue] = {}
         self._closed = False
-        self.engine.on_work = self._on_work
-        self._thread = threading.Thread(target=self._loop, name="kiln-engine", daemon=True)
-        self._thread.start()
+        self._lock = threading.Lock()
+        self._batches: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, TokenEvent]]] = {}
+
+    @property
+    def alive(self) -> bool:
+        return self.engine.alive
 
     def add_request(self, prompt: Sequence[int | str], options: GenerationOptions | None = None,
                     *, text: bool = False, skip_special_tokens: bool = True,
@@ -39,25 +44,47 @@ class AsyncEngine:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
 
-        def deliver(event: TokenEvent) -> None:  # called on the engine thread
-            loop.call_soon_threadsafe(queue.put_nowait, event)
+        def deliver(event: TokenEvent) -> None:  # called on the engine's thread
+            self._post(loop, queue, event)
 
         request_id = self.engine.add_request(prompt, options, text=text,
                                              skip_special_tokens=skip_special_tokens,
                                              sink=deliver, **option_kwargs)
-        self._queues[request_id] = (loop, queue)
+        self._queues[request_id] = queue
         return request_id
+
+    def _post(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue,
+              event: TokenEvent) -> None:
+        with self._lock:
+            batch = self._batches.get(loop)
+            first = batch is None
+            if first:
+                batch = self._batches[loop] = []
+            batch.append((queue, event))
+        if first:
+            try:
+                loop.call_soon_threadsafe(self._drain, loop)
+            except RuntimeError:  # the event loop is closed: nobody will read these
+                with self._lock:
+                    self._batches.pop(loop, None)
+                raise
+
+    def _drain(self, loop: asyncio.AbstractEventLoop) -> None:
+        with self._lock:
+            batch = self._batches.pop(loop, [])
+        for queue, event in batch:
+            queue.put_nowait(event)
 
     async def stream(self, request_id: int, keep_output: bool = False) -> AsyncIterator[TokenEvent]:
         """The request's events; leaving early aborts it; a failed step raises its error.
         With `keep_output` its RequestOutput stays readable with `engine.result(id)`."""
-        if request_id not in self._queues:
+        queue = self._queues.get(request_id)
+        if queue is None:
             raise RequestError(f"no request {request_id} to stream in this engine")
-        _, queue = self._queues[request_id]
         finished = False
         try:
             while True:
-                event = await queue.get()
+                event = await self._next(queue)
                 if event.error is not None:
                     finished = True
                     raise event.error
@@ -71,6 +98,16 @@ class AsyncEngine:
             self._queues.pop(request_id, None)
             if not keep_output:
                 self.engine.release(request_id)
+
+    async def _next(self, queue: asyncio.Queue) -> TokenEvent:
+        """The queue's next event; EngineDeadError if the engine's loop died meanwhile (its
+        death normally fails every request with that error; this is the backstop)."""
+        while queue.empty():
+            try:
+                return await asyncio.wait_for(queue.get(), WAIT_SLICE)
+            except asyncio.TimeoutError:
+                self.engine.check_alive()
+        return queue.get_nowait()
 
     async def generate(self, prompt: Sequence[int | str], options: GenerationOptions | None = None,
                        **kwargs) -> RequestOutput:
@@ -87,23 +124,6 @@ class AsyncEngine:
         return self.engine.stats()
 
     def shutdown(self, timeout: float | None = None) -> None:
-        """Abort what is left and stop the engine thread."""
-        with self._wake:
-            self._closed = True
-            self._wake.notify_all()
-        for request_id in list(self._queues):
-            self.engine.abort(request_id)
-        self._thread.join(timeout)
-
-    def _on_work(self) -> None:
-        with self._wake:
-            self._wake.notify_all()
-
-    def _loop(self) -> None:
-        while True:
-            with self._wake:
-                while not self._closed and not self.engine.has_work():
-                    self._wake.wait()
-                if self._closed and not self.engine.has_work():
-                    return
-            self.engine.step()  # failures inside a step end its requests, not this thread
+        """Abort what is left and stop the engine's thread."""
+        self._closed = True
+        self.engine.close(timeout)

@@ -16,7 +16,7 @@ import torch
 
 from ..errors import ModelFileError
 from .loaded_model import LoadedModel
-from .runner import Chunk, ModelRunner
+from .runner import ModelRunner
 from .sampling import SamplingParams, sampling_probabilities
 from .slots import SlotPool
 from .speculation import sample
@@ -44,12 +44,12 @@ class DraftModel:
                              f"engine's max_length {slot_length}; lower max_length")
         self.loaded = loaded
         self.pool = SlotPool(loaded.model.spec, num_slots, slot_length, kv_dtype, loaded.device)
-        self.runner = ModelRunner(loaded.model, self.pool, loaded.device, static_decode)
+        self.runner = ModelRunner(loaded.model, self.pool.cache, loaded.device, static_decode)
         self.usable = min(target.spec.usable_vocab_size, loaded.spec.usable_vocab_size)
 
     def move(self, source: int, destination: int, length: int) -> None:
         """Follow the target's slot compaction."""
-        if length:
+        if length > 0:
             self.pool.cache.copy_slots(torch.tensor([source]), torch.tensor([destination]),
                                        length)
 
@@ -102,7 +102,7 @@ class DraftModel:
                 last += len(requests[i].catch_up)
                 results[i] = logits[last:last + 1]
         if long:
-            chunks = [Chunk(requests[i].slot, requests[i].catch_up, requests[i].start)
+            chunks = [(requests[i].slot, requests[i].catch_up, requests[i].start, True)
                       for i in long]
             for i, output in zip(long, self.runner.prefill(chunks), strict=True):
                 results[i] = output
@@ -127,3 +127,16 @@ def check_same_vocabulary(target: LoadedModel, draft: LoadedModel) -> None:
             raise ModelFileError(
                 f"the draft model {draft.path} maps id {index} to {b!r} where the target "
                 f"{target.path} has {a!r}: a draft must share the target's tokenizer")
+
+
+def open_draft(config, target: LoadedModel, num_slots: int, slot_length: int,
+               kv_dtype: torch.dtype) -> DraftModel:
+    """The engine's draft model (EngineConfig.draft_model: a folder, hub id or LoadedModel),
+    on the target's device, with a KV cache shaped like the target's pool."""
+    from .loaded_model import open_model
+
+    device = target.device
+    loaded = config.draft_model if isinstance(config.draft_model, LoadedModel) else open_model(
+        config.draft_model, device.type, config.draft_compute_type,
+        device_index=device.index or 0, cache_dir=config.cache_dir)
+    return DraftModel(loaded, target, num_slots, slot_length, kv_dtype, config.static_decode)

@@ -1,7 +1,12 @@
-"""One validated set of generation options, with CTranslate2's names and semantics.
+"""Validated options with CTranslate2's names and semantics, in two kinds:
 
-Every entry point (generate_batch, generate_tokens, the text API, the engine) builds a
-GenerationOptions and nothing else: options are checked once, here, before any work.
+- GenerationOptions: how ONE prompt is generated (lengths, sampling, beams, penalties, end
+  tokens, stop strings, speculation). Every engine request carries one.
+- CallOptions: how a generate_batch CALL runs its prompts (max_batch_size / batch_type,
+  callback, return_alternatives), which no single request has.
+
+Every entry point builds these and nothing else: options are checked once, here, before any
+work. `split_options(**kwargs)` sorts a call's keyword arguments into the two.
 """
 
 from __future__ import annotations
@@ -37,8 +42,6 @@ class GenerationOptions:
     include_prompt_in_result: bool = True
     return_scores: bool = False
     return_logits_vocab: bool = False
-    return_alternatives: bool = False
-    min_alternative_expansion_prob: float = 0.0
     beam_size: int = 1
     patience: float = 1.0
     num_hypotheses: int = 1
@@ -55,20 +58,23 @@ class GenerationOptions:
     num_speculative_tokens: int = 4  # proposals verified per target pass (the first, if adaptive)
     adaptive_speculation: bool = False  # k grows by 2 after a fully accepted pass, else shrinks by 1
     use_draft_model: bool = True  # speculate with the engine's draft model, when it has one
-    callback: Callable | None = None  # step_result -> bool (True stops that prompt)
-    max_batch_size: int = 0
-    batch_type: str = "examples"
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> GenerationOptions:
         """Options from keyword arguments; an unknown name is a RequestError listing the known."""
+        per_call = sorted(set(kwargs) & set(CALL_FIELDS))
+        if per_call:
+            raise RequestError(f"{', '.join(per_call)} apply to a whole generate_batch call, "
+                               "not to one request")
         unknown = sorted(set(kwargs) - set(FIELDS))
         if unknown:
             raise RequestError(f"unknown generation option(s) {', '.join(unknown)}; known: "
-                               f"{', '.join(FIELDS)}")
+                               f"{', '.join(FIELDS + CALL_FIELDS)}")
         return cls(**kwargs)
 
     def replace(self, **changes) -> GenerationOptions:
+        if set(changes) - set(FIELDS):
+            GenerationOptions.from_kwargs(**changes)  # raises, naming what is wrong
         return dataclasses.replace(self, **changes)
 
     def __post_init__(self) -> None:
@@ -81,7 +87,7 @@ class GenerationOptions:
         if self.num_speculative_tokens > MAX_SPECULATIVE_TOKENS:
             raise RequestError(f"num_speculative_tokens must be at most {MAX_SPECULATIVE_TOKENS},"
                                f" got {self.num_speculative_tokens}")
-        if self.prompt_lookup and (self.beam_size > 1 or self.return_alternatives):
+        if self.prompt_lookup and self.beam_size > 1:
             raise RequestError("prompt_lookup (speculative decoding) works with greedy or sampled "
                                "decoding (beam_size=1, no return_alternatives)")
         if self.top_logprobs > MAX_TOP_LOGPROBS:
@@ -89,30 +95,16 @@ class GenerationOptions:
                                f"{self.top_logprobs}")
         sampling = self.sampling  # checks top-k, top-p and temperature
         beam = self.beam
-        if self.callback is not None and not callable(self.callback):
-            raise TypeError("callback must be callable: step_result -> bool (True stops the item)")
-        if self.beam_size == 1 and self.num_hypotheses > 1 and not self.return_alternatives:
+        if self.beam_size == 1 and self.num_hypotheses > 1:
             raise RequestError(f"num_hypotheses={self.num_hypotheses} needs beam_size >= "
                                f"{self.num_hypotheses} (or return_alternatives=True)")
-        if not 0.0 <= self.min_alternative_expansion_prob <= 1.0:
-            raise RequestError(f"min_alternative_expansion_prob must be in [0, 1], got "
-                               f"{self.min_alternative_expansion_prob!r}")
-        if self.return_alternatives and (self.callback is not None or self.return_logits_vocab):
-            raise RequestError("return_alternatives cannot be combined with callback or "
-                               "return_logits_vocab")
         if beam.beam_size > 1 and not sampling.greedy and 0 < self.sampling_topk < 2 * beam.beam_size:
             raise RequestError(f"sampling in beam search draws 2 x beam_size candidates: "
                                f"sampling_topk must be 0 or >= {2 * beam.beam_size}, got "
                                f"{self.sampling_topk}")
-        if beam.beam_size > 1 and (self.callback is not None or self.return_logits_vocab):
+        if beam.beam_size > 1 and self.return_logits_vocab:
             raise RequestError("callback and return_logits_vocab work with greedy or sampled "
                                "decoding (beam_size=1) only")
-        if self.batch_type not in BATCH_TYPES:
-            raise RequestError(f"batch_type must be one of {BATCH_TYPES}, got {self.batch_type!r}")
-        if (not isinstance(self.max_batch_size, int) or isinstance(self.max_batch_size, bool)
-                or self.max_batch_size < 0):
-            raise RequestError(f"max_batch_size must be an int >= 0 (0: no limit), got "
-                               f"{self.max_batch_size!r}")
         stops = self.stop_strings
         if self.stop is not None and (not stops or not all(isinstance(s, str) and s for s in stops)):
             raise RequestError(f"stop must be a non-empty string or a list of them, got "
@@ -128,8 +120,7 @@ class GenerationOptions:
 
     @property
     def beam(self) -> BeamOptions:
-        return BeamOptions(self.beam_size, self.patience,
-                           1 if self.return_alternatives else self.num_hypotheses,
+        return BeamOptions(self.beam_size, self.patience, self.num_hypotheses,
                            self.length_penalty)
 
     @property
@@ -162,7 +153,58 @@ class BeamOptions:
         return round(self.beam_size * self.patience)
 
 
+@dataclass(frozen=True)
+class CallOptions:
+    """How one generate_batch call runs its prompts. `alternatives`: with return_alternatives,
+    how many first tokens to expand (the call's num_hypotheses)."""
+
+    max_batch_size: int = 0
+    batch_type: str = "examples"
+    callback: Callable | None = None  # step_result -> bool (True stops that prompt)
+    return_alternatives: bool = False
+    min_alternative_expansion_prob: float = 0.0
+    alternatives: int = 1
+
+    def __post_init__(self) -> None:
+        if self.callback is not None and not callable(self.callback):
+            raise TypeError("callback must be callable: step_result -> bool (True stops the item)")
+        if not 0.0 <= self.min_alternative_expansion_prob <= 1.0:
+            raise RequestError(f"min_alternative_expansion_prob must be in [0, 1], got "
+                               f"{self.min_alternative_expansion_prob!r}")
+        if self.batch_type not in BATCH_TYPES:
+            raise RequestError(f"batch_type must be one of {BATCH_TYPES}, got {self.batch_type!r}")
+        if (not isinstance(self.max_batch_size, int) or isinstance(self.max_batch_size, bool)
+                or self.max_batch_size < 0):
+            raise RequestError(f"max_batch_size must be an int >= 0 (0: no limit), got "
+                               f"{self.max_batch_size!r}")
+
+    def check_with(self, options: GenerationOptions) -> None:
+        """The checks that need both the call's and the requests' options."""
+        if self.return_alternatives and (self.callback is not None or options.return_logits_vocab):
+            raise RequestError("return_alternatives cannot be combined with callback or "
+                               "return_logits_vocab")
+        if self.return_alternatives and options.prompt_lookup:
+            raise RequestError("prompt_lookup (speculative decoding) works with greedy or sampled "
+                               "decoding (beam_size=1, no return_alternatives)")
+        if self.callback is not None and options.beam_size > 1:
+            raise RequestError("callback and return_logits_vocab work with greedy or sampled "
+                               "decoding (beam_size=1) only")
+
+
+def split_options(**kwargs) -> tuple[GenerationOptions, CallOptions]:
+    """A call's keyword arguments as the options of each of its requests and of the call."""
+    call_kwargs = {name: kwargs.pop(name) for name in CALL_FIELDS if name in kwargs}
+    if call_kwargs.get("return_alternatives"):  # the count of first tokens to expand
+        call_kwargs["alternatives"] = kwargs.pop("num_hypotheses", 1)
+    call = CallOptions(**call_kwargs)
+    options = GenerationOptions.from_kwargs(**kwargs)
+    call.check_with(options)
+    return options, call
+
+
 FIELDS = tuple(field.name for field in dataclasses.fields(GenerationOptions))
+CALL_FIELDS = tuple(field.name for field in dataclasses.fields(CallOptions)
+                    if field.name != "alternatives")
 
 
 def _check_int(name: str, value: object, minimum: int) -> None:

@@ -1,41 +1,49 @@
-"""ModelRunner: the model, its KV slot pool, static decode steps and static-prompt states.
+"""ModelRunner: runs a StepPlan on the model and its KV cache, and nothing else.
 
-Two operations, both in terms of slots:
-- `prefill(chunks)`: prompt chunks (a slot, tokens, their first position) run packed as one
-  right-padded batch; int8 activations in two passes (~16 bits).
-- `decode(rows)`: one token for each given slot. The step runs over cache rows 0..high-1
-  (the pool keeps used slots dense), rows without a token are padding that writes to the
-  scratch column; int8 activations in one 8-bit pass per token. With `static_decode` the
-  step runs at bucketed shapes, captured once (a CUDA graph, a CPU trace) and replayed for
-  the engine's whole life: the cache never changes, so neither do the captures.
+Three kinds of forward pass, all in terms of slots:
+- decode: one token for each given slot. The pass runs over cache rows 0..high-1 (the
+  scheduler keeps used slots dense), rows without a token are padding that writes to the
+  scratch column; int8 activations in one 8-bit pass per token. With `static_decode` it is
+  captured once and replayed (static_step.py).
+- verify: speculative verification, each token as a decode row of its slot (several rows may
+  share a slot), so accepted tokens are exactly those decoding would choose.
+- prefill: prompt chunks of several sequences packed into one pass without padding; the
+  projections run on all their tokens at once, attention chunk by chunk; int8 activations in
+  two passes (~16 bits).
 
-A row's numerics depend on whether it is a prompt or a decode token, never on which other
-rows share the forward pass: every int8 kernel quantizes per row (integer products are
-exact), and attention always reads whole KV_BUCKET column blocks (the cache is sized in
-them), so its vectorized sums see the same blocks whatever the longest row of the batch.
-A request's tokens are the same alone or batched.
+A row's numerics depend on the kind of pass, never on which other rows share it: every int8
+kernel quantizes per row (integer products are exact), decode attention computes each row on
+its own, a prompt chunk's attention has the same shapes alone or beside others (the scheduler
+cuts prompts at fixed boundaries), and attention always reads whole KV_BUCKET column blocks.
 """
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
 
 from ..errors import OutOfMemory
-from .slots import SlotPool
-from .static_step import KV_BUCKET, StaticDecodeStep, batch_bucket, default_capture, kv_bucket
+from ..model.decoder import Span
+from ..model.kv_cache import KVCache
+from .scheduler import PrefillChunk, Row, SlotMove, StepPlan
+from .slots import copy_moves
+from .static_step import StaticDecodeStep, batch_bucket, default_capture, kv_bucket
 
 STATIC_PROMPT_STATES = 8  # static prompts whose keys/values are kept (CTranslate2: unbounded)
 
 
 @dataclass
-class Chunk:
-    slot: int
-    tokens: list[int]
-    start: int  # cache position of tokens[0]
-    all_logits: bool = False  # logits of every position (scoring), else of the last only
+class StepOutput:
+    """Logits of a step: decode rows [n, V] in the plan's decode_rows() order, verify rows
+    [m, V] in verify_rows() order, and per prefill chunk the logits [1, V] of its last token
+    when it completes a prompt ([T, V] of every token for scoring), else None."""
+
+    decode: torch.Tensor | None = None
+    verify: torch.Tensor | None = None
+    prefill: list[torch.Tensor | None] | None = None
 
 
 class StaticPromptStates:
@@ -55,14 +63,14 @@ class StaticPromptStates:
     def clear(self) -> None:
         self._states.clear()
 
-    def save(self, key: tuple[int, ...], cache, slot: int) -> None:
+    def save(self, key: tuple[int, ...], cache: KVCache, slot: int) -> None:
         length = len(key)
         self._states[key] = ([keys[slot, :, :length].clone() for keys in cache.keys],
                              [values[slot, :, :length].clone() for values in cache.values])
         while len(self._states) > self.capacity:
             self._states.popitem(last=False)
 
-    def load(self, key: tuple[int, ...], cache, slot: int) -> None:
+    def load(self, key: tuple[int, ...], cache: KVCache, slot: int) -> None:
         self._states.move_to_end(key)
         stored_keys, stored_values = self._states[key]
         length = len(key)
@@ -73,16 +81,42 @@ class StaticPromptStates:
 
 
 class ModelRunner:
-    def __init__(self, model: torch.nn.Module, pool: SlotPool, device: torch.device,
+    def __init__(self, model: torch.nn.Module, cache: KVCache, device: torch.device,
                  static_decode: bool = True) -> None:
-        self.model, self.pool, self.device = model, pool, device
+        self.model, self.cache, self.device = model, cache, device
         self.static_decode = static_decode
         self.static_prompts = StaticPromptStates()
         self._static_step: StaticDecodeStep | None = None
+        self.forward_seconds = 0.0  # time inside the model's forward passes (host time: the rest)
 
-    @property
-    def cache(self):
-        return self.pool.cache
+    # ------------------------------------------------------------ a whole step
+
+    def execute(self, plan: StepPlan) -> StepOutput:
+        """Run a plan's passes (the compaction moves are applied by `apply_moves` first)."""
+        for sequence in plan.static_loads:
+            key = tuple(sequence.request.prompt_ids[: sequence.request.static_length])
+            self.static_prompts.load(key, self.cache, sequence.slots[0])
+        output = StepOutput()
+        if plan.decode:
+            output.decode = self.decode(plan.decode_rows())
+        if plan.verify:
+            output.verify = self.verify(plan.verify_rows())
+        if plan.prefill:
+            output.prefill = self.prefill(plan.prefill)
+            for chunk in plan.prefill:
+                if chunk.save_static:
+                    key = tuple(chunk.sequence.request.prompt_ids[: chunk.end])
+                    self.static_prompts.save(key, self.cache, chunk.slot)
+        return output
+
+    def apply_moves(self, moves: list[SlotMove]) -> None:
+        copy_moves(self.cache, [(m.source, m.destination, m.length) for m in moves])
+
+    def copy_rows(self, sources: list[int], destinations: list[int], length: int) -> None:
+        """Beam search: rows continue other rows' hypotheses (their filled positions copied)."""
+        self.cache.copy_slots(sources, destinations, length)
+
+    # ------------------------------------------------------------ captured decode steps
 
     def static_step(self) -> StaticDecodeStep | None:
         if not self.static_decode:
@@ -96,24 +130,30 @@ class ModelRunner:
             self._static_step = StaticDecodeStep(self.model, capture)
         return self._static_step
 
-    def warm_up(self, positions: int) -> None:
-        """Capture the decode step of every batch bucket for sequences of up to `positions`."""
+    def warm_up(self, positions: int, rows: int | None = None) -> None:
+        """Capture the decode steps now: on CPU the one trace that serves every shape; on
+        CUDA a graph per batch bucket of up to `rows` rows (default: every slot) for
+        sequences of up to `positions`."""
         static = self.static_step()
-        if static is None:
+        if static is None or static.capture is None:  # eager steps: nothing to capture
             return
-        buckets = sorted({min(batch_bucket(rows), self.pool.num_slots)
-                          for rows in range(1, self.pool.num_slots + 1)})
-        for kv_length in range(KV_BUCKET, min(positions, self.cache.max_length) + KV_BUCKET,
-                               KV_BUCKET):
-            for rows in buckets:
-                static.build(rows, kv_length, self.cache)
+        slots = self.cache.num_slots
+        buckets = sorted({min(batch_bucket(count), slots) for count in range(1, (rows or slots) + 1)})
+        limit = min(positions, self.cache.max_length)
+        for kv_length in range(256, limit + 256, 256):
+            for count in buckets:
+                static.build(count, kv_length, self.cache)
+                if static.capture == "trace":
+                    return  # one trace serves every shape
 
-    def decode(self, rows: list[tuple[int, int, int]]) -> torch.Tensor:
+    # ------------------------------------------------------------ passes
+
+    def decode(self, rows: list[Row]) -> torch.Tensor:
         """Logits [len(rows), V] for rows of (slot, token, position)."""
         cache = self.cache
         static = self.static_step()
         width = max(slot for slot, _, _ in rows) + 1
-        if static is not None:  # padded here to the step's bucket, so nothing is copied there
+        if static is not None and static.capture != "trace":  # padded here to the bucket
             width = min(batch_bucket(width), cache.num_slots)
         ids = [0] * width
         positions = [cache.scratch_position] * width
@@ -122,30 +162,20 @@ class ModelRunner:
         kv_length = kv_bucket(max(position for _, _, position in rows) + 1, cache.max_length)
         ids_tensor = torch.tensor(ids, device=self.device)
         positions_tensor = torch.tensor(positions, device=self.device)
+        began = time.perf_counter()
         with _memory_errors("a decode step", len(rows)):
             if static is not None:
                 logits = static.step(ids_tensor, positions_tensor, cache, kv_length)
             else:
                 logits = self.model(ids_tensor.unsqueeze(1), positions_tensor.unsqueeze(1), cache,
                                     kv_length=kv_length, decode=True)[:, -1]
+        self.forward_seconds += time.perf_counter() - began
         slots = [slot for slot, _, _ in rows]
         if slots == list(range(len(slots))):
             return logits[: len(slots)]
         return logits[torch.tensor(slots, device=self.device)]
 
-    def prefill(self, chunks: list[Chunk]) -> list[torch.Tensor]:
-        """Run prompt chunks; for each, the logits [1, V] of its last token or, for
-        all_logits chunks, [T, V] of all of them. Chunks of both kinds run in separate passes."""
-        results: list[torch.Tensor | None] = [None] * len(chunks)
-        for all_logits in (False, True):
-            group = [index for index, chunk in enumerate(chunks) if chunk.all_logits == all_logits]
-            if group:
-                outputs = self._run_packed([chunks[index] for index in group], all_logits)
-                for index, output in zip(group, outputs, strict=True):
-                    results[index] = output
-        return results
-
-    def verify(self, rows: list[tuple[int, int, int]]) -> torch.Tensor:
+    def verify(self, rows: list[Row]) -> torch.Tensor:
         """Speculative verification: logits [len(rows), V] for rows of (slot, token, position)
         where a slot may appear several times (a sequence's last token and its proposals at
         consecutive positions). Each token runs as its own decode row, the way a decode step
@@ -159,32 +189,49 @@ class ModelRunner:
         positions = torch.tensor([position for _, _, position in rows], device=self.device)
         kv_length = kv_bucket(max(position for _, _, position in rows) + 1, cache.max_length)
         static = self.static_step()
+        began = time.perf_counter()
         with _memory_errors("a verification step", len(rows)):
             if static is not None:
-                return static.step(ids, positions, cache, kv_length, slots=slots)
-            return self.model(ids.unsqueeze(1), positions.unsqueeze(1), cache,
-                              kv_length=kv_length, slots=slots, decode=True)[:, -1]
+                logits = static.step(ids, positions, cache, kv_length, slots=slots)
+            else:
+                logits = self.model(ids.unsqueeze(1), positions.unsqueeze(1), cache,
+                                    kv_length=kv_length, slots=slots, decode=True)[:, -1]
+        self.forward_seconds += time.perf_counter() - began
+        return logits
 
-    def _run_packed(self, chunks: list[Chunk], all_logits: bool) -> list[torch.Tensor]:
-        cache = self.cache
-        width = max(len(chunk.tokens) for chunk in chunks)
-        tokens = torch.zeros(len(chunks), width, dtype=torch.long)
-        positions = torch.full((len(chunks), width), cache.scratch_position, dtype=torch.long)
-        for row, chunk in enumerate(chunks):
-            tokens[row, : len(chunk.tokens)] = torch.tensor(chunk.tokens)
-            positions[row, : len(chunk.tokens)] = torch.arange(chunk.start,
-                                                               chunk.start + len(chunk.tokens))
-        kv_length = kv_bucket(max(chunk.start + len(chunk.tokens) for chunk in chunks),
-                              cache.max_length)
-        slots = torch.tensor([chunk.slot for chunk in chunks], device=self.device)
-        last = None if all_logits else torch.tensor(
-            [len(chunk.tokens) - 1 for chunk in chunks], device=self.device)
-        with _memory_errors("a prompt chunk", len(chunks) * width):
-            logits = self.model(tokens.to(self.device), positions.to(self.device), cache,
-                                kv_length=kv_length, slots=slots, last_index=last)
-        if all_logits:
-            return [logits[row, : len(chunk.tokens)] for row, chunk in enumerate(chunks)]
-        return [logits[row:row + 1] for row in range(len(chunks))]
+    def prefill(self, chunks: list[PrefillChunk] | list[tuple[int, list[int], int, bool]]
+                ) -> list[torch.Tensor | None]:
+        """Run prompt chunks packed into one pass: PrefillChunks, or (slot, tokens, start,
+        wants_logits) tuples. Per chunk, the logits [1, V] of its last token if it completes
+        its prompt (or wants them), [T, V] of all its tokens for scoring chunks, else None."""
+        items = [(c.slot, c.tokens, c.start, c.completes_prompt, c.all_logits)
+                 if isinstance(c, PrefillChunk) else (*c, False) for c in chunks]
+        ids, positions, slots, spans, logits_at, taken = [], [], [], [], [], []
+        for slot, tokens, start, wants_last, all_logits in items:
+            begin = len(ids)
+            ids += tokens
+            positions += range(start, start + len(tokens))
+            slots += [slot] * len(tokens)
+            spans.append(Span(begin, len(ids), slot,
+                              kv_bucket(start + len(tokens), self.cache.max_length)))
+            if all_logits:
+                taken.append((len(logits_at), len(tokens)))
+                logits_at += range(begin, len(ids))
+            elif wants_last:
+                taken.append((len(logits_at), 1))
+                logits_at.append(len(ids) - 1)
+            else:
+                taken.append(None)
+        device = self.device
+        inputs = (torch.tensor(ids, device=device), torch.tensor(positions, device=device),
+                  torch.tensor(slots, device=device), spans, self.cache,
+                  torch.tensor(logits_at, dtype=torch.long, device=device))
+        began = time.perf_counter()
+        with _memory_errors("a prompt chunk", len(ids)):
+            logits = self.model.prefill(*inputs)
+        self.forward_seconds += time.perf_counter() - began
+        return [None if where is None else logits[where[0]:where[0] + where[1]]
+                for where in taken]
 
 
 class _memory_errors:

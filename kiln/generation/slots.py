@@ -46,29 +46,20 @@ def _round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
 
-class SlotPool:
-    """A fixed number of KV cache slots: a free list (lowest slot first) and the length of
-    what each slot holds."""
+class SlotTable:
+    """Which of a fixed number of slots are free (lowest first) and how many positions each
+    used one holds. Bookkeeping only: the scheduler plans with it without touching a model."""
 
-    def __init__(self, spec: ModelSpec, num_slots: int, slot_length: int, dtype: torch.dtype,
-                 device: torch.device) -> None:
+    def __init__(self, num_slots: int, slot_length: int) -> None:
         self.slot_length = slot_length
-        try:
-            # Columns up to a multiple of KV_BUCKET: attention always reads whole buckets.
-            self.cache = KVCache(spec, num_slots, _round_up(slot_length, KV_BUCKET), dtype, device)
-        except torch.OutOfMemoryError as error:
-            needed = num_slots * bytes_per_slot(spec, slot_length, dtype)
-            raise OutOfMemory(
-                f"out of memory allocating the KV cache: {num_slots} slots x {slot_length} "
-                f"positions need {needed / 2**30:.2f} GiB on {device}; lower max_batch_size, "
-                "max_length or kv_cache_memory, or use kv_cache_dtype='bfloat16'") from error
+        self._num_slots = num_slots
         self.lengths = [0] * num_slots
         self._free = list(range(num_slots))  # a heap: the lowest free slot is taken first
         self._used: set[int] = set()
 
     @property
     def num_slots(self) -> int:
-        return self.cache.num_slots
+        return self._num_slots
 
     @property
     def free_count(self) -> int:
@@ -101,19 +92,48 @@ class SlotPool:
             self.lengths[slot] = 0
             heapq.heappush(self._free, slot)
 
-    def compaction_moves(self) -> list[tuple[int, int]]:
+    def compaction_plan(self) -> list[tuple[int, int, int]]:
         """Move the highest used slots into the lowest free ones until the used slots are
-        0..used-1; the entries are copied here and (source, destination) pairs returned so
-        that the owners can follow."""
+        0..used-1: (source, destination, positions to copy) in the order to copy them. The
+        table is updated; the caller copies the entries and tells the slots' owners."""
         moves = []
         while self._free and self._used and self._free[0] < max(self._used):
             source, destination = max(self._used), heapq.heappop(self._free)
             length = self.lengths[source]
-            if length:
-                self.cache.copy_slots(torch.tensor([source]), torch.tensor([destination]), length)
             self._used.remove(source)
             self._used.add(destination)
             self.lengths[destination], self.lengths[source] = length, 0
             heapq.heappush(self._free, source)
-            moves.append((source, destination))
+            moves.append((source, destination, length))
         return moves
+
+
+class SlotPool(SlotTable):
+    """A SlotTable with the KV cache it stands for."""
+
+    def __init__(self, spec: ModelSpec, num_slots: int, slot_length: int, dtype: torch.dtype,
+                 device: torch.device) -> None:
+        try:
+            # Columns up to a multiple of KV_BUCKET: attention always reads whole buckets.
+            self.cache = KVCache(spec, num_slots, _round_up(slot_length, KV_BUCKET), dtype, device)
+        except torch.OutOfMemoryError as error:
+            needed = num_slots * bytes_per_slot(spec, slot_length, dtype)
+            raise OutOfMemory(
+                f"out of memory allocating the KV cache: {num_slots} slots x {slot_length} "
+                f"positions need {needed / 2**30:.2f} GiB on {device}; lower max_batch_size, "
+                "max_length or kv_cache_memory, or use kv_cache_dtype='bfloat16'") from error
+        super().__init__(num_slots, slot_length)
+
+    def compaction_moves(self) -> list[tuple[int, int]]:
+        """compaction_plan, with the entries copied here: (source, destination) pairs."""
+        moves = self.compaction_plan()
+        copy_moves(self.cache, moves)
+        return [(source, destination) for source, destination, _ in moves]
+
+
+def copy_moves(cache: KVCache, moves: list[tuple[int, int, int]]) -> None:
+    """Copy each move's filled positions, in order (a later move may read an earlier one's
+    destination)."""
+    for source, destination, length in moves:
+        if length:
+            cache.copy_slots(torch.tensor([source]), torch.tensor([destination]), length)

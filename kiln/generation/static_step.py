@@ -3,12 +3,14 @@
 At batch 1 a decode step runs a few hundred small ops; the Python and dispatch around them,
 not the weights, then set much of the speed. Captured once, a step replays without them:
 
-- on CUDA as a CUDA graph (no kernel launches from the host);
 - on CPU as a TorchScript trace (no Python between ops: 1.2-1.4x faster decode steps for
-  Pythia-410m/1b int8 on a 2-core Xeon). `torch.jit.trace` is deprecated; where it is gone
-  or fails, the step runs eagerly at the same static shapes.
-
-A capture fixes every shape (and, for a graph, every address), so the step runs on:
+  Pythia-410m/1b int8 on a 2-core Xeon, 1.8x for SmolLM2 at 4 rows on an AMD EPYC). The
+  trace reads the batch size and the attention length from its inputs' shapes, so ONE trace
+  serves every batch and every length (exact against eager steps): it is made when the
+  engine starts, and no request ever waits for a capture. `torch.jit.trace` is deprecated;
+  where it is gone or fails, the step runs eagerly.
+- on CUDA as a CUDA graph (no kernel launches from the host). A graph fixes every shape and
+  address, so the step runs on:
 
 - a bucketed batch: B rows run as the next power of two; the extra rows are padding that
   writes to the cache's scratch column and whose logits are dropped;
@@ -17,7 +19,7 @@ A capture fixes every shape (and, for a graph, every address), so the step runs 
 - static input buffers (token ids, positions) copied in before each replay.
 
 Rows are the dense slots 0..B-1 of the engine's slot pool (the engine keeps used slots
-dense), so the captures read the one KV cache in place, with no gather of slots. One capture
+dense), so the captures read the one KV cache in place, with no gather of slots. One graph
 per (batch bucket, attention bucket), made once for the engine's lifetime and replayed for
 every request after; graphs share one memory pool. Without capture (`capture=None`) the same
 buffers, buckets and padding run eagerly, which is how the CPU tests cover everything but the
@@ -52,7 +54,6 @@ class _Step:
     slots: torch.Tensor | None = None  # [B'] static slot of each row (slot-addressed steps)
     logits: torch.Tensor | None = None  # [B', V] written by every run
     graph: object | None = None  # torch.cuda.CUDAGraph when captured
-    traced: object | None = None  # a TorchScript function of (ids, positions, *keys, *values)
 
 
 class _CacheView:
@@ -63,19 +64,21 @@ class _CacheView:
 
 
 class _StepModule(nn.Module):
-    """The decode step as a module of flat tensor inputs, which is what tracing needs."""
+    """The decode step as a module of flat tensor inputs, which is what tracing needs. The
+    attention length is the length of `columns`, so the trace reads it from the input's
+    shape instead of baking it in (the batch size likewise comes from `ids`)."""
 
-    def __init__(self, model: nn.Module, kv_length: int, addressed: bool) -> None:
+    def __init__(self, model: nn.Module, addressed: bool) -> None:
         super().__init__()
         self.model = model
-        self.kv_length = kv_length
         self.addressed = addressed
         self.layers = len(model.layers)
 
-    def forward(self, ids: torch.Tensor, positions: torch.Tensor, *rest: torch.Tensor):
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, columns: torch.Tensor,
+                *rest: torch.Tensor):
         slots, kv = (rest[0], rest[1:]) if self.addressed else (None, rest)
         cache = _CacheView(kv[: self.layers], kv[self.layers:])
-        return self.model(ids, positions, cache, kv_length=self.kv_length, slots=slots,
+        return self.model(ids, positions, cache, kv_length=columns.shape[0], slots=slots,
                           decode=True)[:, -1]
 
 
@@ -87,7 +90,8 @@ def default_capture(device: torch.device) -> str | None:
 
 class StaticDecodeStep:
     """`step(ids, positions, cache, kv_length)` == `model(ids[:, None], positions[:, None],
-    cache, kv_length=kv_length)[:, -1]`, run at static shapes (and replayed on CUDA).
+    cache, kv_length=kv_length)[:, -1]`, run traced (CPU), replayed (CUDA) or eagerly at
+    static shapes.
 
     With `slots`, rows name their cache slot (several rows may share one: speculative
     verification runs a sequence's proposals as rows of its slot); such steps are captured
@@ -98,7 +102,9 @@ class StaticDecodeStep:
             raise ValueError(f"capture must be 'cuda_graph', 'trace' or None, got {capture!r}")
         self.model = model
         self.capture = capture
-        self._steps: dict[tuple[int, int, bool], _Step] = {}
+        self._steps: dict[tuple[int, int, bool], _Step] = {}  # graphs or eager buffers
+        self._traces: dict[bool, object] = {}  # addressed -> the one trace of that kind
+        self._columns: torch.Tensor | None = None  # 0..max_length-1, sliced per step
         self._cache = None  # the KV cache the steps were built for
         self._pool = None
 
@@ -107,25 +113,24 @@ class StaticDecodeStep:
         """Logits [B, V] of one decode step; valid until the next call."""
         rows = ids.shape[0]
         addressed = slots is not None
-        if addressed:
-            bucket = batch_bucket(rows)
-        else:
-            bucket = min(batch_bucket(rows), cache.num_slots)  # a bucket never exceeds the slots
-            if rows > cache.num_slots:
-                raise ValueError(f"a batch of {rows} rows needs {rows} slots but the cache has "
-                                 f"{cache.num_slots}")
-        if cache is not self._cache:  # graphs hold the old cache's addresses
+        if not addressed and rows > cache.num_slots:
+            raise ValueError(f"a batch of {rows} rows needs {rows} slots but the cache has "
+                             f"{cache.num_slots}")
+        if cache is not self._cache:  # captures hold the old cache's tensors
             self.reset()
             self._cache = cache
-        key = (bucket, kv_bucket(kv_length, cache.max_length), addressed)
+        kv_length = kv_bucket(kv_length, cache.max_length)
+        if self.capture == "trace":
+            traced = self._trace_for(addressed, cache)
+            if traced is not None:
+                extra = (slots,) if addressed else ()
+                return traced(ids.view(-1, 1), positions.view(-1, 1), self._columns[:kv_length],
+                              *extra, *cache.keys, *cache.values)
+        bucket = batch_bucket(rows) if addressed else min(batch_bucket(rows), cache.num_slots)
+        key = (bucket, kv_length, addressed)
         step = self._steps.get(key)
         if step is None:
             step = self._steps[key] = self._build(key, cache)
-        extra = (slots,) if addressed else ()
-        if step.traced is not None and rows == bucket:  # a trace reads its inputs directly
-            step.logits = step.traced(ids.view(-1, 1), positions.view(-1, 1), *extra,
-                                      *cache.keys, *cache.values)
-            return step.logits
         step.ids[:rows].copy_(ids.view(-1, 1))
         step.positions[:rows].copy_(positions.view(-1, 1))
         if addressed:
@@ -137,28 +142,31 @@ class StaticDecodeStep:
                 step.slots[rows:].zero_()  # slot 0's scratch column: never read
         if step.graph is not None:
             step.graph.replay()
-        elif step.traced is not None:
-            static_extra = (step.slots,) if addressed else ()
-            step.logits = step.traced(step.ids, step.positions, *static_extra, *cache.keys,
-                                      *cache.values)
         else:
             step.logits = self._run(step, cache, key[1])
         return step.logits[:rows]
 
     def build(self, rows: int, kv_length: int, cache) -> None:
         """Capture the step for `rows` rows and `kv_length` columns now, if not yet done (a
-        trace takes ~0.7 s for SmolLM2 on 2 cores: better at start than inside a stream)."""
+        trace, which serves every shape, takes ~1.5 s for SmolLM2 on 2 cores: better when
+        the engine starts than inside a stream)."""
         if cache is not self._cache:
             self.reset()
             self._cache = cache
+        if self.capture == "trace":
+            self._trace_for(False, cache)
+            if self.capture == "trace":
+                return
         key = (min(batch_bucket(rows), cache.num_slots), kv_bucket(kv_length, cache.max_length),
                False)
         if key not in self._steps:
             self._steps[key] = self._build(key, cache)
 
     def reset(self) -> None:
-        """Drop every graph (their memory returns to the allocator) and the cache they use."""
+        """Drop every capture (graphs' memory returns to the allocator) and the cache they use."""
         self._steps.clear()
+        self._traces.clear()
+        self._columns = None
         self._pool = None
         self._cache = None
 
@@ -177,29 +185,39 @@ class StaticDecodeStep:
                      if addressed else None)
         if self.capture == "cuda_graph":
             self._capture_graph(step, cache, kv_length)
-        elif self.capture == "trace":
-            self._trace(step, cache, kv_length)
         return step
 
-    def _trace(self, step: _Step, cache, kv_length: int) -> None:
-        addressed = step.slots is not None
-        module = _StepModule(self.model, kv_length, addressed)
-        inputs = (step.ids, step.positions, *((step.slots,) if addressed else ()), *cache.keys,
-                  *cache.values)
+    def _trace_for(self, addressed: bool, cache):
+        """The trace of this kind of step, made on first use; None (and eager steps from then
+        on) when tracing fails."""
+        traced = self._traces.get(addressed)
+        if traced is not None:
+            return traced
+        device = cache.device
+        if self._columns is None:
+            self._columns = torch.arange(cache.max_length, device=device)
+        rows = min(2, cache.num_slots) if not addressed else 2  # 2: no size-1 special cases
+        inputs = (torch.zeros(rows, 1, dtype=torch.long, device=device),
+                  torch.full((rows, 1), cache.scratch_position, device=device),
+                  self._columns[:KV_BUCKET],
+                  *((torch.zeros(rows, dtype=torch.long, device=device),) if addressed else ()),
+                  *cache.keys, *cache.values)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # deprecation, and Python values made constants
-                traced = torch.jit.trace(module, inputs, check_trace=False)
+                traced = torch.jit.trace(_StepModule(self.model, addressed), inputs,
+                                         check_trace=False)
         except Exception as error:  # noqa: BLE001 - any failure: run eagerly, as before
             warnings.warn(f"kiln: decode steps run eagerly, tracing failed: {error}",
                           RuntimeWarning, stacklevel=3)
             self.capture = None
-            return
-        # TorchScript profiles a function's first runs and optimizes it then (~0.3 s for
+            return None
+        # TorchScript profiles a function's first runs and optimizes it then (~0.7 s for
         # SmolLM2): done here, on padding rows that write only the scratch column.
         for _ in range(WARMUP_RUNS + 1):
             traced(*inputs)
-        step.traced = traced
+        self._traces[addressed] = traced
+        return traced
 
     def _capture_graph(self, step: _Step, cache, kv_length: int) -> None:
         side = torch.cuda.Stream(device=cache.device)

@@ -1,5 +1,5 @@
-"""Text on top of tokens: encoding prompts, streaming decoded text with stop strings, and
-the text API (generate, stream, chat) that Generator exposes."""
+"""The text API that Generator exposes (generate, stream, chat) on top of the token API:
+prompts encoded, continuations decoded and cut before stop strings."""
 
 from __future__ import annotations
 
@@ -7,59 +7,9 @@ from collections.abc import Iterator, Sequence
 
 from ..errors import RequestError
 from .chat import ChatTemplate, Message
-from .options import GenerationOptions
-from .tokenizer import StreamingDetokenizer, Tokenizer
-
-
-class TextStream:
-    """A request's continuation as text: decoded as tokens come, never split inside a UTF-8
-    character, and cut before the first stop string. Text that could still turn out to be
-    the start of a stop string is held back until it cannot."""
-
-    def __init__(self, tokenizer: Tokenizer, context_ids: Sequence[int],
-                 stops: Sequence[str] = (), skip_special_tokens: bool = True) -> None:
-        self.detokenizer = StreamingDetokenizer(tokenizer, context_ids, skip_special_tokens)
-        self.stops = tuple(stops)
-        self.text = ""  # the decoded continuation so far
-        self.released = 0  # characters of it already given out
-        self.stopped = False
-
-    def add(self, token_id: int) -> str:
-        """New text to give out after this token; sets `stopped` once a stop string shows."""
-        return self._extend(self.detokenizer.add(token_id))
-
-    def finish(self) -> str:
-        """The rest of the text at the end of generation."""
-        if self.stopped:
-            return ""
-        tail = self._extend(self.detokenizer.finish())
-        if self.stopped:
-            return tail
-        rest = self.text[self.released:]
-        self.released = len(self.text)
-        return tail + rest
-
-    def _extend(self, piece: str) -> str:
-        if self.stopped or not piece:
-            return ""
-        searched_from = max(0, len(self.text) - max((len(s) for s in self.stops), default=0) + 1)
-        self.text += piece
-        cut = min((i for i in (self.text.find(s, searched_from) for s in self.stops) if i >= 0),
-                  default=-1)
-        end = cut if cut >= 0 else len(self.text) - self._held_back()
-        self.stopped = cut >= 0
-        released = self.text[self.released:end] if end > self.released else ""
-        self.released = max(self.released, end)
-        return released
-
-    def _held_back(self) -> int:
-        """Length of the longest end of the text that begins some stop string."""
-        for size in range(min(len(self.text), max((len(s) for s in self.stops), default=1) - 1),
-                          0, -1):
-            tail = self.text[-size:]
-            if any(stop.startswith(tail) for stop in self.stops):
-                return size
-        return 0
+from .options import GenerationOptions, split_options
+from .token_api import generate_batch
+from .tokenizer import Tokenizer
 
 
 def encode_prompts(tokenizer: Tokenizer, text: str | Sequence[str],
@@ -79,14 +29,11 @@ def generate_text(engine, tokenizer: Tokenizer, text: str | Sequence[str], max_l
                   options: dict) -> str | list[str]:
     """Generator.generate: a str gives a str, a list gives a list. With stop strings each
     continuation ends at the first one (even across tokens) and the text is cut before it."""
-    from .token_api import generate_batch
-
     ids = encode_prompts(tokenizer, text)
-    options = GenerationOptions.from_kwargs(max_length=max_length,
-                                            include_prompt_in_result=include_prompt_in_result,
-                                            **options)
+    options, call = split_options(max_length=max_length,
+                                  include_prompt_in_result=include_prompt_in_result, **options)
     stops = options.stop_strings
-    results = generate_batch(engine, ids, options, text_streams=bool(stops),
+    results = generate_batch(engine, ids, options, call, text_streams=bool(stops),
                              skip_special_tokens=skip_special_tokens)
     texts = []
     for prompt_ids, result in zip(ids, results, strict=True):

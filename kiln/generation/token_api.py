@@ -11,11 +11,12 @@ import torch
 from ..errors import RequestError
 from .alternatives import expand_alternatives
 from .batching import batches
-from .options import GenerationOptions
+from .engine import Submission
+from .options import CallOptions, GenerationOptions
 from .requests import Request
 from .results import GenerationResult, GenerationStepResult, ScoringResult
 from .search import Scoring, TokenSearch
-from .text import TextStream
+from .text_stream import TextStream
 
 STREAM_OPTIONS = ("max_length", "min_length", "sampling_topk", "sampling_topp",
                   "sampling_temperature", "end_token", "return_end_token", "repetition_penalty",
@@ -23,10 +24,13 @@ STREAM_OPTIONS = ("max_length", "min_length", "sampling_topk", "sampling_topp",
 
 
 def generate_batch(engine, start_tokens: Sequence[Sequence[str | int]],
-                   options: GenerationOptions, text_streams: bool = False,
+                   options: GenerationOptions, call: CallOptions | None = None,
+                   text_streams: bool = False,
                    skip_special_tokens: bool = True) -> list[GenerationResult]:
     """Every check first (no request starts unless all are valid), then the prompts run as
-    engine requests, `max_batch_size` prompts (or tokens) of them at a time."""
+    engine requests (each with `options`), `max_batch_size` prompts (or tokens) of them at a
+    time, as the call's options say."""
+    call = call or CallOptions()
     builder = engine.builder
     end_ids = builder.end_ids(options.end_token)
     static = builder.static_ids(options)
@@ -34,24 +38,32 @@ def generate_batch(engine, start_tokens: Sequence[Sequence[str | int]],
     requests = [builder.request(prompt, options, static, engine.max_length) for prompt in prompts]
     processors = builder.processors(options)
     results: list[GenerationResult] = []
-    for start, stop in batches([len(r.prompt_ids) for r in requests], options.max_batch_size,
-                               options.batch_type):
+    for start, stop in batches([len(r.prompt_ids) for r in requests], call.max_batch_size,
+                               call.batch_type):
         batch = requests[start:stop]
-        if options.return_alternatives:
-            found = expand_alternatives(engine, batch, options, end_ids, processors, start)
+        if call.return_alternatives:
+            found = expand_alternatives(engine, batch, options, call, end_ids, processors, start)
             results.extend(hypotheses_result(engine, r, hypotheses, options.return_scores)
                            for r, hypotheses in zip(batch, found, strict=True))
             continue
-        ids = []
+        submissions = []
         for row, request in enumerate(batch, start):
             stream = None
             if text_streams:
                 stream = TextStream(engine.loaded.tokenizer, prompts[row], options.stop_strings,
                                     skip_special_tokens)
-            ids.append(engine.submit(request, engine.search_for(request, options, end_ids,
-                                                                processors, row),
-                                     stream, cache_static_prompt=options.cache_static_prompt))
-        stopped = _run_callbacks(engine, ids, options.callback, start) if options.callback else {}
+            search = engine.search_for(request, options, end_ids, processors, row)
+            submissions.append(Submission(request, search, stream,
+                                          cache_static_prompt=options.cache_static_prompt))
+        ids = engine.submit_batch(submissions)  # together: one step admits them all
+        stopped = {}
+        if call.callback:
+            try:
+                stopped = _run_callbacks(engine, ids, call.callback, start)
+            except BaseException:  # the callback raised: the call's requests stop too
+                for request_id in ids:
+                    engine.abort(request_id)
+                raise
         for output in engine.wait(ids):
             if output.request_id in stopped:
                 output.result.truncate(stopped[output.request_id])
@@ -140,7 +152,8 @@ def score_requests(engine, prompts: list[list[int]], log_probs: bool) -> list[to
             raise RequestError(f"prompt {index} has {len(prompt)} tokens; the engine holds "
                                f"{engine.max_length} positions per sequence (its max_length)")
     requests = [Request(prompt, 0, 0, [], 0) for prompt in prompts]
-    ids = [engine.submit(request, Scoring(request, log_probs)) for request in requests]
+    ids = engine.submit_batch([Submission(request, Scoring(request, log_probs))
+                               for request in requests])
     return [output.result for output in engine.wait(ids)]
 
 

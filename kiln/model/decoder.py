@@ -9,8 +9,10 @@ Weight names (what a kiln folder stores):
     layers.{i}.mlp.down.{weight,bias},
     final_norm.{weight,bias}, lm_head.weight (absent when tied to embed.weight)
 
-Every projection is an attribute holding a module that maps [..., in] -> [..., out], so a
-quantized linear can replace `nn.Linear` (see `build_decoder`) without touching this file.
+Every projection is an attribute holding a module that maps [..., in] -> [..., out] and takes
+`two_pass` (how int8 kernels quantize activations: two passes for prompts, one for decode
+steps), so a quantized linear can replace `nn.Linear` (see `build_decoder`) without touching
+this file.
 
 Modules are created on the meta device (no memory, no init) and receive their weights from
 the loader with `load_state_dict(assign=True)`. Passing `device=META` explicitly rather than
@@ -28,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..quant.int4 import DEFAULT_GROUP_SIZE, Int4Linear
-from ..quant.int8 import ActivationMode, QuantizedEmbedding, QuantizedLinear
+from ..quant.int8 import QuantizedEmbedding, QuantizedLinear
 from ..quant.stored import weight_type
 from .kv_cache import KVCache
 from .spec import ModelSpec
@@ -52,6 +54,9 @@ class MetaLinear(nn.Linear):
     def reset_parameters(self) -> None:
         pass
 
+    def forward(self, x: torch.Tensor, two_pass: bool = True) -> torch.Tensor:  # noqa: ARG002
+        return F.linear(x, self.weight, self.bias)
+
 
 class RMSNorm(nn.Module):
     def __init__(self, size: int, eps: float) -> None:
@@ -73,6 +78,18 @@ def make_norm(spec: ModelSpec) -> nn.Module:
 
 
 @dataclass
+class Span:
+    """One sequence's prompt chunk in a packed prefill: tokens begin..end-1 of the pass, all
+    in `slot`, attending over the slot's first kv_length columns."""
+
+    begin: int
+    end: int
+    slot: int
+    kv_length: int
+    mask: torch.Tensor | None = None  # [1, 1, end - begin, kv_length]
+
+
+@dataclass
 class StepInputs:
     """Per-forward tensors shared by every layer: computed once, not per layer."""
 
@@ -80,9 +97,11 @@ class StepInputs:
     write_positions: torch.Tensor  # [B, T] cache column each token writes
     read_rows: slice | torch.Tensor  # which slots to attend over
     kv_length: int  # columns of the cache to attend over
-    mask: torch.Tensor  # [B, 1, T, kv_length] True where a query may see a key
+    mask: torch.Tensor | None  # [B, 1, T, kv_length] True where a query may see a key
     cos: torch.Tensor | None  # [B, T, 1, rotary_dim]
     sin: torch.Tensor | None
+    two_pass: bool = True  # int8 activations in two passes (prompts) or one (decode)
+    spans: list[Span] | None = None  # a packed prefill: attention chunk by chunk
 
 
 class RotaryTable(nn.Module):
@@ -145,7 +164,8 @@ class Attention(nn.Module):
                 values: torch.Tensor) -> torch.Tensor:
         spec = self.spec
         batch, length, _ = x.shape
-        heads = self.qkv(x).view(batch, length, spec.num_heads + 2 * spec.num_kv_heads, spec.head_dim)
+        heads = self.qkv(x, step.two_pass).view(batch, length, spec.num_heads + 2 * spec.num_kv_heads,
+                                                spec.head_dim)
         query_and_key, v = heads.split([spec.num_heads + spec.num_kv_heads, spec.num_kv_heads], dim=2)
         if step.cos is not None:  # queries and keys side by side: one rotation for both
             query_and_key = apply_rotary(query_and_key, step.cos, step.sin)
@@ -153,11 +173,15 @@ class Attention(nn.Module):
         # Advanced indices around a slice: the indexed view is [B, T, kv_heads, head_dim].
         keys[step.write_slots, :, step.write_positions] = k.to(keys.dtype)
         values[step.write_slots, :, step.write_positions] = v.to(values.dtype)
-        past_k = keys[step.read_rows, :, : step.kv_length]
-        past_v = values[step.read_rows, :, : step.kv_length]
         # A cache in a narrower type (bfloat16 keys for float32 activations): attention runs
         # in the cache's type, which reads half the bytes (measured faster on CPU).
         q = q.transpose(1, 2).to(keys.dtype)
+        if step.spans is not None:
+            attended = self._attend_spans(q, keys, values, step.spans).to(x.dtype)
+            return self.out(attended.transpose(1, 2).reshape(batch, length, spec.q_size),
+                            step.two_pass)
+        past_k = keys[step.read_rows, :, : step.kv_length]
+        past_v = values[step.read_rows, :, : step.kv_length]
         if length == 1 and q.device.type == "cpu":
             attended = one_query_attention(q, past_k, past_v, step.mask, self.scale)
         else:
@@ -165,7 +189,23 @@ class Attention(nn.Module):
                 q, past_k, past_v, attn_mask=step.mask, scale=self.scale,
                 enable_gqa=spec.num_kv_heads != spec.num_heads)
         attended = attended.to(x.dtype)
-        return self.out(attended.transpose(1, 2).reshape(batch, length, spec.q_size))
+        return self.out(attended.transpose(1, 2).reshape(batch, length, spec.q_size),
+                        step.two_pass)
+
+    def _attend_spans(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                      spans: list[Span]) -> torch.Tensor:
+        """A packed prefill's attention, chunk by chunk: each chunk's queries [1, H, T, D]
+        over its own slot, the shapes it has alone, whatever else shares the pass (CPU SDPA
+        gives a row different bits for different numbers of queries)."""
+        gqa = self.spec.num_kv_heads != self.spec.num_heads
+        parts = []
+        for span in spans:
+            past_k = keys[span.slot:span.slot + 1, :, : span.kv_length]
+            past_v = values[span.slot:span.slot + 1, :, : span.kv_length]
+            parts.append(F.scaled_dot_product_attention(
+                q[:, :, span.begin:span.end], past_k, past_v, attn_mask=span.mask,
+                scale=self.scale, enable_gqa=gqa))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
 
 
 def one_query_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
@@ -196,14 +236,14 @@ class MLP(nn.Module):
         self.activation = _ACTIVATIONS[spec.activation]
         self.gated = spec.gated_mlp
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        hidden = self.up(x)
+    def forward(self, x: torch.Tensor, two_pass: bool = True) -> torch.Tensor:
+        hidden = self.up(x, two_pass)
         if self.gated:
             gate, up = hidden.chunk(2, dim=-1)
             hidden = self.activation(gate) * up
         else:
             hidden = self.activation(hidden)
-        return self.down(hidden)
+        return self.down(hidden, two_pass)
 
 
 class Block(nn.Module):
@@ -219,9 +259,9 @@ class Block(nn.Module):
                 values: torch.Tensor) -> torch.Tensor:
         attended = self.attn(self.attn_norm(x), step, keys, values)
         if self.parallel_residual:
-            return x + attended + self.mlp(self.mlp_norm(x))
+            return x + attended + self.mlp(self.mlp_norm(x), step.two_pass)
         x = x + attended
-        return x + self.mlp(self.mlp_norm(x))
+        return x + self.mlp(self.mlp_norm(x), step.two_pass)
 
 
 def _meta_embedding(rows: int, size: int) -> nn.Embedding:
@@ -242,23 +282,19 @@ class Decoder(nn.Module):
             self.lm_head = MetaLinear(spec.hidden_size, spec.vocab_size, bias=False)
         self.rotary: RotaryTable | None = None
         self.int8_backend: str | None = None  # set by the loader when it packs int8 kernels
-        self.activations = ActivationMode()  # what the int8 kernels do in this forward
 
     def prepare(self, device: torch.device) -> None:
         """Build non-persistent tables after the weights are loaded (the model may live on
-        meta), and hand every int8 projection the decoder's activation mode."""
+        meta)."""
         if self.spec.position == "rotary":
             self.rotary = RotaryTable(self.spec, device=device)
-        for module in self.modules():
-            if isinstance(module, QuantizedLinear):
-                module.activations = self.activations
 
     def tie_head(self, head: nn.Module) -> None:
         """Give a tied model its output projection, sharing the embedding's tensors."""
         self.lm_head = head
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)
+    def logits(self, hidden: torch.Tensor, two_pass: bool = True) -> torch.Tensor:
+        return self.lm_head(hidden, two_pass)
 
     def step_inputs(self, positions: torch.Tensor, cache: KVCache, slots: torch.Tensor | None,
                     kv_length: int, dtype: torch.dtype) -> StepInputs:
@@ -291,17 +327,51 @@ class Decoder(nn.Module):
         `decode`: a decode step, whose int8 activations take one 8-bit pass per token
         (prompts and scoring take two, ~16 bits).
         """
-        self.activations.two_pass = not decode
+        hidden = self._embed(input_ids, positions)
+        step = self.step_inputs(positions, cache, slots, kv_length, hidden.dtype)
+        step.two_pass = not decode
+        hidden = self._layers(hidden, step, cache)
+        if last_index is not None:
+            hidden = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_index]
+        return self.logits(self.final_norm(hidden), step.two_pass).float()
+
+    def prefill(self, input_ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+                spans: list[Span], cache: KVCache, logits_at: torch.Tensor) -> torch.Tensor:
+        """Prompt chunks of several sequences packed into one pass, no padding: tokens [N]
+        at cache positions [N] of slots [N]; `spans` says which tokens form each chunk. The
+        projections run on all N tokens at once (int8 activations in two passes, per token);
+        attention runs chunk by chunk. Float32 logits [len(logits_at), V] of the tokens at
+        `logits_at`."""
+        ids, positions = input_ids.view(1, -1), positions.view(1, -1)
+        hidden = self._embed(ids, positions)
+        cos = sin = None
+        if self.rotary is not None:
+            cos, sin = self.rotary.lookup(positions, hidden.dtype)
+        for span in spans:
+            columns = torch.arange(span.kv_length, device=positions.device).view(1, 1, -1)
+            queries = positions[0, span.begin:span.end].view(1, -1, 1)
+            mask = columns <= queries
+            if self.spec.sliding_window is not None:
+                mask &= columns > queries - self.spec.sliding_window
+            span.mask = mask.unsqueeze(1)
+        step = StepInputs(slots.view(1, -1), positions, slice(None), 0, None, cos, sin,
+                          two_pass=True, spans=spans)
+        hidden = self._layers(hidden, step, cache)
+        if logits_at.numel() == 0:  # no chunk ends its prompt here
+            return hidden.new_zeros(0, self.spec.vocab_size, dtype=torch.float32)
+        return self.logits(self.final_norm(hidden[0, logits_at])).float()
+
+    def _embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         hidden = self.embed(input_ids)
         if self.spec.position == "learned":
             real_positions = positions.clamp(max=self.spec.max_position_embeddings - 1)
             hidden = hidden + self.pos_embed(real_positions)
-        step = self.step_inputs(positions, cache, slots, kv_length, hidden.dtype)
+        return hidden
+
+    def _layers(self, hidden: torch.Tensor, step: StepInputs, cache: KVCache) -> torch.Tensor:
         for layer, keys, values in zip(self.layers, cache.keys, cache.values, strict=True):
             hidden = layer(hidden, step, keys, values)
-        if last_index is not None:
-            hidden = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_index]
-        return self.logits(self.final_norm(hidden)).float()
+        return hidden
 
 
 def quantizable_modules(decoder: Decoder) -> Iterator[tuple[str, nn.Module]]:

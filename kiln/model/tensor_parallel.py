@@ -114,8 +114,8 @@ class SummedLinear(nn.Module):
         self.inner = inner
         self.register_buffer("summed_bias", bias, persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.inner(x)
+    def forward(self, x: torch.Tensor, two_pass: bool = True) -> torch.Tensor:
+        y = self.inner(x, two_pass)
         if not y.is_contiguous():
             y = y.contiguous()
         dist.all_reduce(y)

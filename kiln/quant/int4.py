@@ -275,7 +275,8 @@ class Int4Linear(nn.Module):
                 x.contiguous(), self.kernel_weight, self.group_size, self.kernel_scales_and_zeros)
         return out[:, : self.out_features]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, two_pass: bool = True) -> torch.Tensor:  # noqa: ARG002
+        # two_pass: how int8 kernels quantize activations; int4 kernels take them as they are.
         if self.kernel is not None:
             flat = x.reshape(-1, self.in_features)
             out = self._kernel_matmul(flat).reshape(*x.shape[:-1], self.out_features).to(x.dtype)

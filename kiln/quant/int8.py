@@ -56,18 +56,12 @@ def dequantize_rows(quantized: torch.Tensor, scale: torch.Tensor,
     return (quantized.float() / scale.float().unsqueeze(-1)).to(dtype)
 
 
-class ActivationMode:
-    """How a decoder's int8 kernels quantize activations in the forward pass under way: in
-    two passes, ~16 bits per token (prompts, scoring: `two_pass`), or in one 8-bit pass per
-    token (decode steps). Set by the decoder for each forward from what the pass is, so a
-    row's numerics never depend on how many rows share it."""
-
-    def __init__(self) -> None:
-        self.two_pass = True
-
-
 class QuantizedLinear(nn.Module):
-    """y = x Wq^T / scale + bias, run by a packed kernel chosen at load (`prepare`)."""
+    """y = x Wq^T / scale + bias, run by a packed kernel chosen at load (`prepare`).
+
+    `two_pass` says how the kernel quantizes activations, per token: two passes (~16 bits:
+    prompts, scoring) or one 8-bit pass (decode steps). The caller passes what the forward
+    pass is, never anything that depends on how many rows share it."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, bits: str,
                  dtype: torch.dtype) -> None:
@@ -81,7 +75,6 @@ class QuantizedLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=META)) if bias else None
         self.kernel: Int8Kernel | None = None
         self._inverse_scale: torch.Tensor | None = None
-        self.activations: ActivationMode | None = None  # the decoder's, set when it is prepared
 
     def prepare(self, backend: str | None) -> None:
         """Pack the weight for a kernel. int16 (and int8 without a backend) dequantize per call."""
@@ -98,9 +91,8 @@ class QuantizedLinear(nn.Module):
             elif packed is not None:
                 self.packed_params = packed
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, two_pass: bool = True) -> torch.Tensor:
         if self.kernel is not None:  # the kernel adds the bias
-            two_pass = self.activations is None or self.activations.two_pass
             flat = x.reshape(-1, self.in_features)
             if flat.shape[0] >= self.kernel.min_rows and (two_pass or self.kernel.decodes):
                 return self.kernel(flat, two_pass).view(*x.shape[:-1],

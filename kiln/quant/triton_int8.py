@@ -26,14 +26,14 @@ import os
 import torch
 
 MAX_ROWS = 64
-INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 _kernels = None  # kiln.triton_kernels once imported; False when Triton is missing
 
 
 def available(device: torch.device) -> bool:
     """Whether `linear` can run for tensors on `device` (imports Triton on first call)."""
     global _kernels
-    if device.type != "cuda" and not (INTERPRETING and device.type == "cpu"):
+    interpreting = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter
+    if device.type != "cuda" and not (interpreting and device.type == "cpu"):
         return False
     if _kernels is None:
         try:

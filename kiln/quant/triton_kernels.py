@@ -1,12 +1,16 @@
 """Triton kernels of triton_int8.py, in a module of their own so that importing kiln never
-imports Triton (~0.2 s); triton_int8 loads this on first use on CUDA."""
+imports Triton (~0.2 s); triton_int8 loads this on first use on CUDA. It imports nothing of
+kiln's, so the two modules do not import each other."""
 
 from __future__ import annotations
+
+import os
 
 import triton
 import triton.language as tl
 
-from .triton_int8 import INTERPRETING
+# Triton's interpreter (TRITON_INTERPRET=1, the CPU tests) gets one small config per kernel.
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _gemv_configs():

@@ -20,12 +20,15 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..errors import EngineDeadError
 from .metrics import CONTENT_TYPE
 from .protocol import ChatCompletionRequest, CompletionRequest
 from .responses import Formatter
 from .service import APIError, ModelService, bad_request
 
 log = logging.getLogger("kiln.serve")
+ENGINE_DEAD = APIError(503, "the engine stopped on an internal error; retry on another server",
+                       "service_unavailable", code="engine_dead")
 REJECTIONS = {400: "invalid_request", 401: "unauthorized", 404: "not_found", 429: "queue_full",
               503: "service_unavailable"}
 
@@ -50,6 +53,11 @@ def build_app(service: ModelService, api_key: str | None = None) -> FastAPI:
     async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
         return await _api_error(request, _validation_failure(error.errors()))
 
+    @app.exception_handler(EngineDeadError)
+    async def _engine_dead(request: Request, error: EngineDeadError) -> JSONResponse:
+        log.error("a request met a dead engine: %s", error)
+        return await _api_error(request, ENGINE_DEAD)
+
     @app.exception_handler(Exception)
     async def _server_error(_: Request, error: Exception) -> JSONResponse:
         log.exception("request failed")
@@ -67,8 +75,7 @@ def build_app(service: ModelService, api_key: str | None = None) -> FastAPI:
 
     @app.get("/health")
     async def health() -> Response:
-        status = {"ready": "ok", "loading": "loading", "draining": "shutting down",
-                  "failed": "failed"}[service.state]
+        status = service.health
         return JSONResponse({"status": status}, status_code=200 if status == "ok" else 503)
 
     @app.get("/metrics")
@@ -181,6 +188,11 @@ class EventStream(StreamingResponse):
                 async for chunk in self.chunks:
                     await send({"type": "http.response.body", "body": chunk.encode(),
                                 "more_body": True})
+            except EngineDeadError:  # the stream has begun: report in it
+                log.error("a streamed request met a dead engine")
+                failure = ENGINE_DEAD.body()
+                await send({"type": "http.response.body", "more_body": True,
+                            "body": f"data: {json.dumps(failure)}\n\n".encode()})
             except Exception as error:  # noqa: BLE001 - the stream has begun: report in it
                 log.exception("streamed request failed")
                 failure = APIError(500, f"internal error: {error}", "server_error").body()

@@ -107,9 +107,10 @@ class KilnReplica:
         return app
 
     def check_health(self) -> None:
-        """Ray's health check: a replica whose engine died is restarted."""
-        if self.service.state == "failed":
-            raise RuntimeError("the engine failed")
+        """Ray's health check: a replica whose model failed to load or whose engine died is
+        restarted."""
+        if self.service.health in ("failed", "engine dead"):
+            raise RuntimeError(f"the replica is unhealthy: {self.service.health}")
 
     def __del__(self) -> None:
         service = getattr(self, "service", None)

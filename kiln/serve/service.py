@@ -114,11 +114,21 @@ class ModelService:
         if self.engine is not None:
             self.engine.shutdown(timeout=10)
 
+    @property
+    def health(self) -> str:
+        """"ok", or why the service cannot answer: loading, shutting down, failed (the model
+        did not load), or engine dead (its loop stopped on an error it could not contain)."""
+        if self.state == "ready" and self.engine is not None and not self.engine.alive:
+            return "engine dead"
+        return {"ready": "ok", "loading": "loading", "draining": "shutting down",
+                "failed": "failed"}[self.state]
+
     def check_ready(self) -> None:
-        if self.state == "ready":
+        if self.health == "ok":
             return
-        reason = {"loading": "the model is still loading", "draining": "the server is shutting down",
-                  "failed": "the model failed to load"}[self.state]
+        reason = {"loading": "the model is still loading", "shutting down": "the server is shutting down",
+                  "failed": "the model failed to load",
+                  "engine dead": "the engine stopped on an internal error"}[self.health]
         raise APIError(503, f"{reason}; retry later", "service_unavailable",
                        code="service_unavailable",
                        headers={"Retry-After": str(RETRY_AFTER_SECONDS)})

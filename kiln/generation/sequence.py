@@ -1,0 +1,96 @@
+"""A request inside the engine: its state while it waits, runs and ends, and the mailbox its
+consumer reads events from.
+
+Only the engine's stepping thread changes a running sequence; callers touch a sequence only
+through the engine (submit, abort) and its mailbox.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from .events import FinishReason, TokenEvent
+
+if TYPE_CHECKING:
+    import torch
+
+    from .requests import Request
+    from .search import Search
+    from .text_stream import TextStream
+
+
+@dataclass
+class Proposal:
+    """Tokens proposed for a sequence's next step, verified by the target in one pass; the
+    distributions they were drawn from (draft model, sampled requests), else None."""
+
+    tokens: list[int]
+    draft_probs: torch.Tensor | None = None
+
+
+class Mailbox:
+    """A request's events on their way to its consumer, and a signal that new ones arrived.
+    Written by the stepping thread, read by the consumer's thread."""
+
+    def __init__(self) -> None:
+        self.events: deque[TokenEvent] = deque()
+        self.signal = threading.Event()
+        self.watchers: list[threading.Condition] = []  # consumers waiting on several requests
+
+    def put(self, events: list[TokenEvent]) -> None:
+        self.events.extend(events)
+        self.notify()
+
+    def notify(self) -> None:
+        self.signal.set()
+        for watcher in list(self.watchers):
+            with watcher:
+                watcher.notify_all()
+
+    def take(self) -> list[TokenEvent]:
+        self.signal.clear()
+        taken = []
+        while self.events:
+            taken.append(self.events.popleft())
+        return taken
+
+
+@dataclass(eq=False)
+class Sequence:
+    id: int
+    request: Request
+    search: Search
+    text: TextStream | None = None
+    sink: Callable[[TokenEvent], None] | None = None  # events go here instead of the mailbox
+    save_static: bool = False  # store the static prompt's keys/values once computed
+    slots: list[int] = field(default_factory=list)
+    computed: int = 0  # cache positions filled (the same for all of the request's rows)
+    inputs: list[int] = field(default_factory=list)  # next decode input of each row
+    draft_computed: int = 0  # positions of the draft model's cache that hold this request
+    proposal: Proposal | None = None  # to verify in the next step
+    reported: int = 0  # tokens reported so far
+    abort_requested: bool = False
+    finish_reason: FinishReason | None = None
+    error: BaseException | None = None
+    mailbox: Mailbox = field(default_factory=Mailbox)
+    done: threading.Event = field(default_factory=threading.Event)  # set once it has ended
+
+    @property
+    def prompt_done(self) -> bool:
+        return self.computed >= len(self.request.prompt_ids)
+
+    @property
+    def prompt_length(self) -> int:
+        return len(self.request.prompt_ids)
+
+    @property
+    def rows(self) -> int:
+        return self.search.rows
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
