@@ -107,7 +107,7 @@ def test_run_writes_results_table_chart_and_benchmarks_md(work_dir, tmp_path):
 
 
 def test_concurrency_run_compares_together_with_one_by_one(work_dir, tmp_path):
-    from kiln.bench.concurrency import workload
+    from kiln.bench.concurrency import FIXED_NEW, workload
 
     output, benchmarks_md = tmp_path / "engine", tmp_path / "BENCHMARKS.md"
     from dataclasses import replace
@@ -128,8 +128,18 @@ def test_concurrency_run_compares_together_with_one_by_one(work_dir, tmp_path):
         assert cell[mode]["tokens"] == total and cell[mode]["itl_p99_s"] >= cell[mode]["itl_p50_s"]
     assert cell["aggregate_speedup"] == pytest.approx(
         cell["concurrent"]["tokens_per_s"] / cell["sequential"]["tokens_per_s"])
+    # the three targets: N threads vs one call, the server vs batch decode, TTFT at N vs alone
+    assert cell["threads_over_one_call"] == pytest.approx(
+        cell["threads_tokens_per_s"] / cell["one_call_tokens_per_s"], rel=1e-6)
+    assert cell["first_burst_tokens_per_s"] > 0 and cell["decode_tokens_per_s"] > 0
+    serve = cell["serve"]
+    assert serve["together_tokens"] == 3 * FIXED_NEW  # every token of every stream counted
+    assert cell["serve_over_decode"] == pytest.approx(
+        serve["together_tokens_per_s"] / cell["decode_tokens_per_s"])
+    assert 0 < cell["host_fraction"] < 1 and cell["host_ms_per_step"] < cell["step_ms"]
     assert "--concurrency 3" in results["command"]
-    assert "| tiny300 | kiln:float32 | 3 |" in benchmarks_md.read_text()
+    text = benchmarks_md.read_text()
+    assert text.count("| tiny300 | kiln:float32 | 3 |") == 2  # the targets and the ragged rows
     with pytest.raises(ValueError, match="kiln engines only"):
         run_bench(BenchOptions(engines=["ctranslate2:int8"], concurrency=[2], threads=2))
 

@@ -1,10 +1,21 @@
-"""`kiln bench --concurrency N`: the engine under N simultaneous requests.
+"""`kiln bench --concurrency N`: the engine and `kiln serve` under N simultaneous callers.
 
-One fresh process per run (`python -m kiln.bench.concurrency`): N requests with prompts of
-the same length and max_length drawn from 16-256 new tokens (fixed seed), run once one after
-another (each alone, as a one-request-at-a-time server would) and once submitted together.
-Reported for each: aggregate tokens/s, time to first token and inter-token latency (p50,
-p99) from every token's arrival time. Greedy decoding, no early stop.
+The worker (`python -m kiln.bench.concurrency`, a fresh process per run) loads the model
+(the decode step is captured then) and, with N prompts of the same length each generating
+exactly NEW tokens, greedy:
+- first burst: right after loading, N threads each call `generate_batch` with one prompt;
+- warm: one `generate_batch` holding all N; the N threads again; the N calls in turn;
+- the engine's batch-N decode speed: the N requests submitted together, tokens/s from the
+  step in which all of them have their first token to the last token;
+- host time: the share of the steps' time spent outside the model (planning, sampling,
+  events), over the warm one-call run;
+- and the ragged workload of earlier versions (max_length 16-256, seeded): one by one vs
+  together (aggregate tokens/s, time to first token, inter-token latency).
+
+The harness runs each (model, engine, N) in `runs` fresh workers, then `kiln serve` on the
+same folder under the same N prompts (serving.py), and reports the three targets: N threads
+against one call, the server's tokens/s against the engine's batch-N decode speed, and the
+server's TTFT at N against a lone request's.
 """
 
 from __future__ import annotations
@@ -18,6 +29,7 @@ import sys
 import time
 
 MIN_NEW, MAX_NEW = 16, 256
+FIXED_NEW = 64  # tokens per request in the threads / one-call / server comparisons
 
 
 def workload(count: int, prompt_tokens: int, vocab: int, seed: int) -> list[tuple[list[int], int]]:
@@ -42,30 +54,26 @@ def latency_figures(starts: dict[int, float], arrivals: dict[int, list[float]], 
             "itl_p50_s": percentile(itl, 0.5), "itl_p99_s": percentile(itl, 0.99)}
 
 
-def _submit(engine, prompt: list[int], new_tokens: int) -> int:
+def _submit(engine, prompt: list[int], new_tokens: int, sink=None) -> int:
     return engine.add_request(prompt, max_length=new_tokens, min_length=new_tokens,
-                              include_prompt_in_result=False)
+                              include_prompt_in_result=False, sink=sink)
 
 
 def run_together(engine, requests) -> dict:
-    """Every request submitted at once; the engine stepped until all are done."""
-    starts, arrivals = {}, {}
+    """Every request submitted at once; each token timed as the engine's thread hands it out."""
+    starts, arrivals, ids = {}, {}, []
     begin = time.perf_counter()
-    ids = []
-    for prompt, new_tokens in requests:
-        request_id = _submit(engine, prompt, new_tokens)
-        starts[request_id], arrivals[request_id] = time.perf_counter(), []
-        ids.append(request_id)
-    while engine.has_work():
-        events = engine.step()
-        now = time.perf_counter()
-        for event in events:
+    for index, (prompt, new_tokens) in enumerate(requests):
+        times = arrivals[index] = []
+
+        def timed(event, times=times):
             if event.token_id is not None:
-                arrivals[event.request_id].append(now)
-    wall = time.perf_counter() - begin
-    for request_id in ids:
-        engine.release(request_id)
-    return latency_figures(starts, arrivals, wall)
+                times.append(time.perf_counter())
+
+        starts[index] = time.perf_counter()
+        ids.append(_submit(engine, prompt, new_tokens, timed))
+    engine.wait(ids)
+    return latency_figures(starts, arrivals, time.perf_counter() - begin)
 
 
 def run_one_by_one(engine, requests) -> dict:
@@ -80,50 +88,101 @@ def run_one_by_one(engine, requests) -> dict:
     return latency_figures(starts, arrivals, time.perf_counter() - begin)
 
 
+def fixed_prompts(count: int, prompt_tokens: int, vocab: int, seed: int) -> list[list[int]]:
+    return [prompt for prompt, _ in workload(count, prompt_tokens, vocab, seed)]
+
+
+def _call(generator, prompts: list[list[int]], new_tokens: int) -> None:
+    generator.generate_batch(prompts, max_length=new_tokens, min_length=new_tokens,
+                             include_prompt_in_result=False)
+
+
+def threads_burst(generator, prompts: list[list[int]], new_tokens: int) -> float:
+    """N threads, released together, each calling generate_batch with one prompt: seconds."""
+    import threading
+
+    began: list[float] = []
+    barrier = threading.Barrier(len(prompts), action=lambda: began.append(time.perf_counter()))
+
+    def caller(prompt):
+        barrier.wait()
+        _call(generator, [prompt], new_tokens)
+
+    workers = [threading.Thread(target=caller, args=(prompt,)) for prompt in prompts]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    return time.perf_counter() - began[0]
+
+
+def timed(work) -> float:
+    began = time.perf_counter()
+    work()
+    return time.perf_counter() - began
+
+
+def decode_speed(engine, prompts: list[list[int]], new_tokens: int) -> float:
+    """Tokens/s of batch-N decoding: all N submitted at once, from the moment every request
+    has its first token to the last token."""
+    arrivals: list[list[float]] = []
+    ids = []
+    for prompt in prompts:
+        times: list[float] = []
+        arrivals.append(times)
+        ids.append(_submit(engine, prompt, new_tokens,
+                           lambda event, times=times: event.token_id is not None
+                           and times.append(time.perf_counter())))
+    engine.wait(ids)
+    start = max(times[0] for times in arrivals)
+    after = sum(sum(1 for t in times if t > start) for times in arrivals)
+    return after / (max(times[-1] for times in arrivals) - start)
+
+
 def measure(model: str, compute_type: str, concurrency: int, prompt_tokens: int, vocab: int,
-            seed: int, threads: int, device: str) -> dict:
+            seed: int, threads: int, device: str, repeats: int = 3) -> dict:
     import torch
 
-    from kiln.generation.engine import Engine
+    import kiln
 
     torch.set_num_threads(threads)
     start = time.perf_counter()
-    engine = Engine(model, device=device, compute_type=compute_type,
-                    max_batch_size=max(concurrency, 1))
+    generator = kiln.Generator(model, device=device, compute_type=compute_type,
+                               max_batch_size=max(concurrency, 1))
+    engine = generator.engine
     load_s = time.perf_counter() - start
+    prompts = fixed_prompts(concurrency, prompt_tokens, vocab, seed)
+    tokens = concurrency * FIXED_NEW
+    first_burst = threads_burst(generator, prompts, FIXED_NEW)  # nothing warmed up but the load
+    one_call, burst, host = [], [], []
+    for _ in range(repeats):  # alternated, so that drift hits both
+        engine.timing.reset()
+        one_call.append(timed(lambda: _call(generator, prompts, FIXED_NEW)))
+        timing = engine.timing
+        host.append((timing.host_fraction, 1000 * timing.host_seconds / timing.steps,
+                     1000 * timing.seconds / timing.steps))
+        burst.append(threads_burst(generator, prompts, FIXED_NEW))
+    in_turn = timed(lambda: [_call(generator, [p], FIXED_NEW) for p in prompts])
+    decode = statistics.median(decode_speed(engine, prompts, FIXED_NEW) for _ in range(repeats))
+    host_fraction, host_ms, step_ms = sorted(host)[len(host) // 2]
     requests = workload(concurrency, prompt_tokens, vocab, seed)
-    start = time.perf_counter()
-    engine.warm_up(prompt_tokens + MAX_NEW)  # every decode step captured before timing
-    warm_up_s = time.perf_counter() - start
-    warm = [(prompt, 8) for prompt, _ in requests]
-    run_together(engine, warm)
-    run_one_by_one(engine, warm[:1])
     one_by_one = run_one_by_one(engine, requests)
     together = run_together(engine, requests)
-    return {"load_s": load_s, "warm_up_s": warm_up_s, "compute_type_used": engine.loaded.compute.name,
+    one_call_s, burst_s = statistics.median(one_call), statistics.median(burst)
+    return {"load_s": load_s, "compute_type_used": engine.loaded.compute.name,
             "kv_cache_dtype": str(engine.kv_cache_dtype).removeprefix("torch."),
+            "new_tokens": FIXED_NEW,
+            "one_call_tokens_per_s": tokens / one_call_s,
+            "threads_tokens_per_s": tokens / burst_s,
+            "first_burst_tokens_per_s": tokens / first_burst,
+            "in_turn_tokens_per_s": tokens / in_turn,
+            "threads_over_one_call": one_call_s / burst_s,
+            "first_burst_over_one_call": one_call_s / first_burst,
+            "decode_tokens_per_s": decode,
+            "host_fraction": host_fraction, "host_ms_per_step": host_ms, "step_ms": step_ms,
             "sequential": one_by_one, "concurrent": together,
             "aggregate_speedup": together["tokens_per_s"] / one_by_one["tokens_per_s"],
             "itl_p99_over_single_stream": together["itl_p99_s"] / one_by_one["itl_p50_s"]}
-
-
-def summarize(runs: list[dict]) -> dict:
-    """The median of each figure over the runs."""
-    def median(path):
-        values = []
-        for run in runs:
-            value = run
-            for key in path:
-                value = value[key]
-            values.append(value)
-        return statistics.median(values)
-
-    figures = {}
-    for mode in ("sequential", "concurrent"):
-        figures[mode] = {key: median((mode, key)) for key in runs[0][mode]}
-    figures["aggregate_speedup"] = median(("aggregate_speedup",))
-    figures["itl_p99_over_single_stream"] = median(("itl_p99_over_single_stream",))
-    return figures
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -145,117 +204,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-
-
-# ---------------------------------------------------------------- the harness side
-
-
-def worker_command(folder: str, compute_type: str, concurrency: int, prompt_tokens: int,
-                   vocab: int, seed: int, threads: int, device: str) -> list[str]:
-    return [sys.executable, "-m", "kiln.bench.concurrency", "--model", folder,
-            "--compute-type", compute_type, "--concurrency", str(concurrency),
-            "--prompt-tokens", str(prompt_tokens), "--vocab", str(vocab), "--seed", str(seed),
-            "--threads", str(threads), "--device", device]
-
-
-def markdown(cells: list[dict]) -> str:
-    """One row per (model, engine, concurrency): sequential vs together, medians of the runs."""
-    lines = ["| model | engine | requests | one by one tok/s | together tok/s | aggregate | "
-             "TTFT p50 / p99 one by one | TTFT p50 / p99 together | ITL p50 / p99 one by one | "
-             "ITL p50 / p99 together | ITL p99 / single-stream ITL |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for cell in cells:
-        if cell.get("error"):
-            lines.append(f"| {cell['model']} | {cell['engine']} | {cell['concurrency']} | "
-                         f"error: {cell['error'][:120]} |" + " |" * 7)
-            continue
-        one, together = cell["sequential"], cell["concurrent"]
-        ms = lambda seconds: f"{seconds * 1000:.0f}"  # noqa: E731
-        lines.append(
-            f"| {cell['model']} | {cell['engine']} | {cell['concurrency']} | "
-            f"{one['tokens_per_s']:.1f} | {together['tokens_per_s']:.1f} | "
-            f"**{cell['aggregate_speedup']:.2f}x** | "
-            f"{ms(one['ttft_p50_s'])} / {ms(one['ttft_p99_s'])} ms | "
-            f"{ms(together['ttft_p50_s'])} / {ms(together['ttft_p99_s'])} ms | "
-            f"{ms(one['itl_p50_s'])} / {ms(one['itl_p99_s'])} ms | "
-            f"{ms(together['itl_p50_s'])} / {ms(together['itl_p99_s'])} ms | "
-            f"{cell['itl_p99_over_single_stream']:.2f}x |")
-    return "\n".join(lines) + "\n"
-
-
-def run_cases(models, engines, folders: list[dict], options) -> list[dict]:
-    """Every (model, engine, N) in `options.runs` fresh processes, engines alternated; the
-    median of each figure."""
-    import subprocess
-
-    from .folders import tokenizer_size
-    from .run import _log, _worker_env
-
-    prepared = {(f["model"], f["engine"]): f for f in folders}
-    cells = []
-    for model in models:
-        vocab = tokenizer_size(options.work_dir / model.name / "hf")
-        for count in options.concurrency:
-            records: dict[str, list[dict]] = {str(engine): [] for engine in engines}
-            errors: dict[str, str] = {}
-            for run in range(options.runs):
-                for engine in engines:
-                    label, folder = str(engine), prepared[(model.name, str(engine))]
-                    if label in errors:
-                        continue
-                    if folder.get("error"):
-                        errors[label] = folder["error"]
-                        continue
-                    env = _worker_env(options.threads)
-                    if engine.backend:
-                        env["KILN_INT8_BACKEND"] = engine.backend
-                    command = worker_command(folder["path"], "default", count,
-                                             options.prompt_tokens[0], vocab, options.seed,
-                                             options.threads, options.device)
-                    done = subprocess.run(command, capture_output=True, text=True, env=env,
-                                          timeout=options.worker_timeout_s)
-                    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-                    if done.returncode != 0 or not lines:
-                        errors[label] = " / ".join(done.stderr.strip().splitlines()[-3:])
-                        _log(f"{model.name} {label} x{count} run {run + 1}: error: {errors[label]}")
-                        continue
-                    record = json.loads(lines[-1])
-                    records[label].append(record)
-                    _log(f"{model.name} {label} x{count} run {run + 1}: "
-                         f"{record['aggregate_speedup']:.2f}x aggregate, ITL p99 "
-                         f"{record['itl_p99_over_single_stream']:.2f}x single-stream")
-            for label, runs in records.items():
-                cell = {"model": model.name, "engine": label, "concurrency": count, "runs": runs}
-                if label in errors:
-                    cell["error"] = errors[label]
-                elif runs:
-                    cell.update(summarize(runs))
-                cells.append(cell)
-    return cells
-
-
-def write_outputs(results: dict, output, benchmarks_md) -> dict:
-    from pathlib import Path
-
-    from .publish import RESULTS_FILE, TABLE_FILE, _section_id, update_benchmarks_md
-
-    output = Path(output)
-    output.mkdir(parents=True, exist_ok=True)
-    paths = {"results": output / RESULTS_FILE, "table": output / TABLE_FILE}
-    paths["results"].write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
-    machine = results["machine"]
-    title = (f"Engine under concurrent requests: {machine['cpu']}, "
-             f"{results['options']['threads']} threads, {machine['date'][:10]}")
-    body = (f"Command: `{results['command']}`. Prompts of {results['options']['prompt_tokens'][0]} "
-            f"tokens; each request generates {MIN_NEW}-{MAX_NEW} tokens (seeded), greedy, no early "
-            "stop. *One by one*: each request alone, start to end, as a server serving one "
-            "caller at a time would. *Together*: all submitted at once to one engine. "
-            "Aggregate = together tok/s / one-by-one tok/s; single-stream ITL = the one-by-one "
-            f"ITL p50. Medians of {results['options']['runs']} fresh processes.\n\n"
-            + markdown(results["cells"]))
-    paths["table"].write_text(body, encoding="utf-8")
-    if benchmarks_md is not None:
-        update_benchmarks_md(Path(benchmarks_md), _section_id(output, Path(benchmarks_md)), title,
-                             body)
-        paths["benchmarks_md"] = Path(benchmarks_md)
-    return paths

@@ -37,6 +37,8 @@ class PythiaShape:
 
 
 PYTHIA_SHAPES = {
+    # a toy: the engine's own costs (host time, threads, events) dominate its steps
+    "tiny": PythiaShape(256, 4, 4, vocab_size=1024, tokenizer_size=1000),
     "160m": PythiaShape(768, 12, 12),
     "410m": PythiaShape(1024, 24, 16),
     "1b": PythiaShape(2048, 16, 8),

@@ -8,7 +8,6 @@ error in that engine's cell; the rest of the run goes on.
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import subprocess
 import sys
@@ -18,6 +17,7 @@ from pathlib import Path
 
 from .folders import DEFAULT_WORK_DIR, BenchModel, EngineType, engine_folder, resolve_models
 from .models import PythiaShape
+from .processes import log, worker_env
 
 DEFAULT_MODELS = ("160m", "410m", "1b", "smollm2")
 DEFAULT_ENGINES = ("kiln:int8", "kiln:float32", "ctranslate2:int8", "ctranslate2:float32",
@@ -63,10 +63,6 @@ class BenchOptions:
         return shlex.join(parts)
 
 
-def _log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
 def _prepare(models: list[BenchModel], engines: list[EngineType], work_dir: Path) -> list[dict]:
     """Every (model, engine) folder, built on first use, with its size and bytes per step."""
     from .weights import ctranslate2_bytes_per_step, folder_bytes, safetensors_bytes_per_step
@@ -91,9 +87,9 @@ def _prepare(models: list[BenchModel], engines: list[EngineType], work_dir: Path
                              bytes_per_step=per_step)
             except Exception as error:  # recorded in the engine's cells, the run goes on
                 entry["error"] = f"{type(error).__name__}: {error}"
-                _log(f"  {model.name} {engine}: cannot prepare: {entry['error']}")
+                log(f"  {model.name} {engine}: cannot prepare: {entry['error']}")
             else:
-                _log(f"  {model.name} {engine}: {entry['name']} ready "
+                log(f"  {model.name} {engine}: {entry['name']} ready "
                      f"({time.perf_counter() - start:.1f} s)")
             folders.append(entry)
     return folders
@@ -109,14 +105,6 @@ def _quiet_transformers() -> None:
     logging.set_verbosity_error()
 
 
-def _worker_env(threads: int) -> dict[str, str]:
-    """The worker imports this very kiln, and every engine's thread pool has `threads`."""
-    root = str(Path(__file__).absolute().parents[2])
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
-    return env
-
-
 def run_worker(engine: EngineType, folder: str, vocab: int, batch: int, prompt_tokens: int,
                options: BenchOptions, runs: int = 1) -> dict:
     compute_type = "default" if engine.engine == "kiln" else engine.dtype
@@ -126,7 +114,7 @@ def run_worker(engine: EngineType, folder: str, vocab: int, batch: int, prompt_t
                "--threads", str(options.threads), "--runs", str(runs), "--seed", str(options.seed),
                "--vocab", str(vocab), "--device", options.device]
     try:
-        env = _worker_env(options.threads)
+        env = worker_env(options.threads)
         if engine.backend:
             env["KILN_INT8_BACKEND"] = engine.backend
         done = subprocess.run(command, capture_output=True, text=True, env=env,
@@ -177,19 +165,19 @@ def run_bench(options: BenchOptions) -> dict:
     engines = [EngineType.parse(text) for text in options.engines]
     models = resolve_models(options.models, options.model_configs)
     if options.prepare_only:
-        _log(f"kiln bench: preparing folders under {options.work_dir}")
+        log(f"kiln bench: preparing folders under {options.work_dir}")
         return {"folders": _prepare(models, engines, options.work_dir)}
     if not can_draw():
-        _log("kiln bench: matplotlib is not installed, so no chart will be drawn "
+        log("kiln bench: matplotlib is not installed, so no chart will be drawn "
              "(pip install 'kiln[bench]')")
-    _log(f"kiln bench: measuring memory bandwidth ({options.bandwidth_gib:g} GiB)")
+    log(f"kiln bench: measuring memory bandwidth ({options.bandwidth_gib:g} GiB)")
     bandwidth = machine.memory_bandwidth_gb_s(options.bandwidth_gib, threads=options.threads,
                                               device=options.device)
-    _log(f"kiln bench: {bandwidth:.1f} GB/s; preparing folders under {options.work_dir}")
+    log(f"kiln bench: {bandwidth:.1f} GB/s; preparing folders under {options.work_dir}")
     folders = _prepare(models, engines, options.work_dir)
     if options.concurrency:
-        from .concurrency import run_cases as concurrency_cases
-        from .concurrency import write_outputs as write_concurrency
+        from .concurrency_run import run_cases as concurrency_cases
+        from .concurrency_run import write_outputs as write_concurrency
 
         results = {"command": options.command(),
                    "machine": machine.describe(options.threads, options.device),
@@ -197,7 +185,7 @@ def run_bench(options: BenchOptions) -> dict:
                    "cells": concurrency_cases(models, engines, folders, options)}
         for name, path in write_concurrency(results, Path(options.output),
                                             options.benchmarks_md).items():
-            _log(f"kiln bench: wrote {name}: {path}")
+            log(f"kiln bench: wrote {name}: {path}")
         return results
     results = {"command": options.command(),
                "machine": machine.describe(options.threads, options.device),
@@ -205,7 +193,7 @@ def run_bench(options: BenchOptions) -> dict:
                "runs": _run_cases(models, engines, folders, options)}
     paths = write_outputs(results, Path(options.output), options.benchmarks_md)
     for name, path in paths.items():
-        _log(f"kiln bench: wrote {name}: {path}")
+        log(f"kiln bench: wrote {name}: {path}")
     return results
 
 
@@ -231,11 +219,11 @@ def _run_cases(models: list[BenchModel], engines: list[EngineType], folders: lis
                 folder = prepared[(model.name, label)]
                 if folder.get("error"):
                     record = {"error": folder["error"]}
-                    _log(f"[{done}/{total}] {model.name} {label}: skipped, its folder failed")
+                    log(f"[{done}/{total}] {model.name} {label}: skipped, its folder failed")
                 else:
                     start = time.perf_counter()
                     record = run_worker(engine, folder["path"], vocab, batch, prompt, options)
-                    _log(f"[{done}/{total}] {model.name} batch {batch} prompt {prompt} run "
+                    log(f"[{done}/{total}] {model.name} batch {batch} prompt {prompt} run "
                          f"{run + 1} {label}: {_describe(record)} "
                          f"({time.perf_counter() - start:.1f} s)")
                 if record.get("error"):

@@ -1,0 +1,120 @@
+"""`kiln serve` under load, for `kiln bench --concurrency N`: a real server process on a free
+port of 127.0.0.1 and an asyncio client streaming completions (token-id prompts, greedy,
+exactly `new_tokens` each via min_tokens).
+
+- alone: one request at a time, a few times: its time to first token;
+- together: N requests at once: aggregate output tokens/s (first request sent to last token
+  received) and the time to first token of each (p50).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ALONE_REQUESTS = 3
+SERVED_NAME = "bench"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_server(folder: str, slots: int, env: dict[str, str], log: Path,
+                 timeout_s: float = 600) -> tuple[subprocess.Popen, str]:
+    import httpx
+
+    port = free_port()
+    command = [sys.executable, "-m", "kiln", "serve", "--model", folder, "--port", str(port),
+               "--max-batch-size", str(slots), "--max-queue", "1024", "--log-level", "warning",
+               "--served-model-name", SERVED_NAME]
+    process = subprocess.Popen(command, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"kiln serve exited: {log.read_text()[-2000:]}")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return process, url
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    process.kill()
+    raise RuntimeError(f"kiln serve did not become healthy within {timeout_s:.0f} s")
+
+
+def stop_server(process: subprocess.Popen) -> None:
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+async def _stream(client, url: str, prompt: list[int], new_tokens: int) -> dict:
+    body = {"model": SERVED_NAME, "prompt": prompt, "max_tokens": new_tokens,
+            "min_tokens": new_tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    sent = time.perf_counter()
+    first = None
+    tokens = 0
+    async with client.stream("POST", url + "/v1/completions", json=body) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("choices") and first is None:
+                first = time.perf_counter()
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+    return {"sent": sent, "first": first, "last": time.perf_counter(), "tokens": tokens}
+
+
+async def _load(url: str, prompts: list[list[int]], new_tokens: int, runs: int) -> dict:
+    import httpx
+
+    async with httpx.AsyncClient(timeout=None) as client:
+        # warm-up: every row count the together runs will use, and one lone request
+        await asyncio.gather(*(_stream(client, url, p, 4) for p in prompts))
+        await _stream(client, url, prompts[0], 4)
+        alone = [await _stream(client, url, prompts[i % len(prompts)], new_tokens)
+                 for i in range(ALONE_REQUESTS)]
+        together = []
+        for _ in range(runs):
+            answers = await asyncio.gather(*(_stream(client, url, p, new_tokens) for p in prompts))
+            begin = min(a["sent"] for a in answers)
+            wall = max(a["last"] for a in answers) - begin
+            together.append({"tokens_per_s": sum(a["tokens"] for a in answers) / wall,
+                             "ttft_p50_s": statistics.median(a["first"] - a["sent"] for a in answers),
+                             "tokens": sum(a["tokens"] for a in answers)})
+    return {"alone_ttft_p50_s": statistics.median(a["first"] - a["sent"] for a in alone),
+            "alone_tokens_per_s": statistics.median(a["tokens"] / (a["last"] - a["sent"])
+                                                    for a in alone),
+            "together_tokens_per_s": statistics.median(t["tokens_per_s"] for t in together),
+            "together_ttft_p50_s": statistics.median(t["ttft_p50_s"] for t in together),
+            "together_tokens": together[0]["tokens"], "runs": together}
+
+
+def measure_server(folder: str, prompts: list[list[int]], new_tokens: int, threads: int,
+                   runs: int, log: Path, extra_env: dict[str, str] | None = None) -> dict:
+    """Start `kiln serve` on `folder` with len(prompts) slots, load it, stop it."""
+    from .processes import worker_env
+
+    env = {**worker_env(threads), **(extra_env or {})}
+    process, url = start_server(folder, len(prompts), env, log)
+    try:
+        return asyncio.run(_load(url, prompts, new_tokens, runs))
+    finally:
+        stop_server(process)
