@@ -210,14 +210,12 @@ def pass_seconds(runner, rows: int, context: int = 200, repeats: int = 30) -> fl
     `context`-token prompt: a decode step for one row, a verification pass for more."""
     import torch
 
-    from kiln.generation.runner import Chunk
-
     def sync() -> None:
         if runner.device.type == "cuda":
             torch.cuda.synchronize(runner.device)
 
     with torch.inference_mode():
-        runner.prefill([Chunk(0, list(range(1000, 1000 + context)), 0)])
+        runner.prefill([(0, list(range(1000, 1000 + context)), 0, True)])  # slot, tokens, start
         batch = [(0, 7, context + i) for i in range(rows)]
 
         def run():
