@@ -139,6 +139,39 @@ def decode_speed(engine, prompts: list[list[int]], new_tokens: int) -> float:
     return after / (max(times[-1] for times in arrivals) - start)
 
 
+class _OlderTiming:
+    """engine.timing for an engine that predates it: its steps and its runner's passes
+    timed from outside (for comparisons with older trees, benchmarks/engine_targets.py)."""
+
+    def __init__(self, engine) -> None:
+        self.reset()
+        runner = engine.runner
+        for name in ("decode", "verify", "prefill"):
+            setattr(runner, name, self._timed(getattr(runner, name), "forward_seconds"))
+        engine.step = self._timed(engine.step, "seconds", count=True)
+
+    def _timed(self, method, field: str, count: bool = False):
+        def call(*args, **kwargs):
+            began = time.perf_counter()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                setattr(self, field, getattr(self, field) + time.perf_counter() - began)
+                self.steps += count
+        return call
+
+    def reset(self) -> None:
+        self.steps, self.seconds, self.forward_seconds = 0, 0.0, 0.0
+
+    @property
+    def host_seconds(self) -> float:
+        return self.seconds - self.forward_seconds
+
+    @property
+    def host_fraction(self) -> float:
+        return self.host_seconds / self.seconds if self.seconds else 0.0
+
+
 def measure(model: str, compute_type: str, concurrency: int, prompt_tokens: int, vocab: int,
             seed: int, threads: int, device: str, repeats: int = 3) -> dict:
     import torch
@@ -151,6 +184,8 @@ def measure(model: str, compute_type: str, concurrency: int, prompt_tokens: int,
                                max_batch_size=max(concurrency, 1))
     engine = generator.engine
     load_s = time.perf_counter() - start
+    if not hasattr(engine, "timing"):
+        engine.timing = _OlderTiming(engine)
     prompts = fixed_prompts(concurrency, prompt_tokens, vocab, seed)
     tokens = concurrency * FIXED_NEW
     first_burst = threads_burst(generator, prompts, FIXED_NEW)  # nothing warmed up but the load

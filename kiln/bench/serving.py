@@ -16,6 +16,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -37,7 +38,9 @@ def start_server(folder: str, slots: int, env: dict[str, str], log: Path,
     command = [sys.executable, "-m", "kiln", "serve", "--model", folder, "--port", str(port),
                "--max-batch-size", str(slots), "--max-queue", "1024", "--log-level", "warning",
                "--served-model-name", SERVED_NAME]
-    process = subprocess.Popen(command, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env)
+    # Not from the current folder: the kiln on PYTHONPATH (env) is the one measured.
+    process = subprocess.Popen(command, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env,
+                               cwd=tempfile.gettempdir())
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + timeout_s
     while time.time() < deadline:
