@@ -353,6 +353,33 @@ def test_async_engine_streams_concurrently_and_a_client_leaving_aborts(folders):
         engine.shutdown()
 
 
+def test_async_events_reach_the_event_loop_once_per_step_not_per_token(folders):
+    engine = kiln.AsyncEngine(folders["float32"], max_batch_size=4)
+    hops, steps = [], []
+    original = engine.engine.runner.execute
+    engine.engine.runner.execute = lambda plan: steps.append(1) or original(plan)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        send = loop.call_soon_threadsafe
+        loop.call_soon_threadsafe = lambda *args: hops.append(1) or send(*args)
+        ids = [engine.add_request(random_prompt(3 + i, VOCAB, seed=i), max_length=20,
+                                  end_token=[], include_prompt_in_result=False)
+               for i in range(4)]
+
+        async def drain(request_id):
+            return [e.token_id async for e in engine.stream(request_id) if e.token_id is not None]
+
+        return await asyncio.gather(*(drain(request_id) for request_id in ids))
+
+    try:
+        streams = asyncio.run(main())
+        assert [len(tokens) for tokens in streams] == [20] * 4
+        assert len(hops) <= len(steps) < 4 * 20  # one hop per step carries every stream's token
+    finally:
+        engine.shutdown()
+
+
 def test_kv_cache_dtype_and_memory_budget(folders):
     int8 = kiln.Engine(folders["int8"])
     # bfloat16 attention pays off on CPUs with AMX only

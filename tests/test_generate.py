@@ -565,7 +565,7 @@ def test_long_prompts_run_in_chunks_with_the_same_result(neox, monkeypatch):
     original = generator.model.prefill
     monkeypatch.setattr(generator.model, "prefill", lambda *a, **k: calls.append(
         a[0].shape[0]) or original(*a, **k))
-    monkeypatch.setattr(generator.engine, "max_prefill_tokens_per_step", 30)
+    monkeypatch.setattr(generator.engine.scheduler, "prefill_budget", 30)
     chunked = generator.generate_batch(prompts, **options)
     assert len(calls) >= 3 and all(tokens <= 30 for tokens in calls)
     chunked_static = generator.generate_batch(prompts, static_prompt=static,

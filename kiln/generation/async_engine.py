@@ -4,8 +4,8 @@
 work) and `stream(id)` yields its TokenEvents as the engine's thread produces them; leaving
 the loop early (a client that went away) aborts the request, whose slots are free for the
 next step. Events reach the event loop in one hop per step, not one per token: the engine's
-thread collects a step's events for each event loop and hands them over with a single
-`call_soon_threadsafe`.
+thread collects a step's events for each event loop and, once the step has handed out all
+of them, passes them over with a single `call_soon_threadsafe`.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ class AsyncEngine:
         self._closed = False
         self._lock = threading.Lock()
         self._batches: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, TokenEvent]]] = {}
+        self.engine.after_delivery.append(self._flush)
 
     @property
     def alive(self) -> bool:
@@ -56,22 +57,21 @@ class AsyncEngine:
     def _post(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue,
               event: TokenEvent) -> None:
         with self._lock:
-            batch = self._batches.get(loop)
-            first = batch is None
-            if first:
-                batch = self._batches[loop] = []
-            batch.append((queue, event))
-        if first:
-            try:
-                loop.call_soon_threadsafe(self._drain, loop)
-            except RuntimeError:  # the event loop is closed: nobody will read these
-                with self._lock:
-                    self._batches.pop(loop, None)
-                raise
+            self._batches.setdefault(loop, []).append((queue, event))
 
-    def _drain(self, loop: asyncio.AbstractEventLoop) -> None:
+    def _flush(self) -> None:
+        """(the engine's thread, after a step's events) One hop per event loop."""
         with self._lock:
-            batch = self._batches.pop(loop, [])
+            batches, self._batches = self._batches, {}
+        for loop, batch in batches.items():
+            try:
+                loop.call_soon_threadsafe(self._drain, batch)
+            except RuntimeError:  # the event loop is closed: nobody reads these any more
+                for request_id in {event.request_id for _, event in batch}:
+                    self.engine.abort(request_id)
+
+    @staticmethod
+    def _drain(batch: list[tuple[asyncio.Queue, TokenEvent]]) -> None:
         for queue, event in batch:
             queue.put_nowait(event)
 

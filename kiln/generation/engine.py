@@ -104,6 +104,8 @@ class Engine:
                                         self.runner.copy_rows, self.speculation),
                                 Speculation(self.draft))
         self.timing = self._stepper.timing  # StepTiming: forward passes vs host time
+        # callbacks run on the engine's thread each time a batch of events has been handed out
+        self.after_delivery = self._stepper.after_delivery
         self._ids = itertools.count()
         self._step_lock = threading.Lock()  # one step (or capture) at a time
         self._closed = False
@@ -132,12 +134,8 @@ class Engine:
 
     @property
     def max_prefill_tokens_per_step(self) -> int:
-        """Prompt tokens a step runs at most (the scheduler's budget)."""
+        """Prompt tokens a step runs at most (the scheduler's `prefill_budget`)."""
         return self.scheduler.prefill_budget
-
-    @max_prefill_tokens_per_step.setter
-    def max_prefill_tokens_per_step(self, value: int) -> None:
-        self.scheduler.prefill_budget = value
 
     @property
     def alive(self) -> bool:

@@ -21,6 +21,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .events import FinishReason, TokenEvent
@@ -86,6 +87,8 @@ class Stepper:
         self.registry, self.scheduler, self.runner = registry, scheduler, runner
         self.updater, self.proposers = updater, proposers
         self.timing = StepTiming()
+        # called once a batch of events has been handed out (AsyncEngine's one hop per step)
+        self.after_delivery: list[Callable[[], None]] = []
 
     def step(self) -> list[TokenEvent]:
         began, forward = time.perf_counter(), self.runner.forward_seconds
@@ -135,7 +138,15 @@ class Stepper:
             outcome.sequence.done.set()
             outcome.sequence.mailbox.notify()
             self.proposers.forget(outcome.sequence)
+        self._delivered()
         return events
+
+    def _delivered(self) -> None:
+        for listener in list(self.after_delivery):
+            try:
+                listener()
+            except Exception:  # noqa: BLE001 - a listener's failure is its own
+                log.error("an event listener failed", exc_info=True)
 
     def deliver(self, sequence: Sequence, events: list[TokenEvent]) -> None:
         if sequence.sink is None:
@@ -193,3 +204,4 @@ class Stepper:
             finally:
                 sequence.done.set()
                 sequence.mailbox.notify()
+        self._delivered()
