@@ -108,6 +108,7 @@ def test_run_writes_results_table_chart_and_benchmarks_md(work_dir, tmp_path):
 
 def test_concurrency_run_compares_together_with_one_by_one(work_dir, tmp_path):
     from kiln.bench.concurrency import FIXED_NEW, workload
+    from kiln.bench.serving import WAVES
 
     output, benchmarks_md = tmp_path / "engine", tmp_path / "BENCHMARKS.md"
     from dataclasses import replace
@@ -133,7 +134,7 @@ def test_concurrency_run_compares_together_with_one_by_one(work_dir, tmp_path):
         cell["threads_tokens_per_s"] / cell["one_call_tokens_per_s"], rel=1e-6)
     assert cell["first_burst_tokens_per_s"] > 0 and cell["decode_tokens_per_s"] > 0
     serve = cell["serve"]
-    assert serve["together_tokens"] == 3 * FIXED_NEW  # every token of every stream counted
+    assert serve["together_tokens"] == WAVES * 3 * FIXED_NEW  # every token of every stream
     assert cell["serve_over_decode"] == pytest.approx(
         serve["together_tokens_per_s"] / cell["decode_tokens_per_s"])
     assert 0 < cell["host_fraction"] < 1 and cell["host_ms_per_step"] < cell["step_ms"]

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from .concurrency import FIXED_NEW, MAX_NEW, MIN_NEW, fixed_prompts
 from .processes import log, worker_env
+from .serving import WAVES
 
 RAGGED = ("sequential", "concurrent")
 
@@ -179,9 +180,10 @@ def write_outputs(results: dict, output, benchmarks_md) -> dict:
             "with one prompt, released together, on a warm engine; *first burst*: the same, as the "
             "first thing after loading. *In turn*: the N calls one after another. *Batch-N "
             "decode*: tokens/s once all N decode together. *Serve*: `kiln serve` in its own "
-            "process, N streamed completions at once from an asyncio client; TTFT against a lone "
-            "request's. *Host*: the time of a step spent outside the model's forward passes "
-            "(planning, sampling, stop strings, events), over the one-call run.\n\n"
+            f"process, {WAVES} x N streamed completions from an asyncio client, N in flight at "
+            "any time; TTFT against a lone request's. *Host*: the time of a step spent outside "
+            "the model's forward passes (planning, sampling, stop strings, events), over the "
+            "one-call run.\n\n"
             + targets_table(results["cells"])
             + f"\nRagged requests ({MIN_NEW}-{MAX_NEW} new tokens each, seeded). *One by one*: "
             "each alone, start to end. *Together*: all submitted at once to one engine. "

@@ -3,8 +3,9 @@ port of 127.0.0.1 and an asyncio client streaming completions (token-id prompts,
 exactly `new_tokens` each via min_tokens).
 
 - alone: one request at a time, a few times: its time to first token;
-- together: N requests at once: aggregate output tokens/s (first request sent to last token
-  received) and the time to first token of each (p50).
+- together: N requests kept in flight (a new one as soon as one ends; WAVES x N in all):
+  aggregate output tokens/s (first request sent to last token received) and the time to
+  first token of each (p50).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import time
 from pathlib import Path
 
 ALONE_REQUESTS = 3
+WAVES = 3  # requests per run: WAVES x N, N at a time
 SERVED_NAME = "bench"
 
 
@@ -96,7 +98,13 @@ async def _load(url: str, prompts: list[list[int]], new_tokens: int, runs: int) 
                  for i in range(ALONE_REQUESTS)]
         together = []
         for _ in range(runs):
-            answers = await asyncio.gather(*(_stream(client, url, p, new_tokens) for p in prompts))
+            in_flight = asyncio.Semaphore(len(prompts))
+
+            async def one(prompt, in_flight=in_flight):
+                async with in_flight:
+                    return await _stream(client, url, prompt, new_tokens)
+
+            answers = await asyncio.gather(*(one(p) for p in prompts * WAVES))
             begin = min(a["sent"] for a in answers)
             wall = max(a["last"] for a in answers) - begin
             together.append({"tokens_per_s": sum(a["tokens"] for a in answers) / wall,
