@@ -1,0 +1,115 @@
+"""The `kiln serve` command: its parser and its runners, on uvicorn or on Ray Serve replicas.
+The server's packages are imported only when the command runs."""
+
+from __future__ import annotations
+
+import argparse
+
+from .cli import _add_model_options, _add_speculation_options, _draft, _load, _speculation
+from .errors import KilnError
+
+
+def add_serve(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "serve", help="serve the model over an OpenAI-compatible HTTP API",
+        description="POST /v1/completions and /v1/chat/completions (streamed or not), "
+                    "GET /v1/models, /health and /metrics, on the continuous-batching engine. "
+                    "Needs the serve extra: pip install 'kiln[serve]'.")
+    _add_model_options(parser)
+    parser.set_defaults(compute_type="auto")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--max-batch-size", type=int, default=8,
+                        help="sequences generated at once: KV cache slots (default: 8)")
+    parser.add_argument("--max-queue", type=int, default=64,
+                        help="requests waiting for a slot before new ones get 429 (default: 64)")
+    parser.add_argument("--kv-cache-memory", default=None,
+                        help='size the KV cache by memory instead, e.g. "2GiB" (as many slots as '
+                             "fit, at most --max-batch-size)")
+    parser.add_argument("--max-model-len", type=int, default=None,
+                        help="positions per sequence, prompt included (default: the model's "
+                             "context)")
+    parser.add_argument("--api-key", default=None,
+                        help="require 'Authorization: Bearer KEY' on /v1 (default: "
+                             "$KILN_API_KEY, else open)")
+    parser.add_argument("--served-model-name", default=None,
+                        help="the name clients ask for (default: --model as given)")
+    parser.add_argument("--shutdown-timeout", type=float, default=30.0,
+                        help="on SIGTERM/Ctrl-C, seconds to let requests in flight finish "
+                             "(default: 30)")
+    _add_speculation_options(parser)
+    parser.add_argument("--warm-up", type=int, default=256, metavar="POSITIONS",
+                        help="before reporting healthy, capture the decode steps of every batch "
+                             "size for sequences of up to this many positions (default: 256; 0: "
+                             "none; longer sequences capture theirs on first use)")
+    parser.add_argument("--log-level", default="info",
+                        choices=["critical", "error", "warning", "info", "debug"])
+    ray = parser.add_argument_group("Ray Serve (pip install 'kiln[ray]')")
+    ray.add_argument("--ray", action="store_true",
+                     help="serve from Ray Serve replicas, one engine each (joins $RAY_ADDRESS, "
+                          "else starts a local Ray)")
+    ray.add_argument("--replicas", type=int, default=1, help="replicas (default: 1)")
+    ray.add_argument("--num-cpus-per-replica", type=float, default=1,
+                     help="CPUs Ray reserves for each replica, also its torch threads (default: 1)")
+    ray.add_argument("--autoscaling", default=None, metavar="JSON",
+                     help='Ray autoscaling_config instead of --replicas, e.g. '
+                          '\'{"min_replicas": 1, "max_replicas": 4}\'')
+    parser.set_defaults(run=_run_serve)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    import logging
+    import os
+
+    try:
+        from .serve.server import serve
+    except ImportError as error:
+        raise KilnError(f"kiln serve needs {error.name}: pip install 'kiln[serve]'") from error
+    from .generation.async_engine import AsyncEngine
+    from .sources.default_model import NAME
+
+    for name in ("max_batch_size", "max_queue", "port"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(message)s")
+    args.seed = None
+    engine_options = dict(max_batch_size=args.max_batch_size, kv_cache_memory=args.kv_cache_memory,
+                          max_length=args.max_model_len)
+
+    def load() -> AsyncEngine:
+        engine = _load(args, **engine_options).engine
+        if args.warm_up > 0:  # no stream should wait for a capture
+            engine.warm_up(args.warm_up)
+        return AsyncEngine(engine)
+
+    if args.ray:
+        return _run_ray_serve(args, NAME)
+    return serve(load, served_model_name=args.served_model_name or args.model or NAME,
+                 host=args.host, port=args.port, max_queue=args.max_queue,
+                 default_options=_speculation(args),
+                 api_key=args.api_key or os.environ.get("KILN_API_KEY") or None,
+                 shutdown_timeout=args.shutdown_timeout, log_level=args.log_level)
+
+
+def _run_ray_serve(args: argparse.Namespace, default_name: str) -> int:
+    import json
+    import os
+
+    try:
+        from .serve.ray import ReplicaOptions, run
+    except ImportError as error:
+        raise KilnError(f"kiln serve --ray needs {error.name}: pip install 'kiln[ray]'") from error
+    if args.replicas < 1 or args.num_cpus_per_replica <= 0:
+        raise ValueError("--replicas must be >= 1 and --num-cpus-per-replica > 0")
+    autoscaling = json.loads(args.autoscaling) if args.autoscaling else None
+    options = ReplicaOptions(
+        model=args.model, revision=args.revision, compute_type=args.compute_type,
+        group_size=args.group_size, device=args.device, cache_dir=args.cache_dir,
+        max_batch_size=args.max_batch_size, max_model_len=args.max_model_len,
+        kv_cache_memory=args.kv_cache_memory,
+        served_model_name=args.served_model_name or args.model or default_name,
+        api_key=args.api_key or os.environ.get("KILN_API_KEY") or None, warm_up=args.warm_up,
+        default_options=_speculation(args), engine_options=_draft(args))
+    return run(options, host=args.host, port=args.port, replicas=args.replicas,
+               num_cpus_per_replica=args.num_cpus_per_replica, max_queued_requests=args.max_queue,
+               autoscaling_config=autoscaling, shutdown_timeout=args.shutdown_timeout)
