@@ -4,13 +4,13 @@ The file is opened once with `gguf.GGUFReader`, which memory-maps it; each tenso
 to float32 only when its loader is called. Tensor names are mapped to Hugging Face Llama names,
 shapes are turned back into PyTorch's `[out, in]` order, and llama.cpp's permutation of the
 q/k projection rows (done for its interleaved rotary) is undone for rotate-half rotary.
+The tokenizer is rebuilt from the metadata by gguf_tokenizer.py.
 """
 
 from __future__ import annotations
 
 import json
 import re
-import warnings
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -22,6 +22,7 @@ import torch
 from ...errors import ModelFileError
 from ...quant.int4 import GroupWeight
 from .gguf_int4 import GROUP, NATIVE_TYPES, group_weight
+from .gguf_tokenizer import GGUFTokenizer
 
 try:
     import gguf
@@ -30,14 +31,6 @@ except ImportError as _error:  # pragma: no cover - depends on the environment
     raise ImportError("reading .gguf files needs the `gguf` package: pip install gguf") from _error
 
 SUPPORTED_ARCHITECTURES = ("llama",)
-SUPPORTED_TOKENIZER_MODELS = ("gpt2",)
-
-# llama.cpp token types (llama_token_type / gguf.TokenType)
-TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TOKEN_BYTE = 1, 2, 3, 4, 5, 6
-
-# Pre-tokenizers (tokenizer.ggml.pre) whose split is exactly GPT-2's regex (plus the extra steps
-# below); any other value is approximated with GPT-2's regex and a warning.
-_GPT2_REGEX_PRE = ("default", "gpt2", "gpt-2", "smollm")
 
 _GLOBAL_TENSORS = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -288,120 +281,15 @@ class GGUFCheckpoint:
             raise FileNotFoundError(f"{self.path} is a single GGUF file with no side files; cannot "
                                     f"copy {list(extra_files)}")
         output = Path(output)
-        tokenizer = self.build_tokenizer()
-        tokenizer.save(str(output / "tokenizer.json"))
-        config, special = self._tokenizer_config()
+        source = GGUFTokenizer(self.metadata, self.path)
+        source.build_tokenizer().save(str(output / "tokenizer.json"))
+        config, special = source.tokenizer_config(self.config["max_position_embeddings"])
         (output / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False)
                                                       + "\n", encoding="utf-8")
         (output / "special_tokens_map.json").write_text(json.dumps(special, indent=2,
                                                                    ensure_ascii=False) + "\n",
                                                         encoding="utf-8")
 
-    # --- tokenizer ------------------------------------------------------------------------------
-
-    def _token_strings(self) -> list[str]:
-        tokens = self.metadata("tokenizer.ggml.tokens")
-        if tokens is None:
-            raise ModelFileError(f"{self.path}: the GGUF has no tokenizer (tokenizer.ggml.tokens)")
-        return tokens
-
-    def _special_token(self, name: str) -> str | None:
-        token_id = self.metadata(f"tokenizer.ggml.{name}_token_id")
-        tokens = self._token_strings()
-        if token_id is None or not 0 <= int(token_id) < len(tokens):
-            return None
-        return tokens[int(token_id)]
-
     def build_tokenizer(self):
         """The GGUF's tokenizer as a `tokenizers.Tokenizer`."""
-        from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
-
-        model_name = self.metadata("tokenizer.ggml.model")
-        if model_name not in SUPPORTED_TOKENIZER_MODELS:
-            raise ValueError(f"{self.path}: tokenizer model {model_name!r} (tokenizer.ggml.model) is "
-                             f"not supported; supported: {', '.join(SUPPORTED_TOKENIZER_MODELS)} "
-                             "(byte-level BPE)")
-        tokens = self._token_strings()
-        types = self.metadata("tokenizer.ggml.token_type") or [TOKEN_NORMAL] * len(tokens)
-        vocab: dict[str, int] = {}
-        for token_id, token in enumerate(tokens):
-            vocab.setdefault(token, token_id)  # a repeated string keeps its first id
-        merges = [self._split_merge(merge, vocab) for merge in self.metadata("tokenizer.ggml.merges", [])]
-        try:
-            tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False,
-                                             byte_fallback=False))
-        except Exception as error:  # tokenizers raises a bare Exception for a bad vocabulary
-            raise ModelFileError(f"{self.path}: the GGUF's BPE vocabulary and merges do not fit "
-                                 f"together: {error}") from error
-
-        pre = self.metadata("tokenizer.ggml.pre", "default")
-        byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-        if pre == "smollm":
-            tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-                [pre_tokenizers.Digits(individual_digits=True), byte_level])
-        else:
-            if pre not in _GPT2_REGEX_PRE:
-                warnings.warn(f"{self.path}: GGUF pre-tokenizer {pre!r} is approximated with GPT-2's "
-                              "byte-level split; token ids may differ from the original tokenizer",
-                              stacklevel=2)
-            tokenizer.pre_tokenizer = byte_level
-        tokenizer.decoder = decoders.ByteLevel()
-
-        # Control tokens (and the unknown token) are special: matched whole, skipped by
-        # decode(skip_special_tokens=True). User-defined tokens are matched whole too but, as in
-        # llama.cpp, decoded as text.
-        special = [AddedToken(tokens[i], special=True, normalized=False)
-                   for i, kind in enumerate(types) if kind in (TOKEN_CONTROL, TOKEN_UNKNOWN)]
-        user = [AddedToken(tokens[i], special=False, normalized=False)
-                for i, kind in enumerate(types) if kind == TOKEN_USER_DEFINED]
-        if special:
-            tokenizer.add_special_tokens(special)
-        if user:
-            tokenizer.add_tokens(user)
-
-        post: list[Any] = [processors.ByteLevel(trim_offsets=False)]
-        bos_id = self.metadata("tokenizer.ggml.bos_token_id")
-        eos_id = self.metadata("tokenizer.ggml.eos_token_id")
-        ends = {name: (tokens[int(token_id)], int(token_id)) for name, token_id, flag in
-                (("bos", bos_id, "add_bos_token"), ("eos", eos_id, "add_eos_token"))
-                if token_id is not None and 0 <= int(token_id) < len(tokens)
-                and self.metadata(f"tokenizer.ggml.{flag}", False)}
-        if ends:
-            head = [ends["bos"][0]] if "bos" in ends else []
-            tail = [ends["eos"][0]] if "eos" in ends else []
-            post.append(processors.TemplateProcessing(
-                single=[*head, "$A:0", *tail], pair=[*head, "$A:0", *tail, *head, "$B:1", *tail],
-                special_tokens=list(ends.values())))
-        tokenizer.post_processor = post[0] if len(post) == 1 else processors.Sequence(post)
-        return tokenizer
-
-    def _split_merge(self, merge: str, vocab: dict[str, int]) -> tuple[str, str]:
-        parts = merge.split(" ")
-        if len(parts) == 2:
-            return parts[0], parts[1]
-        # a token holding a literal space: find the split whose two halves are both tokens
-        for index in (i for i, char in enumerate(merge) if char == " "):
-            left, right = merge[:index], merge[index + 1:]
-            if left in vocab and right in vocab:
-                return left, right
-        raise ModelFileError(f"{self.path}: cannot read the BPE merge {merge!r}")
-
-    def _tokenizer_config(self) -> tuple[dict[str, Any], dict[str, Any]]:
-        special: dict[str, Any] = {}
-        for key, name in (("bos_token", "bos"), ("eos_token", "eos"), ("unk_token", "unknown"),
-                          ("pad_token", "padding")):
-            token = self._special_token(name)
-            if token is not None:
-                special[key] = token
-        config: dict[str, Any] = {
-            "tokenizer_class": "PreTrainedTokenizerFast",
-            **special,
-            "add_bos_token": bool(self.metadata("tokenizer.ggml.add_bos_token", False)),
-            "add_eos_token": bool(self.metadata("tokenizer.ggml.add_eos_token", False)),
-            "clean_up_tokenization_spaces": False,
-            "model_max_length": self.config["max_position_embeddings"],
-        }
-        template = self.metadata("tokenizer.chat_template")
-        if template is not None:
-            config["chat_template"] = template
-        return config, special
+        return GGUFTokenizer(self.metadata, self.path).build_tokenizer()
