@@ -16,8 +16,13 @@ row is quantized on its own and integer products are exact.
 
 Backends:
 - "fbgemm" (the default): PyTorch's x86 quantized engine, weight prepacked at load. Its
-  one-row GEMV is the fastest measured here (decode at batch 1). 7-bit activations on CPUs
-  without VNNI. It uses the quantized-tensor API PyTorch plans to retire, hence the others.
+  one-row GEMV is the fastest measured here (decode at batch 1). It uses the quantized-tensor
+  API PyTorch plans to retire, hence the others. On CPUs without VNNI it multiplies uint8
+  activations by int8 weights with vpmaddubsw, which sums each pair of products in
+  saturating int16, so a row it is given may hold only 129 activation values (uint8 0..128):
+  prompts then run their two passes at 63 levels (~14-bit activations, still the error of
+  weight-only int8), and a decode step keeps its exact 8-bit activations by sending each
+  token as two rows, halves of its integers, in the same call (the weight streams once).
 - "onednn": oneDNN's int8 matmul (the op PyTorch's own int8 compiler path uses), weight
   reordered at load, CPUs with VNNI only. Packs ~2x faster than fbgemm and runs prompts
   (AMX where the CPU has it) and batched decode faster, but its one-row GEMV is slower.
@@ -60,6 +65,10 @@ class Int8Kernel:
         of 1/levels."""
         raise NotImplementedError
 
+    def one_pass(self, x: torch.Tensor) -> torch.Tensor:
+        """A decode step's product: x [M, K] in [-1, 1] rounded to 8 bits (multiples of 1/127)."""
+        return self.grid_matmul(x)
+
     def __call__(self, x: torch.Tensor, two_pass: bool = True) -> torch.Tensor:
         """x @ W^T + bias for float x [M, K]: one pass (decode) or two (prompts)."""
         x = x.float()
@@ -73,15 +82,18 @@ class Int8Kernel:
             both = self.grid_matmul(torch.cat((coarse, (x - coarse) * gain)))
             product = both[:rows].add_(both[rows:], alpha=1.0 / gain)
         else:
-            product = self.grid_matmul(x)
+            product = self.one_pass(x)
         if self.bias is None:
             return product * row_max
         return torch.addcmul(self.bias, product, row_max)
 
 
 class FbgemmKernel(Int8Kernel):
+    # Without VNNI a row's uint8 activations must stay within 0..128: 2 * 128 * 127 and
+    # 2 * 128 * -128 fit int16, so no pair of products saturates whatever the weights.
     full_range = _has_vnni()
-    levels = 127 if full_range else 63
+    levels = 127 if full_range else 63  # the two passes' grid; a decode step's is always 127
+    HALF_ROW_OFFSETS = torch.tensor([0.25, -0.25]).view(2, 1, 1) / 127.0
 
     def __init__(self, weight: torch.Tensor, scale: torch.Tensor,
                  bias: torch.Tensor | None) -> None:
@@ -99,6 +111,18 @@ class FbgemmKernel(Int8Kernel):
         # grid), int8 GEMM, dequantizes with the per-row weight scales: float32 out.
         return torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
             x, 1.0 / self.levels, self.levels + 1, self.packed)
+
+    def one_pass(self, x: torch.Tensor) -> torch.Tensor:
+        if self.full_range:
+            return self.grid_matmul(x)
+        # The 8-bit integers q = round(127x) (int_mm's and oneDNN's) go in as two rows,
+        # q/2 + 1/4 and q/2 - 1/4 on the grid 1/127: fbgemm rounds them to two integers in
+        # -64..64 (uint8 0..128 around the zero point 64; never a tie) that add up to q, so
+        # the two rows' products add up to q's exactly. One op builds both rows.
+        q = torch.round(x * 127.0)
+        both = torch.add(self.HALF_ROW_OFFSETS, q, alpha=0.5 / 127.0).flatten(0, 1)
+        return torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
+            both, 1.0 / 127.0, 64, self.packed).unflatten(0, (2, -1)).sum(0)
 
 
 class OnednnKernel(Int8Kernel):
@@ -132,10 +156,10 @@ class IntMMKernel(Int8Kernel):
         self.bias = None if bias is None else bias.detach().float()
         self.stored_weight = weight
         self.transposed = weight.t()  # a view: _int_mm reads it without a copy
-        self.inverse_scale = (1.0 / scale.float()) / 127.0
+        self.inverse_scale = (1.0 / scale.float()) / self.levels
 
     def grid_matmul(self, x: torch.Tensor) -> torch.Tensor:
-        quantized = torch.round(x * 127.0).to(torch.int8)
+        quantized = torch.round(x * self.levels).to(torch.int8)
         return torch._int_mm(quantized, self.transposed).float() * self.inverse_scale
 
 
