@@ -71,14 +71,25 @@ def test_int8_folder_keeps_ctranslate2s_integers_and_scales(family):
 def test_int8_greedy_matches_ctranslate2(family):
     """At every position of CTranslate2's own greedy output, kiln (int8) picks the same token
     from the same prefix. Teacher-forced: the two engines quantize activations differently, so
-    on a random tiny model one near-tie would otherwise make all later tokens differ."""
+    on a random tiny model one near-tie would otherwise make all later tokens differ.
+
+    CTranslate2's int8 tokens are a reference only where its int8 GEMM is exact, on a CPU with
+    VNNI. Without VNNI (AVX2, AVX-512 without VNNI) its u8s8s32 GEMM (oneDNN's on non-Intel
+    CPUs) shifts the activations to uint8 1..255 and sums pairs of uint8 * int8 products in
+    saturating int16 (vpmaddubsw; oneDNN's int8 guide leaves avoiding that to the caller): on
+    an AVX2 AMD EPYC its int8 logits here differ from its own exact computation by up to 4,
+    and emulating that saturation reproduces them. On every CPU kiln is held to CTranslate2's
+    float32 computation of the same int8 folder, which is exact everywhere."""
     import numpy as np
+
+    from kiln.quant.kernels import _has_vnni
 
     _, _, folders, root = family
     generator = kiln.Generator(folders["int8"], cache_dir=root / "cache")
     assert generator.compute_type == "int8_float32"
     peer = ctranslate2.Generator(str(folders["int8"]), compute_type="int8")
-    same = total = 0
+    exact_peer = ctranslate2.Generator(str(folders["int8"]), compute_type="float32")
+    same = same_as_exact = total = 0
     for seed in range(4):
         prompt = random_prompt(12, VOCAB, seed=seed)
         tokens = [f"t{i}" for i in prompt]
@@ -89,10 +100,19 @@ def test_int8_greedy_matches_ctranslate2(family):
         positions = slice(len(prompt) - 1, len(sequence) - 1)
         expected = peer_logits[positions].argmax(-1).tolist()
         assert expected == theirs  # CTranslate2 agrees with itself
-        ours = generator.forward_batch([sequence])[0, positions, :VOCAB].argmax(-1).tolist()
+        exact = torch.from_numpy(np.asarray(
+            exact_peer.forward_batch([[f"t{i}" for i in sequence]]))[0])[:, :VOCAB]
+        ours = generator.forward_batch([sequence])[0, :, :VOCAB]
+        # prompts run two int8 passes: the error of the int8 weights alone
+        assert ((ours - exact).norm() / exact.norm()).item() < 1e-3
+        ours = ours[positions].argmax(-1).tolist()
         same += sum(a == b for a, b in zip(ours, expected, strict=True))
+        same_as_exact += sum(a == b for a, b in zip(ours, exact[positions].argmax(-1).tolist(),
+                                                    strict=True))
         total += len(theirs)
-    assert same / total >= 0.9
+    assert same_as_exact / total >= 0.9
+    if _has_vnni():
+        assert same / total >= 0.9
 
 
 def test_float16_folder_loads_and_generates(family, tmp_path):

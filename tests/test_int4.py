@@ -333,12 +333,14 @@ def test_gguf_4bit_blocks_import_natively(tmp_path, monkeypatch, kind):
     assert qkv.shape == (config.hidden_size // config.num_attention_heads
                          * (config.num_attention_heads + 2 * config.num_key_value_heads), 8)
     # The native folder runs the file's weights: on the exact path, its logits are those of
-    # the same folder dequantized to float32 (int8 embedding and head included).
+    # the same folder dequantized to float32 (int8 embedding and head included). The int8
+    # head runs weight-only here: its kernels quantize activations, on a grid that depends on
+    # the CPU (kernels.py), and test_int8 holds them to their own bounds.
     ids = [[5, 9, 14, 20, 7, 3]]
     dequantized = kiln.Generator(native, compute_type="float32").forward_batch(ids)
     monkeypatch.setattr(int4, "cpu_kernel_available", lambda: False)
-    exact = kiln.Generator(native).forward_batch(ids)
-    assert (exact - dequantized).abs().max() <= 1e-4 * dequantized.abs().max()
+    exact = kiln.Generator(native, int8_backend=None).forward_batch(ids)
+    assert (exact - dequantized).abs().max() <= 1e-5 * dequantized.abs().max()  # float32 both
 
 
 def test_default_model_runs_from_its_own_4bit_weights(default_model_cache):
