@@ -81,9 +81,10 @@ def test_a_model_through_the_kernels_equals_the_plain_path(tmp_path):
         calls = []
         original = triton_int8.linear
         int8.triton_int8.linear = lambda *args: calls.append(args[0].shape[0]) or original(*args)
+        # static_decode=False: CPU would trace the step (when the engine starts); CUDA
+        # captures it instead
         generator = kiln.Generator({str(folder)!r}, compute_type="int8_float16",
-                                   int8_backend=None)
-        generator.static_decode = False  # CPU would trace the step; CUDA captures it instead
+                                   int8_backend=None, static_decode=False)
         prompts = [[5, 9, 13, 2, 40, 7], [3, 4]]
         options = dict(max_length=10, end_token=[], include_prompt_in_result=False)
         fused = generator.generate_batch(prompts, **options)
