@@ -25,7 +25,7 @@ from kiln.quant.int4 import Int4Linear  # noqa: E402
 
 SHAPES = {"tiny": (128, 2, 4), "410m": (1024, 24, 16), "1b": (2048, 16, 8),
           "2.8b": (2560, 32, 32), "12b": (5120, 36, 40)}
-# TYPE@BACKEND: an int8 backend other than the device's default (int_mm: W8A8 from 65 rows).
+# TYPE@BACKEND: an int8 backend other than the device's default (int_mm: W8A8 for prompts).
 CORRECTNESS_TYPES = ("float32", "bfloat16", "int8_float16", "int8_bfloat16", "int8_float16@int_mm",
                      "int4_bfloat16", "int4_float16")
 PROMPT_TOKENS = 80  # over 64 rows: the prompt takes the many-rows path of every int8 backend

@@ -283,28 +283,35 @@ def test_fbgemm_without_vnni_never_saturates_and_decodes_in_8_bits(folders, monk
     assert errors[0] <= 1.1 * errors[1]
 
 
-def test_few_rows_run_weight_only_below_a_kernels_min_rows(folders, monkeypatch):
-    """On CUDA `_int_mm` needs more than 16 rows, so the int_mm kernel runs from 65 rows and
-    fewer run weight-only (Triton there). The routing is device-independent: checked here."""
+def test_cuda_routing_is_by_kind_of_pass_never_by_rows(folders, monkeypatch):
+    """On CUDA the int_mm kernel runs every prompt (W8A8) and no decode step (weight-only,
+    Triton there); `_int_mm` needs more than 16 rows, so a short prompt is padded with zero
+    rows. Whether a row takes the kernel never depends on how many rows share its pass. The
+    routing and padding are device-independent: checked here with the CUDA settings."""
     _, _, float_folder = folders
     generator = kiln.Generator(float_folder, compute_type="int8", int8_backend="int_mm",
-                               kv_cache_dtype="float32")
-    short, long = random_prompt(30, VOCAB, 6), random_prompt(70, VOCAB, 7)
+                               kv_cache_dtype="float32", static_decode=False)
+    short, long = random_prompt(5, VOCAB, 6), random_prompt(70, VOCAB, 7)
     expected = [logits(generator, short), logits(generator, long)]
-    kernel_rows, weight_only_rows = [], []
+    padded, kernel_rows, weight_only_rows = [], [], []
     original_call, original_weight_only = kernels.IntMMKernel.__call__, QuantizedLinear.weight_only
+    original_int_mm = torch._int_mm
     monkeypatch.setattr(kernels.IntMMKernel, "__call__", lambda self, x, *rest: kernel_rows.append(
         x.shape[0]) or original_call(self, x, *rest))
     monkeypatch.setattr(QuantizedLinear, "weight_only", lambda self, x: weight_only_rows.append(
         x.reshape(-1, x.shape[-1]).shape[0]) or original_weight_only(self, x))
+    monkeypatch.setattr(torch, "_int_mm", lambda a, b: padded.append(a.shape[0])
+                        or original_int_mm(a, b))
     for module in generator.model.modules():
         if isinstance(module, QuantizedLinear):
-            module.kernel.min_rows = kernels.IntMMKernel.CUDA_MIN_ROWS
+            module.kernel.pad_to, module.kernel.decodes = kernels.IntMMKernel.CUDA_MIN_ROWS, False
     actual = [logits(generator, short), logits(generator, long)]
-    assert set(weight_only_rows) == {30} and set(kernel_rows) == {70}
+    assert set(kernel_rows) == {5, 70} and not weight_only_rows  # prompts: the kernel
+    assert min(padded) == 17  # 5 rows, two passes: 10 rows, padded
     for got, want in zip(actual, expected, strict=True):
-        # weight-only runs float activations; the kernel's two passes are ~16-bit
-        assert ((got - want).norm() / want.norm()).item() < 1e-3
+        assert torch.equal(got, want)  # zero rows change nothing
+    generator.generate_batch([short], max_length=4, end_token=[], include_prompt_in_result=False)
+    assert set(weight_only_rows) == {1}  # decode steps: weight-only
 
 
 def test_cpu_backends_refuse_other_devices():

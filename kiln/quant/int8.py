@@ -94,7 +94,7 @@ class QuantizedLinear(nn.Module):
     def forward(self, x: torch.Tensor, two_pass: bool = True) -> torch.Tensor:
         if self.kernel is not None:  # the kernel adds the bias
             flat = x.reshape(-1, self.in_features)
-            if flat.shape[0] >= self.kernel.min_rows and (two_pass or self.kernel.decodes):
+            if two_pass or self.kernel.decodes:
                 return self.kernel(flat, two_pass).view(*x.shape[:-1],
                                                         self.out_features).to(x.dtype)
         return self.weight_only(x)

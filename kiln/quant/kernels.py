@@ -54,9 +54,9 @@ class Int8Kernel:
     """One linear layer's int8 weight, packed for a backend."""
 
     stored_weight: torch.Tensor | None  # the plain int8 weight if the kernel still needs it
-    # Fewer rows run weight-only instead (QuantizedLinear.weight_only); needs stored_weight.
-    min_rows = 1
-    decodes = True  # also runs decode steps (one pass); False: those run weight-only
+    # False: decode steps run weight-only instead (QuantizedLinear.weight_only, which needs
+    # stored_weight); the choice is by kind of pass, never by row count.
+    decodes = True
     levels = 127  # activations are quantized to multiples of 1 / levels in [-1, 1]
     bias: torch.Tensor | None  # float32, added after the product
 
@@ -143,15 +143,17 @@ class OnednnKernel(Int8Kernel):
 
 
 class IntMMKernel(Int8Kernel):
-    """On CUDA this is W8A8 for prompts: `_int_mm` needs more than 16 rows there, and up to
-    triton_int8.MAX_ROWS rows the weight-only kernel streams the weight once anyway, so fewer
-    rows than CUDA_MIN_ROWS run weight-only, and so do decode steps (whatever their rows)."""
+    """On CUDA this is W8A8 for prompts and weight-only for decode steps (up to
+    triton_int8.MAX_ROWS rows the weight-only kernel streams the weight once anyway).
+    `_int_mm` needs more than 16 rows there: fewer are padded with zero rows, whose products
+    are dropped, so whether a prompt's rows take the kernel never depends on how many rows
+    share its pass."""
 
-    CUDA_MIN_ROWS = triton_int8.MAX_ROWS + 1
+    CUDA_MIN_ROWS = 17
 
     def __init__(self, weight: torch.Tensor, scale: torch.Tensor,
                  bias: torch.Tensor | None) -> None:
-        self.min_rows = self.CUDA_MIN_ROWS if weight.is_cuda else 1
+        self.pad_to = self.CUDA_MIN_ROWS if weight.is_cuda else 1
         self.decodes = not weight.is_cuda
         self.bias = None if bias is None else bias.detach().float()
         self.stored_weight = weight
@@ -160,7 +162,10 @@ class IntMMKernel(Int8Kernel):
 
     def grid_matmul(self, x: torch.Tensor) -> torch.Tensor:
         quantized = torch.round(x * self.levels).to(torch.int8)
-        return torch._int_mm(quantized, self.transposed).float() * self.inverse_scale
+        rows = quantized.shape[0]
+        if rows < self.pad_to:  # integer products: the real rows' sums are exact either way
+            quantized = torch.nn.functional.pad(quantized, (0, 0, 0, self.pad_to - rows))
+        return torch._int_mm(quantized, self.transposed)[:rows].float() * self.inverse_scale
 
 
 def fbgemm_available() -> bool:
