@@ -35,8 +35,6 @@ import warnings
 
 import torch
 
-from . import triton_int8
-
 BACKENDS = ("onednn", "fbgemm", "int_mm")
 
 
