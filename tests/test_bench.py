@@ -134,7 +134,8 @@ def test_concurrency_run_compares_together_with_one_by_one(work_dir, tmp_path):
         cell["threads_tokens_per_s"] / cell["one_call_tokens_per_s"], rel=1e-6)
     assert cell["first_burst_tokens_per_s"] > 0 and cell["decode_tokens_per_s"] > 0
     serve = cell["serve"]
-    assert serve["together_tokens"] == WAVES * 3 * FIXED_NEW  # every token of every stream
+    assert serve["together_tokens"] == serve["together_requested"]  # every token of every stream
+    assert 3 * WAVES * FIXED_NEW // 2 < serve["together_tokens"] < 3 * WAVES * 3 * FIXED_NEW // 2
     assert cell["serve_over_decode"] == pytest.approx(
         serve["together_tokens_per_s"] / cell["decode_tokens_per_s"])
     assert 0 < cell["host_fraction"] < 1 and cell["host_ms_per_step"] < cell["step_ms"]

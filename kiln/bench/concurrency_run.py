@@ -180,8 +180,9 @@ def write_outputs(results: dict, output, benchmarks_md) -> dict:
             "with one prompt, released together, on a warm engine; *first burst*: the same, as the "
             "first thing after loading. *In turn*: the N calls one after another. *Batch-N "
             "decode*: tokens/s once all N decode together. *Serve*: `kiln serve` in its own "
-            f"process, {WAVES} x N streamed completions from an asyncio client, N in flight at "
-            "any time; TTFT against a lone request's. *Host*: the time of a step spent outside "
+            f"process, {WAVES} x N streamed completions of {FIXED_NEW // 2}-{3 * FIXED_NEW // 2} "
+            "tokens from an asyncio client, N in flight at any time (so they arrive at "
+            "different steps); TTFT against a lone request's. *Host*: the time of a step spent outside "
             "the model's forward passes (planning, sampling, stop strings, events), over the "
             "one-call run.\n\n"
             + targets_table(results["cells"])

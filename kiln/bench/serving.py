@@ -1,11 +1,12 @@
 """`kiln serve` under load, for `kiln bench --concurrency N`: a real server process on a free
-port of 127.0.0.1 and an asyncio client streaming completions (token-id prompts, greedy,
-exactly `new_tokens` each via min_tokens).
+port of 127.0.0.1 and an asyncio client streaming completions (token-id prompts, greedy, no
+early stop: min_tokens = max_tokens).
 
-- alone: one request at a time, a few times: its time to first token;
-- together: N requests kept in flight (a new one as soon as one ends; WAVES x N in all):
-  aggregate output tokens/s (first request sent to last token received) and the time to
-  first token of each (p50).
+- alone: one request at a time, a few times, `new_tokens` each: its time to first token;
+- together: N requests kept in flight, a new one as soon as one ends (WAVES x N in all),
+  each of `new_tokens` / 2 to 3 x `new_tokens` / 2 tokens (seeded), so that they end and
+  arrive at different steps, as a server's clients do: aggregate output tokens/s (first
+  request sent to last token received) and the time to first token of each (p50).
 """
 
 from __future__ import annotations
@@ -88,7 +89,13 @@ async def _stream(client, url: str, prompt: list[int], new_tokens: int) -> dict:
 
 
 async def _load(url: str, prompts: list[list[int]], new_tokens: int, runs: int) -> dict:
+    import random
+
     import httpx
+
+    picker = random.Random(0)
+    lengths = [picker.randint(new_tokens // 2, 3 * new_tokens // 2)
+               for _ in range(WAVES * len(prompts))]
 
     async with httpx.AsyncClient(timeout=None) as client:
         # warm-up: every row count the together runs will use, and one lone request
@@ -100,11 +107,12 @@ async def _load(url: str, prompts: list[list[int]], new_tokens: int, runs: int) 
         for _ in range(runs):
             in_flight = asyncio.Semaphore(len(prompts))
 
-            async def one(prompt, in_flight=in_flight):
+            async def one(prompt, length, in_flight=in_flight):
                 async with in_flight:
-                    return await _stream(client, url, prompt, new_tokens)
+                    return await _stream(client, url, prompt, length)
 
-            answers = await asyncio.gather(*(one(p) for p in prompts * WAVES))
+            answers = await asyncio.gather(*(one(p, n) for p, n in zip(prompts * WAVES, lengths,
+                                                                       strict=True)))
             begin = min(a["sent"] for a in answers)
             wall = max(a["last"] for a in answers) - begin
             together.append({"tokens_per_s": sum(a["tokens"] for a in answers) / wall,
@@ -115,7 +123,8 @@ async def _load(url: str, prompts: list[list[int]], new_tokens: int, runs: int) 
                                                     for a in alone),
             "together_tokens_per_s": statistics.median(t["tokens_per_s"] for t in together),
             "together_ttft_p50_s": statistics.median(t["ttft_p50_s"] for t in together),
-            "together_tokens": together[0]["tokens"], "runs": together}
+            "together_tokens": together[0]["tokens"], "together_requested": sum(lengths),
+            "runs": together}
 
 
 def measure_server(folder: str, prompts: list[list[int]], new_tokens: int, threads: int,

@@ -295,7 +295,7 @@ class Engine:
             self._driver.wait_for(
                 lambda: all(s.finished for s in sequences)
                 or any(s.error is not None for s in sequences),
-                [s.mailbox for s in sequences])
+                [s.mailbox for s in sequences], events=False)
         finally:  # on an error (or an interrupt) the others stop too
             for sequence in sequences:
                 if not sequence.finished:

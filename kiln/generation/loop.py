@@ -68,22 +68,24 @@ class LoopThread:
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout)
 
-    def wait_for(self, ready: Callable[[], bool], mailboxes: Iterable[Mailbox]) -> None:
-        """Block until `ready()`, woken by events in the given mailboxes."""
+    def wait_for(self, ready: Callable[[], bool], mailboxes: Iterable[Mailbox],
+                 events: bool = True) -> None:
+        """Block until `ready()`, woken by the given mailboxes: at each event, or (`events`
+        False) only when one of their requests ends."""
         if ready():
             return
-        watcher = threading.Condition()
+        entry = (threading.Condition(), events)
         mailboxes = list(mailboxes)
         for mailbox in mailboxes:
-            mailbox.watchers.append(watcher)
+            mailbox.watchers.append(entry)
         try:
-            with watcher:
+            with entry[0]:
                 while not ready():
                     self.check_alive()
-                    watcher.wait(WAIT_SLICE)
+                    entry[0].wait(WAIT_SLICE)
         finally:
             for mailbox in mailboxes:
-                mailbox.watchers.remove(watcher)
+                mailbox.watchers.remove(entry)
 
     def check_alive(self) -> None:
         if self.dead is not None:
@@ -137,7 +139,8 @@ class CallerDriver:
                 self._steps_done += 1
                 self._progress.notify_all()
 
-    def wait_for(self, ready: Callable[[], bool], mailboxes: Iterable[Mailbox]) -> None:  # noqa: ARG002
+    def wait_for(self, ready: Callable[[], bool], mailboxes: Iterable[Mailbox],  # noqa: ARG002
+                 events: bool = True) -> None:  # noqa: ARG002
         """Step until `ready()`: step ourselves when no other thread is stepping, else wait for
         its step to end and look again."""
         while not ready():

@@ -93,6 +93,16 @@ class StepPlan:
     def prefill_tokens(self) -> int:
         return sum(len(chunk.tokens) for chunk in self.prefill)
 
+    def split(self) -> list[StepPlan]:
+        """The plan as it runs: its prompt chunks first, so that a new request's first token
+        goes out before the step's decode pass (which writes other slots only); then the
+        decode and verify rows."""
+        if not self.prefill or not (self.decode or self.verify):
+            return [self]
+        return [StepPlan(self.moves, self.aborted, self.admitted, self.static_loads,
+                         prefill=self.prefill),
+                StepPlan(decode=self.decode, verify=self.verify)]
+
     def decode_rows(self) -> list[Row]:
         return [Row(slot, token, sequence.computed) for sequence in self.decode
                 for slot, token in zip(sequence.slots, sequence.inputs, strict=True)]

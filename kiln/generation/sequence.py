@@ -33,26 +33,30 @@ class Proposal:
 
 
 class Mailbox:
-    """A request's events on their way to its consumer, and a signal that new ones arrived.
-    Written by the stepping thread, read by the consumer's thread."""
+    """A request's events on their way to its consumer. Written by the stepping thread, read
+    by the consumer's thread. Waiters say what wakes them: every event (a stream) or only the
+    request's end (a wait for the result), so that a thread waiting for a result is not woken
+    at every token (each wake-up costs the stepping thread a hand-over of the GIL)."""
 
     def __init__(self) -> None:
         self.events: deque[TokenEvent] = deque()
-        self.signal = threading.Event()
-        self.watchers: list[threading.Condition] = []  # consumers waiting on several requests
+        self.watchers: list[tuple[threading.Condition, bool]] = []  # (waiter, wants events)
 
     def put(self, events: list[TokenEvent]) -> None:
         self.events.extend(events)
-        self.notify()
+        self._wake(ending=False)
 
     def notify(self) -> None:
-        self.signal.set()
-        for watcher in list(self.watchers):
-            with watcher:
-                watcher.notify_all()
+        """The request ended (or failed): wake every waiter."""
+        self._wake(ending=True)
+
+    def _wake(self, ending: bool) -> None:
+        for watcher, wants_events in list(self.watchers):
+            if ending or wants_events:
+                with watcher:
+                    watcher.notify_all()
 
     def take(self) -> list[TokenEvent]:
-        self.signal.clear()
         taken = []
         while self.events:
             taken.append(self.events.popleft())
@@ -77,7 +81,6 @@ class Sequence:
     finish_reason: FinishReason | None = None
     error: BaseException | None = None
     mailbox: Mailbox = field(default_factory=Mailbox)
-    done: threading.Event = field(default_factory=threading.Event)  # set once it has ended
 
     @property
     def prompt_done(self) -> bool:

@@ -2,11 +2,14 @@
 
     plan = scheduler.schedule()          under the engine's lock, no model
     runner.apply_moves(plan.moves)       slot compaction (and the draft's cache)
-    output = runner.execute(plan)        the forward passes
-    outcomes = updater.apply(plan, out)  tokens, stop strings, finish reasons
-    settle(outcomes)                     finished requests leave (lock), slots compacted,
-                                         events handed out (no lock held)
+    for part in plan.split():            prompt chunks, then decode and verify rows:
+        output = runner.execute(part)        the forward passes
+        outcomes = updater.apply(part, out)  tokens, stop strings, finish reasons
+        settle(outcomes)                     finished requests leave (lock), slots
+                                             compacted, events handed out (no lock held)
     proposers.propose(...)               the next step's speculative proposals
+
+A new request's first token thus goes out before the decode pass of its step, not after.
 
 Faults are contained where they happen: a forward pass that raises fails only the requests
 it computed (finish_reason "error", the traceback logged with their ids), a search that
@@ -98,9 +101,12 @@ class Stepper:
                 + sum(len(s.proposal.tokens) + 1 for s in plan.verify))
         outcomes = [ended(sequence, FinishReason.ABORT) for sequence in plan.aborted]
         self.move(plan.moves)
-        if plan.runs_model or plan.static_loads:
-            outcomes += self._run(plan)
-        events = self.settle(outcomes)
+        events = []
+        for part in plan.split():  # prompts first: first tokens go out before the decode pass
+            if part.runs_model or part.static_loads:
+                outcomes += self._run(part)
+            events += self.settle(outcomes)
+            outcomes = []
         self._propose()
         if plan.runs_model:
             timing = self.timing
@@ -135,7 +141,6 @@ class Stepper:
             self.deliver(outcome.sequence, outcome.events)
             events += outcome.events
         for outcome in ended_now:
-            outcome.sequence.done.set()
             outcome.sequence.mailbox.notify()
             self.proposers.forget(outcome.sequence)
         self._delivered()
@@ -160,7 +165,6 @@ class Stepper:
                           "aborted", sequence.id, exc_info=True)
                 sequence.abort_requested = True
                 break
-        sequence.mailbox.notify()
 
     def move(self, moves: list[SlotMove]) -> None:
         if moves:
@@ -202,6 +206,5 @@ class Stepper:
             try:
                 self.deliver(sequence, failed(sequence, error).events)
             finally:
-                sequence.done.set()
                 sequence.mailbox.notify()
         self._delivered()
