@@ -380,6 +380,11 @@ def test_async_events_reach_the_event_loop_once_per_step_not_per_token(folders):
         engine.shutdown()
 
 
+def test_async_engine_refuses_an_engine_stepped_by_its_callers(folders):
+    with pytest.raises(ValueError, match="steps on its own thread"):
+        kiln.AsyncEngine(kiln.Engine(folders["float32"], threaded=False))
+
+
 def test_kv_cache_dtype_and_memory_budget(folders):
     int8 = kiln.Engine(folders["int8"])
     # bfloat16 attention pays off on CPUs with AMX only

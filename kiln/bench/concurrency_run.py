@@ -37,14 +37,14 @@ def summarize(runs: list[dict]) -> dict:
 def with_server(cell: dict, serve: dict) -> dict:
     """The server's figures and the two server targets' ratios."""
     cell["serve"] = serve
-    cell["serve_over_decode"] = serve["together_tokens_per_s"] / cell["decode_tokens_per_s"]
+    cell["serve_over_decode"] = serve["sustained_tokens_per_s"] / cell["decode_tokens_per_s"]
     cell["serve_ttft_ratio"] = serve["together_ttft_p50_s"] / serve["alone_ttft_p50_s"]
     return cell
 
 
 def targets_table(cells: list[dict]) -> str:
     lines = ["| model | engine | N | one call of N tok/s | N threads tok/s | threads / one call | "
-             "first burst / one call | in turn tok/s | batch-N decode tok/s | serve c=N tok/s | "
+             "first burst / one call | in turn tok/s | batch-N decode tok/s | serve c=N tok/s (whole run) | "
              "serve / decode | serve TTFT p50 c=1 / c=N | TTFT c=N / c=1 | host / step |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for cell in cells:
@@ -54,7 +54,8 @@ def targets_table(cells: list[dict]) -> str:
             continue
         serve = cell.get("serve") or {}
         ms = lambda seconds: f"{seconds * 1000:.0f}"  # noqa: E731
-        serving = (f"{serve['together_tokens_per_s']:.1f} | **{cell['serve_over_decode']:.2f}x** | "
+        serving = (f"{serve['sustained_tokens_per_s']:.1f} ({serve['together_tokens_per_s']:.1f}) | "
+                   f"**{cell['serve_over_decode']:.2f}x** | "
                    f"{ms(serve['alone_ttft_p50_s'])} / {ms(serve['together_ttft_p50_s'])} ms | "
                    f"**{cell['serve_ttft_ratio']:.2f}x**") if serve else "- | - | - | -"
         lines.append(
@@ -156,8 +157,8 @@ def run_cases(models, engines, folders: list[dict], options) -> list[dict]:
                     serve = _server(engine, prepared[(model.name, label)]["path"], count, vocab,
                                     options)
                     with_server(cell, serve)
-                    log(f"{model.name} {label} x{count} serve: {serve['together_tokens_per_s']:.1f}"
-                        f" tok/s = {cell['serve_over_decode']:.2f}x batch decode, TTFT "
+                    log(f"{model.name} {label} x{count} serve: {serve['sustained_tokens_per_s']:.1f}"
+                        f" tok/s sustained = {cell['serve_over_decode']:.2f}x batch decode, TTFT "
                         f"{cell['serve_ttft_ratio']:.2f}x a lone request's")
                 cells.append(cell)
     return cells
@@ -182,7 +183,8 @@ def write_outputs(results: dict, output, benchmarks_md) -> dict:
             "decode*: tokens/s once all N decode together. *Serve*: `kiln serve` in its own "
             f"process, {WAVES} x N streamed completions of {FIXED_NEW // 2}-{3 * FIXED_NEW // 2} "
             "tokens from an asyncio client, N in flight at any time (so they arrive at "
-            "different steps); TTFT against a lone request's. *Host*: the time of a step spent outside "
+            "different steps): tokens/s sustained while N are in flight (the whole run's, drain "
+            "included, in brackets); TTFT against a lone request's. *Host*: the time of a step spent outside "
             "the model's forward passes (planning, sampling, stop strings, events), over the "
             "one-call run.\n\n"
             + targets_table(results["cells"])

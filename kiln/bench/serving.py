@@ -5,8 +5,10 @@ early stop: min_tokens = max_tokens).
 - alone: one request at a time, a few times, `new_tokens` each: its time to first token;
 - together: N requests kept in flight, a new one as soon as one ends (WAVES x N in all),
   each of `new_tokens` / 2 to 3 x `new_tokens` / 2 tokens (seeded), so that they end and
-  arrive at different steps, as a server's clients do: aggregate output tokens/s (first
-  request sent to last token received) and the time to first token of each (p50).
+  arrive at different steps, as a server's clients do. Sustained output tokens/s: the tokens
+  received while N were in flight (from the first request sent to the last one sent; after
+  that the run drains, fewer and fewer requests at a time) over that time. Also the whole
+  run's tokens/s, drain included, and the time to first token of each request (p50).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import time
 from pathlib import Path
 
 ALONE_REQUESTS = 3
-WAVES = 3  # requests per run: WAVES x N, N at a time
+WAVES = 4  # requests per run: WAVES x N, N at a time
 SERVED_NAME = "bench"
 
 
@@ -73,7 +75,7 @@ async def _stream(client, url: str, prompt: list[int], new_tokens: int) -> dict:
             "min_tokens": new_tokens, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}}
     sent = time.perf_counter()
-    first = None
+    chunks: list[float] = []  # arrival of each chunk of text (a token, or a few held back)
     tokens = 0
     async with client.stream("POST", url + "/v1/completions", json=body) as response:
         response.raise_for_status()
@@ -81,11 +83,21 @@ async def _stream(client, url: str, prompt: list[int], new_tokens: int) -> dict:
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             chunk = json.loads(line[6:])
-            if chunk.get("choices") and first is None:
-                first = time.perf_counter()
+            if chunk.get("choices"):
+                chunks.append(time.perf_counter())
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
-    return {"sent": sent, "first": first, "last": time.perf_counter(), "tokens": tokens}
+    return {"sent": sent, "first": chunks[0], "last": time.perf_counter(), "tokens": tokens,
+            "chunks": chunks}
+
+
+def sustained(answers: list[dict]) -> float:
+    """Tokens/s while every slot of the load was busy: chunks received between the first
+    request sent and the last one sent, scaled by the run's tokens per chunk."""
+    begin, end = min(a["sent"] for a in answers), max(a["sent"] for a in answers)
+    inside = sum(1 for a in answers for t in a["chunks"] if begin <= t <= end)
+    per_chunk = sum(a["tokens"] for a in answers) / sum(len(a["chunks"]) for a in answers)
+    return inside * per_chunk / (end - begin)
 
 
 async def _load(url: str, prompts: list[list[int]], new_tokens: int, runs: int) -> dict:
@@ -116,12 +128,15 @@ async def _load(url: str, prompts: list[list[int]], new_tokens: int, runs: int) 
             begin = min(a["sent"] for a in answers)
             wall = max(a["last"] for a in answers) - begin
             together.append({"tokens_per_s": sum(a["tokens"] for a in answers) / wall,
+                             "sustained_tokens_per_s": sustained(answers),
                              "ttft_p50_s": statistics.median(a["first"] - a["sent"] for a in answers),
                              "tokens": sum(a["tokens"] for a in answers)})
     return {"alone_ttft_p50_s": statistics.median(a["first"] - a["sent"] for a in alone),
             "alone_tokens_per_s": statistics.median(a["tokens"] / (a["last"] - a["sent"])
                                                     for a in alone),
             "together_tokens_per_s": statistics.median(t["tokens_per_s"] for t in together),
+            "sustained_tokens_per_s": statistics.median(t["sustained_tokens_per_s"]
+                                                        for t in together),
             "together_ttft_p50_s": statistics.median(t["ttft_p50_s"] for t in together),
             "together_tokens": together[0]["tokens"], "together_requested": sum(lengths),
             "runs": together}

@@ -26,6 +26,10 @@ class AsyncEngine:
     def __init__(self, model: str | Path | LoadedModel | Engine | None = None,
                  **engine_options) -> None:
         self.engine = model if isinstance(model, Engine) else Engine(model, **engine_options)
+        if not self.engine.config.runs_own_loop:
+            raise ValueError("AsyncEngine needs an engine that steps on its own thread; this one "
+                             "steps in the caller's thread (threaded=False, or a tensor-parallel "
+                             "rank, which must run the same steps as the other ranks)")
         self._queues: dict[int, asyncio.Queue] = {}
         self._closed = False
         self._lock = threading.Lock()

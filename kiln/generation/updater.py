@@ -57,7 +57,8 @@ class Updater:
             self._advance(sequence, 1)
             choices.append((sequence, output.decode[row:row + len(sequence.slots)]))
             row += len(sequence.slots)
-        outcomes += self._choose(choices)
+        whole = output.decode if len(choices) == len(plan.decode) == row else None
+        outcomes += self._choose(choices, whole)
         first = 0
         for sequence in plan.verify:
             width = len(sequence.proposal.tokens) + 1
@@ -71,17 +72,23 @@ class Updater:
         for slot in sequence.slots:
             self.slots.lengths[slot] = sequence.computed
 
-    def _choose(self, choices: list[tuple[Sequence, torch.Tensor]]) -> list[Outcome]:
+    def _choose(self, choices: list[tuple[Sequence, torch.Tensor]],
+                whole: torch.Tensor | None = None) -> list[Outcome]:
         """Tokens for every greedy/sampled row at once (one op over the step's rows), each
         other search on its own. If the batched choice fails, each row is retried alone so
-        that only the request at fault fails."""
+        that only the request at fault fails. `whole`: the logits of all the choices' rows
+        in order (a decode pass of one-row requests), used as they are instead of copied."""
         tokens = [(s, logits) for s, logits in choices if isinstance(s.search, TokenSearch)]
         others = [(s, logits) for s, logits in choices if not isinstance(s.search, TokenSearch)]
         outcomes = []
         if tokens:
             try:
-                block = torch.cat([logits for _, logits in tokens]) if len(tokens) > 1 \
-                    else tokens[0][1]
+                if whole is not None and len(tokens) == len(choices):
+                    block = whole
+                elif len(tokens) > 1:
+                    block = torch.cat([logits for _, logits in tokens])
+                else:
+                    block = tokens[0][1]
                 decisions = choose_for([s.search for s, _ in tokens], block, self.usable)
             except Exception:  # noqa: BLE001 - isolate the request at fault, below
                 others = tokens + others
