@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from collections.abc import Sequence as Tokens
 from pathlib import Path
@@ -28,26 +29,19 @@ from typing import NamedTuple
 import torch
 
 from ..errors import RequestError
+from .assembly import assemble
 from .config import EngineConfig
-from .draft import open_draft
 from .events import EngineStats, FinishReason, RequestOutput, TokenEvent
-from .intake import Intake, row_seed
-from .loaded_model import LoadedModel, open_model
+from .intake import row_seed
+from .loaded_model import LoadedModel
 from .loop import CallerDriver, LoopThread
 from .options import GenerationOptions
-from .proposers import Speculation
 from .requests import Request
-from .runner import ModelRunner
-from .scheduler import Scheduler
 from .search import Search
 from .sequence import Sequence
-from .sizing import cpu_has_amx, kv_cache_dtype, slot_count
-from .slots import SlotPool
-from .speculation import SpeculationStats
-from .static_step import KV_BUCKET
-from .stepper import Registry, Stepper
+from .sizing import cpu_has_amx
 from .text_stream import TextStream
-from .updater import Updater, ended
+from .updater import ended
 
 __all__ = ["Engine", "EngineStats", "FinishReason", "RequestOutput", "Submission", "TokenEvent",
            "cpu_has_amx", "row_seed"]
@@ -69,53 +63,28 @@ class Engine:
     `Engine(model, config)` or `Engine(model, **options)` with EngineConfig's fields: the pool
     holds `max_batch_size` slots of `max_length` positions each (default: the model's
     context), or as many slots as `kv_cache_memory` (e.g. "2GiB") allows; on CPU the pool's
-    memory is taken from the system only as positions are written. The decode step is
-    captured here (on CPU one trace serves every shape), so no request waits for a capture;
-    then the engine's thread starts.
+    memory is taken from the system only as positions are written. The engine's thread
+    starts first and does all of the engine's PyTorch work, the load and the capture of the
+    decode step (on CPU one trace serves every shape) included (assembly.py says why); the
+    constructor returns once that is done, so no request waits for a capture.
     """
 
     def __init__(self, model: str | Path | LoadedModel | None = None,
                  config: EngineConfig | None = None, **options) -> None:
         config = (config or EngineConfig()).replace(**options)
         self.config = config
-        self.loaded = model if isinstance(model, LoadedModel) else open_model(
-            model, **config.load_options())
-        loaded = self.loaded
-        self.kv_cache_dtype = kv_cache_dtype(loaded, config.kv_cache_dtype)
-        context = loaded.spec.max_position_embeddings
-        slot_length = min(config.max_length or context, context)
-        slots = slot_count(loaded, config, slot_length, self.kv_cache_dtype)
-        self.pool = SlotPool(loaded.model.spec, slots, slot_length, self.kv_cache_dtype,
-                             loaded.device)
-        self.runner = ModelRunner(loaded.model, self.pool.cache, loaded.device,
-                                  config.static_decode)
-        self.draft = None if config.draft_model is None else open_draft(
-            config, loaded, self.pool.num_slots, self.pool.slot_length, self.kv_cache_dtype)
-        rng = torch.Generator(device=loaded.device)
-        rng.manual_seed(config.seed if config.seed is not None else torch.seed())
-        self.intake = Intake(loaded, slot_length, rng, self.draft is not None)
-        self.builder = self.intake.builder
-        self.scheduler = Scheduler(self.pool, config.prefill_budget(loaded.device.type),
-                                   self.runner.static_prompts.__contains__)
-        self.speculation = SpeculationStats()
-        self._registry = Registry()
-        self._stepper = Stepper(self._registry, self.scheduler, self.runner,
-                                Updater(self.pool, loaded.spec.usable_vocab_size,
-                                        self.runner.copy_rows, self.speculation),
-                                Speculation(self.draft))
-        self.timing = self._stepper.timing  # StepTiming: forward passes vs host time
-        # callbacks run on the engine's thread each time a batch of events has been handed out
-        self.after_delivery = self._stepper.after_delivery
         self._ids = itertools.count()
         self._step_lock = threading.Lock()  # one step (or capture) at a time
         self._closed = False
-        with torch.inference_mode():  # the decode step's capture, before any request waits
-            self.runner.warm_up(KV_BUCKET)
-        if config.runs_own_loop:
-            self._driver = LoopThread(self, self._run_step, self.has_work,
-                                      self._stepper.fail_everything)
-        else:
+        if not config.runs_own_loop:
+            assemble(self, model, config)
             self._driver = CallerDriver(self._run_step, self.has_work, self._step_lock)
+            return
+        me = weakref.ref(self)  # the thread must not keep the engine alive
+        self._driver = LoopThread(self, self._run_step, self.has_work,
+                                  lambda error: me()._stepper.fail_everything(error),
+                                  start_up=lambda: assemble(me(), model, config))
+        self._driver.started()  # the model is loaded and the decode step captured, or raises
 
     # ------------------------------------------------------------ what it is
 

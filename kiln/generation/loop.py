@@ -41,9 +41,14 @@ def _weak(method: Callable, default):
 
 class LoopThread:
     def __init__(self, owner: object, step: Callable[[], object], has_work: Callable[[], bool],
-                 on_death: Callable[[BaseException], None]) -> None:
+                 on_death: Callable[[BaseException], None],
+                 start_up: Callable[[], None] | None = None) -> None:
+        """`step` and `has_work` are bound methods of `owner`, held weakly; `on_death` and
+        `start_up` (run first, on the thread) must not hold the owner strongly either."""
         self._step, self._has_work = _weak(step, None), _weak(has_work, False)
-        self._on_death = _weak(on_death, None)
+        self._on_death, self._start_up = on_death, start_up
+        self._started = threading.Event()
+        self._start_error: BaseException | None = None
         self._wake = threading.Condition()
         self._closing = False
         self.error: BaseException | None = None  # what killed it
@@ -55,6 +60,12 @@ class LoopThread:
     @property
     def alive(self) -> bool:
         return self.error is None and (self._thread.is_alive() or self._closing)
+
+    def started(self) -> None:
+        """Wait for the start-up work; raise what it raised (the thread then ends)."""
+        self._started.wait()
+        if self._start_error is not None:
+            raise self._start_error
 
     def wake(self) -> None:
         with self._wake:
@@ -97,6 +108,15 @@ class LoopThread:
             raise self.dead
 
     def _run(self) -> None:
+        try:
+            if self._start_up is not None:
+                self._start_up()
+        except BaseException as error:  # noqa: BLE001 - handed to the constructor
+            self._start_error = error
+            return
+        finally:
+            self._started.set()
+            self._start_up = None  # what it holds (a model path, a LoadedModel) may go
         try:
             while True:
                 with self._wake:
