@@ -56,6 +56,17 @@ def test_greedy_completion_is_paris(generator):
     assert text.startswith("The capital of France is Paris.")
 
 
+def test_a_temperature_too_small_to_divide_by_is_greedy(generator):
+    """1e-40 would overflow logits / temperature (NaN probabilities, the first token id
+    winning): it is the greedy limit instead, on the real model's tokens."""
+    prompts = [generator.tokenizer.encode(text) for text in
+               ("The capital of France is", "Once upon a time", "def fibonacci(n):")]
+    greedy = generator.generate_batch(prompts, max_length=24, include_prompt_in_result=False)
+    tiny = generator.generate_batch(prompts, max_length=24, include_prompt_in_result=False,
+                                    sampling_topk=0, sampling_temperature=1e-40)
+    assert [r.sequences_ids for r in tiny] == [r.sequences_ids for r in greedy]
+
+
 def test_stop_string_on_real_tokens(generator):
     assert generator.generate("The capital of France is", max_length=30, stop="\n") == \
         "The capital of France is Paris."

@@ -10,6 +10,10 @@ from dataclasses import dataclass
 
 import torch
 
+# Below this, sampling is greedy: it is the limit as the temperature goes to 0, and dividing
+# logits by a smaller temperature could overflow float32 (inf - inf makes NaN probabilities).
+GREEDY_BELOW_TEMPERATURE = 1e-30
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -29,7 +33,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.topk == 1 or self.temperature == 0.0
+        return self.topk == 1 or self.temperature < GREEDY_BELOW_TEMPERATURE
 
 
 def _filter_top_p(logits: torch.Tensor, topp: float) -> torch.Tensor:
