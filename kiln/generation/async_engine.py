@@ -127,6 +127,12 @@ class AsyncEngine:
     def stats(self):
         return self.engine.stats()
 
+    def is_waiting(self, request_id: int) -> bool:
+        return self.engine.is_waiting(request_id)
+
+    def queue_wait(self, request_id: int) -> float | None:
+        return self.engine.queue_wait(request_id)
+
     def shutdown(self, timeout: float | None = None) -> None:
         """Abort what is left and stop the engine's thread."""
         self._closed = True

@@ -115,6 +115,21 @@ class Engine:
         with self._registry.lock:
             return self.scheduler.stats()
 
+    def is_waiting(self, request_id: int) -> bool:
+        """True while the request waits in the queue for its KV slots."""
+        with self._registry.lock:
+            sequence = self._registry.live.get(request_id)
+        return sequence is not None and sequence.started_at is None and not sequence.finished
+
+    def queue_wait(self, request_id: int) -> float | None:
+        """Seconds the request waited in the queue for its KV slots; None while it waits,
+        when it ended without a slot, or for an unknown request."""
+        with self._registry.lock:
+            sequence = self._registry.get(request_id)
+        if sequence is None or sequence.started_at is None:
+            return None
+        return sequence.started_at - sequence.submitted_at
+
     def has_work(self) -> bool:
         with self._registry.lock:
             return self.scheduler.has_work()

@@ -17,6 +17,7 @@ per-row int8 kernels, is what makes a request's tokens independent of its neighb
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -188,6 +189,7 @@ class Scheduler:
                 return
             self.waiting.popleft()
             sequence.slots = slots
+            sequence.started_at = time.perf_counter()
             plan.admitted.append(sequence)
             request = sequence.request
             if sequence.save_static:

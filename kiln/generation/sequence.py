@@ -8,6 +8,7 @@ through the engine (submit, abort) and its mailbox.
 from __future__ import annotations
 
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -81,6 +82,8 @@ class Sequence:
     finish_reason: FinishReason | None = None
     error: BaseException | None = None
     mailbox: Mailbox = field(default_factory=Mailbox)
+    submitted_at: float = field(default_factory=time.perf_counter)
+    started_at: float | None = None  # when it left the queue with its KV slots
 
     @property
     def prompt_done(self) -> bool:
