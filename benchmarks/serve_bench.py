@@ -54,7 +54,8 @@ def server_command(name: str, port: int, paths: dict[str, Path], slots: int) -> 
     bin_dir = Path(sys.executable).parent
     if name == "kiln":
         return [str(bin_dir / "kiln"), "serve", "--port", str(port), "--max-batch-size",
-                str(slots), "--max-queue", "1024", "--log-level", "warning"]
+                str(slots), "--max-queue", "1024", "--max-queue-per-client", "1024",
+                "--log-level", "warning"]
     if name == "transformers":
         return [str(bin_dir / "transformers"), "serve", "--continuous-batching", str(paths["hf"]),
                 "--device", "cpu", "--port", str(port), "--host", "127.0.0.1",

@@ -37,6 +37,7 @@ def add_serve(subparsers) -> None:
     parser.add_argument("--shutdown-timeout", type=float, default=30.0,
                         help="on SIGTERM/Ctrl-C, seconds to let requests in flight finish "
                              "(default: 30)")
+    _add_limit_options(parser)
     _add_speculation_options(parser)
     parser.add_argument("--warm-up", type=int, default=256, metavar="POSITIONS",
                         help="before reporting healthy, capture the decode steps of every batch "
@@ -44,6 +45,9 @@ def add_serve(subparsers) -> None:
                              "none; longer sequences capture theirs on first use)")
     parser.add_argument("--log-level", default="info",
                         choices=["critical", "error", "warning", "info", "debug"])
+    parser.add_argument("--log-format", default="text", choices=["text", "json"],
+                        help="text, or one JSON object per line (default: text); either way "
+                             "an access line per request (id, status, tokens, TTFT, duration)")
     ray = parser.add_argument_group("Ray Serve (pip install 'kiln[ray]')")
     ray.add_argument("--ray", action="store_true",
                      help="serve from Ray Serve replicas, one engine each (joins $RAY_ADDRESS, "
@@ -57,8 +61,58 @@ def add_serve(subparsers) -> None:
     parser.set_defaults(run=_run_serve)
 
 
+def _add_limit_options(parser) -> None:
+    limits = parser.add_argument_group(
+        "limits (every refusal names the flag that raises it)")
+    limits.add_argument("--max-body-size", default="4MiB",
+                        help='request body size, e.g. "4MiB" (default); larger bodies get 413 '
+                             "before they are read")
+    limits.add_argument("--max-prompt-chars", type=int, default=1_000_000,
+                        help="characters of all prompts (or messages) of one request "
+                             "(default: 1000000)")
+    limits.add_argument("--max-stop-count", type=int, default=4,
+                        help="stop sequences per request (default: 4, as OpenAI)")
+    limits.add_argument("--max-stop-chars", type=int, default=256,
+                        help="characters per stop sequence (default: 256)")
+    limits.add_argument("--max-choices", type=int, default=16,
+                        help="sequences one request may ask for, prompts x n (default: 16)")
+    limits.add_argument("--max-queue-per-client", type=int, default=None,
+                        help="sequences one client address may have queued (default: half of "
+                             "--max-queue); beyond it 429")
+    limits.add_argument("--queue-timeout", type=float, default=60.0,
+                        help="seconds a request may wait for a slot before 503 with "
+                             "Retry-After (default: 60)")
+    limits.add_argument("--request-timeout", type=float, default=None,
+                        help="seconds a whole request may take: a running one is cut with "
+                             'finish_reason "length", one without a token yet gets 504 '
+                             "(default: none)")
+    limits.add_argument("--send-timeout", type=float, default=30.0,
+                        help="seconds a client may leave its response unread before its "
+                             "request is aborted and its slot freed (default: 30)")
+    limits.add_argument("--allowed-origins", nargs="+", default=(), metavar="ORIGIN",
+                        help="origins browsers may call the API from (CORS), e.g. "
+                             "http://localhost:3000 or '*' (default: none)")
+    limits.add_argument("--allowed-hosts", nargs="+", default=(), metavar="HOST",
+                        help="Host header values served, e.g. localhost 127.0.0.1 (default: "
+                             "any); guards against DNS rebinding")
+
+
+def serve_limits(args: argparse.Namespace):
+    from .generation.slots import parse_memory
+    from .serve.limits import ServeLimits
+
+    return ServeLimits(
+        max_body_bytes=parse_memory(args.max_body_size, "--max-body-size"),
+        max_prompt_chars=args.max_prompt_chars,
+        max_stop_count=args.max_stop_count, max_stop_chars=args.max_stop_chars,
+        max_choices=args.max_choices, max_queue=args.max_queue,
+        max_queue_per_client=args.max_queue_per_client, queue_timeout=args.queue_timeout,
+        request_timeout=args.request_timeout, send_timeout=args.send_timeout,
+        allowed_origins=tuple(args.allowed_origins),
+        allowed_hosts=tuple(host.lower() for host in args.allowed_hosts))
+
+
 def _run_serve(args: argparse.Namespace) -> int:
-    import logging
     import os
 
     try:
@@ -66,12 +120,14 @@ def _run_serve(args: argparse.Namespace) -> int:
     except ImportError as error:
         raise KilnError(f"kiln serve needs {error.name}: pip install 'kiln[serve]'") from error
     from .generation.async_engine import AsyncEngine
+    from .serve.logs import configure_logging
     from .sources.default_model import NAME
 
     for name in ("max_batch_size", "max_queue", "port"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
-    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(message)s")
+    limits = serve_limits(args)  # bad limits are refused before the model loads
+    configure_logging(args.log_level, args.log_format)
     args.seed = None
     engine_options = dict(max_batch_size=args.max_batch_size, kv_cache_memory=args.kv_cache_memory,
                           max_length=args.max_model_len)
@@ -85,7 +141,7 @@ def _run_serve(args: argparse.Namespace) -> int:
     if args.ray:
         return _run_ray_serve(args, NAME)
     return serve(load, served_model_name=args.served_model_name or args.model or NAME,
-                 host=args.host, port=args.port, max_queue=args.max_queue,
+                 host=args.host, port=args.port, limits=limits,
                  default_options=_speculation(args),
                  api_key=args.api_key or os.environ.get("KILN_API_KEY") or None,
                  shutdown_timeout=args.shutdown_timeout, log_level=args.log_level)

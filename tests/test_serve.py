@@ -43,7 +43,8 @@ def server(tiny, tmp_path_factory):
     logs = tmp_path_factory.mktemp("serve-logs")
     running = start_server(logs, "--model", str(folder), "--compute-type", "float32",
                            "--cache-dir", str(logs / "cache"), "--max-batch-size", "4",
-                           "--max-queue", "16", "--served-model-name", "tiny")
+                           "--max-queue", "16", "--max-queue-per-client", "16",
+                           "--served-model-name", "tiny")
     yield running
     assert running.stop() == 0
 

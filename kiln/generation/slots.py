@@ -25,13 +25,14 @@ _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
 
-def parse_memory(value: int | str) -> int:
-    """Bytes from an int or a string such as "2GiB", "512 MiB", "1.5GB"."""
+def parse_memory(value: int | str, what: str = "kv_cache_memory") -> int:
+    """Bytes from an int or a string such as "2GiB", "512 MiB", "1.5GB"; `what` names the
+    setting in the error."""
     if isinstance(value, int) and not isinstance(value, bool) and value > 0:
         return value
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
     if not match or match.group(2).lower() not in _UNITS or float(match.group(1)) <= 0:
-        raise ValueError(f"kv_cache_memory must be a positive number of bytes or a size such as "
+        raise ValueError(f"{what} must be a positive number of bytes or a size such as "
                         f"'2GiB' or '512MB', got {value!r}")
     return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
 

@@ -28,17 +28,23 @@ class ServerMetrics:
               ).set_function(stat("slots_used"))
         Gauge("kiln_kv_slots", "KV cache slots in the pool", registry=registry
               ).set_function(stat("slots"))
+        Gauge("kiln_slots_in_use", "KV cache slots in use (the same as kiln_kv_slots_used)",
+              registry=registry).set_function(stat("slots_used"))
         self.prompt_tokens = Counter("kiln_prompt_tokens", "Prompt tokens admitted",
                                      registry=registry)
         self.generated_tokens = Counter("kiln_generation_tokens", "Tokens generated",
                                         registry=registry)
         self.finished = Counter("kiln_requests_finished", "Requests (choices) finished",
                                 ["finish_reason"], registry=registry)
-        self.rejected = Counter("kiln_requests_rejected", "HTTP requests refused",
+        self.rejected = Counter("kiln_requests_rejected",
+                                "HTTP requests refused, by reason (the error's code)",
                                 ["reason"], registry=registry)
         self.aborted = Counter("kiln_requests_aborted",
                                "Requests (choices) aborted: client gone or shutdown",
                                registry=registry)
+        self.queue_wait = Histogram("kiln_queue_wait_seconds",
+                                    "From admission until the request got its KV slots",
+                                    buckets=LATENCY_BUCKETS, registry=registry)
         self.ttft = Histogram("kiln_time_to_first_token_seconds",
                               "From arrival to the first generated token",
                               buckets=LATENCY_BUCKETS, registry=registry)

@@ -1,13 +1,14 @@
 """The OpenAI request bodies kiln serves, as Pydantic models, and how each becomes engine
-options. Fields kiln cannot honour are refused with a 400 naming them, never ignored."""
+options. Fields kiln cannot honour are refused with a 400 naming them, never ignored: an
+unknown field is refused unless it is in IGNORED_FIELDS, the OpenAI fields that do not change
+what is generated (kiln accepts them and ignores them on purpose)."""
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-MAX_STOP = 4  # as the OpenAI API
 MAX_N = 16
 MAX_COMPLETION_LOGPROBS = 5  # as the OpenAI API
 MAX_TOP_LOGPROBS = 20
@@ -22,12 +23,37 @@ class BadField(ValueError):
         self.param = param
 
 
+# Accepted and ignored on purpose: bookkeeping that does not change the output.
+IGNORED_FIELDS = frozenset({"user", "metadata", "store", "service_tier", "prompt_cache_key",
+                            "safety_identifier", "parallel_tool_calls"})
+IGNORED_MESSAGE_FIELDS = frozenset({"refusal", "annotations"})
+
+
+class UnknownField(ValueError):
+    """A field kiln does not know: a 400 naming it (see IGNORED_FIELDS)."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+def _refuse_unknown(model: type[BaseModel], data, ignored: frozenset[str], where: str):
+    if isinstance(data, dict):
+        for name in data:
+            if name not in model.model_fields and name not in ignored:
+                raise UnknownField(str(name), f"unknown field {name!r}{where}: kiln does not "
+                                   "support it and will not ignore it silently; remove it")
+    return data
+
+
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     include_usage: bool = False
 
 
 class _Request(BaseModel):
-    # Unknown fields are ignored (clients send vendor fields); known unsupported ones are refused.
+    # Unknown fields are refused (below), except the ones ignored on purpose.
     model_config = ConfigDict(extra="ignore")
 
     model: str | None = None
@@ -47,7 +73,11 @@ class _Request(BaseModel):
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = None
-    user: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_fields_only(cls, data):
+        return _refuse_unknown(cls, data, IGNORED_FIELDS, "")
 
     @field_validator("stop")
     @classmethod
@@ -55,8 +85,6 @@ class _Request(BaseModel):
         if value is None:
             return value
         stops = [value] if isinstance(value, str) else value
-        if len(stops) > MAX_STOP:
-            raise ValueError(f"at most {MAX_STOP} stop sequences, got {len(stops)}")
         if not all(stops):
             raise ValueError("stop sequences must be non-empty strings")
         return stops or None
@@ -151,6 +179,11 @@ class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant", "developer"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_fields_only(cls, data):
+        return _refuse_unknown(cls, data, IGNORED_MESSAGE_FIELDS, " in a message")
 
     def text(self) -> str:
         if self.content is None:

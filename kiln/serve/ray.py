@@ -77,6 +77,7 @@ class KilnReplica:
     routes nothing to a replica before its constructor returns."""
 
     def __init__(self, options: dict[str, Any]) -> None:
+        from .limits import ServeLimits
         from .service import ModelService
 
         self.options = ReplicaOptions(**options)
@@ -88,7 +89,9 @@ class KilnReplica:
         # The service's own queue never fills: Ray sends at most max_batch_size requests.
         self.service = ModelService(lambda: load_engine(self.options),
                                     self.options.served_model_name,
-                                    max_queue=max(1, self.options.max_batch_size),
+                                    limits=ServeLimits(
+                                        max_queue=max(1, self.options.max_batch_size),
+                                        max_queue_per_client=max(1, self.options.max_batch_size)),
                                     default_options=self.options.default_options)
         self.service.load()
 

@@ -4,11 +4,21 @@
 from __future__ import annotations
 
 import json
+import math
 import uuid
 from collections.abc import AsyncIterator, Callable
 
 from ..generation.engine import TokenEvent
 from .service import Admitted, ModelService
+
+NO_PROBABILITY = -9999.0  # what OpenAI reports for a token the model gives no chance
+
+
+def finite(log_prob: float | None) -> float | None:
+    """A log-probability JSON can carry: -inf and NaN become NO_PROBABILITY."""
+    if log_prob is None or math.isfinite(log_prob):
+        return log_prob
+    return NO_PROBABILITY
 
 
 class Logprobs:
@@ -25,16 +35,18 @@ class Logprobs:
 
     def add(self, event: TokenEvent) -> None:
         text = self.token_text(event.token_id)
-        alternatives = [(self.token_text(t), p) for t, p in (event.top_log_probs or [])][: self.top]
+        alternatives = [(self.token_text(t), finite(p))
+                        for t, p in (event.top_log_probs or [])][: self.top]
+        log_prob = finite(event.log_prob)
         if self.chat:
-            self.entries.append({"token": text, "logprob": event.log_prob,
+            self.entries.append({"token": text, "logprob": log_prob,
                                  "bytes": list(text.encode("utf-8")),
                                  "top_logprobs": [{"token": t, "logprob": p,
                                                    "bytes": list(t.encode("utf-8"))}
                                                   for t, p in alternatives]})
             return
         self.tokens.append(text)
-        self.token_logprobs.append(event.log_prob)
+        self.token_logprobs.append(log_prob)
         self.top_logprobs.append(dict(alternatives))
         self.text_offset.append(self.offset)
         self.offset += len(text)

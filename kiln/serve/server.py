@@ -18,6 +18,7 @@ import uvicorn
 
 from ..generation.async_engine import AsyncEngine
 from .app import build_app
+from .limits import ServeLimits
 from .service import ModelService
 
 log = logging.getLogger("kiln.serve")
@@ -62,16 +63,17 @@ class _Server(uvicorn.Server):
 
 
 def serve(load: Callable[[], AsyncEngine], *, served_model_name: str, host: str = "127.0.0.1",
-          port: int = 8000, max_queue: int = 64, api_key: str | None = None,
+          port: int = 8000, limits: ServeLimits | None = None, api_key: str | None = None,
           shutdown_timeout: float = 30.0, log_level: str = "info",
           default_options: dict | None = None) -> int:
     """Serve until a signal; 0 after a graceful stop (a failure to load is raised).
     `default_options`: generation options every request starts from (e.g. prompt lookup)."""
-    service = ModelService(load, served_model_name, max_queue=max_queue,
+    service = ModelService(load, served_model_name, limits=limits,
                            default_options=default_options)
     app = build_app(service, api_key)
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
-                            timeout_graceful_shutdown=5, lifespan="off")
+    # Logging is kiln's (kiln.serve.logs), the access line the Guard's: uvicorn adds neither.
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, log_config=None,
+                            access_log=False, timeout_graceful_shutdown=5, lifespan="off")
     server = _Server(config, service, shutdown_timeout)
     failure: list[BaseException] = []
 

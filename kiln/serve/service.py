@@ -10,20 +10,27 @@ free for the next decode step.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import math
 import time
+from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from ..errors import RequestError
 from ..generation.async_engine import AsyncEngine
 from ..generation.engine import TokenEvent
+from ..generation.events import FinishReason
 from ..generation.text import chat_prompt
+from .limits import ServeLimits
 from .metrics import ServerMetrics
 from .protocol import BadField, ChatCompletionRequest, CompletionRequest
 
 log = logging.getLogger("kiln.serve")
 RETRY_AFTER_SECONDS = 1
+QUEUE_CHECK_SECONDS = 0.05  # how often a request without a token checks its queue time
+TOKENIZE_IN_THREAD_CHARS = 20_000  # longer prompts are tokenized off the event loop
 
 
 class APIError(Exception):
@@ -55,6 +62,7 @@ class Choice:
     arrived: float
     completion_tokens: int = 0
     finish_reason: str | None = None
+    first_token_at: float | None = None
     last_token_at: float | None = None
 
 
@@ -64,6 +72,14 @@ class Admitted:
     top_logprobs: int | None  # None: no logprobs asked
     n: int = 1  # choices per prompt (prompt tokens count once per prompt)
     created: int = field(default_factory=lambda: int(time.time()))
+    client: str = ""
+    arrived: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+
+    @property
+    def ttft(self) -> float | None:
+        firsts = [c.first_token_at for c in self.choices if c.first_token_at is not None]
+        return min(firsts) - self.arrived if firsts else None
 
     @property
     def usage(self) -> dict:
@@ -75,11 +91,13 @@ class Admitted:
 
 class ModelService:
     def __init__(self, load: Callable[[], AsyncEngine], served_model_name: str, *,
-                 max_queue: int = 64, default_options: dict | None = None) -> None:
+                 limits: ServeLimits | None = None, default_options: dict | None = None) -> None:
         self._load = load
         self.default_options = dict(default_options or {})
         self.served_model_name = served_model_name
-        self.max_queue = max_queue
+        self.limits = limits or ServeLimits()
+        self.max_queue = self.limits.max_queue
+        self.by_client: defaultdict[str, set[int]] = defaultdict(set)  # live engine requests
         self.state = "loading"  # -> "ready" -> "draining"; or "failed"
         self.engine: AsyncEngine | None = None
         self.in_flight = 0  # HTTP requests being answered
@@ -146,58 +164,101 @@ class ModelService:
 
     # ------------------------------------------------------------ admission
 
-    def _reserve(self, count: int, param: str) -> None:
-        """The queue limit, checked before any tokenizing: 429 when the new choices would
-        wait beyond `max_queue`."""
-        if count > self.max_queue:
+    def _reserve(self, count: int, param: str, client: str) -> None:
+        """The per-request, queue and per-client limits, checked before any tokenizing."""
+        limits = self.limits
+        if count > limits.max_choices:
+            raise bad_request(f"this request asks for {count} sequences (prompts x n); the "
+                              f"server allows {limits.max_choices} per request (kiln serve "
+                              "--max-choices); send fewer prompts or a lower n", param,
+                              code="too_many_choices")
+        if count > limits.max_queue:
             raise bad_request(f"this request needs {count} sequences, more than the server's "
-                              f"queue holds ({self.max_queue}); send fewer prompts or a lower n",
+                              f"queue holds ({limits.max_queue}); send fewer prompts or a lower n",
                               param)
         waiting = self.engine.stats().waiting
-        if waiting + count > self.max_queue:
+        if waiting + count > limits.max_queue:
             raise APIError(429, f"the server is busy ({waiting} requests queued, at most "
-                                f"{self.max_queue}); retry later", "rate_limit_exceeded",
-                           code="rate_limit_exceeded",
+                                f"{limits.max_queue}, kiln serve --max-queue); retry later",
+                           "rate_limit_exceeded", code="rate_limit_exceeded",
+                           headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
+        share = limits.queue_per_client
+        mine = sum(1 for request_id in self.by_client.get(client, ())
+                   if self.engine.is_waiting(request_id))
+        if mine + count > share:
+            raise APIError(429, f"this client already has {mine} requests queued, at most "
+                                f"{share} (kiln serve --max-queue-per-client); retry later",
+                           "rate_limit_exceeded", code="client_queue_full",
                            headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
 
-    def admit_completion(self, request: CompletionRequest) -> Admitted:
+    def _check_text(self, texts: list[str], param: str) -> None:
+        limits = self.limits
+        characters = sum(len(text) for text in texts)
+        if characters > limits.max_prompt_chars:
+            raise bad_request(f"the {param} hold {characters} characters; the server allows "
+                              f"{limits.max_prompt_chars} per request (kiln serve "
+                              "--max-prompt-chars)", param, code="prompt_too_long")
+
+    def _check_stop(self, request) -> None:
+        stops = request.stop or []
+        if len(stops) > self.limits.max_stop_count:
+            raise bad_request(f"at most {self.limits.max_stop_count} stop sequences (kiln serve "
+                              f"--max-stop-count), got {len(stops)}", "stop")
+        for stop in stops:
+            if len(stop) > self.limits.max_stop_chars:
+                raise bad_request(f"a stop sequence has {len(stop)} characters, at most "
+                                  f"{self.limits.max_stop_chars} (kiln serve --max-stop-chars)",
+                                  "stop")
+
+    async def _encode(self, text: str, **kwargs) -> list[int]:
+        if len(text) > TOKENIZE_IN_THREAD_CHARS:  # keep the event loop for the other clients
+            return await asyncio.to_thread(self.tokenizer.encode, text, **kwargs)
+        return self.tokenizer.encode(text, **kwargs)
+
+    async def admit_completion(self, request: CompletionRequest, client: str = "") -> Admitted:
         prompts = self._refuse_bad(request, request.prompts)
-        self._reserve(len(prompts) * request.n, "prompt")
+        self._check_text([p for p in prompts if isinstance(p, str)], "prompt")
+        self._reserve(len(prompts) * request.n, "prompt", client)
         ids = []
         for index, prompt in enumerate(prompts):
             if isinstance(prompt, str):
-                ids.append(self.tokenizer.encode(prompt))
+                if not prompt:
+                    raise bad_request(f"prompt {index} is empty; give at least one token",
+                                      "prompt")
+                ids.append(await self._encode(prompt))
             else:
                 limit = self.engine.engine.spec.usable_vocab_size
                 if any(not 0 <= token < limit for token in prompt):
                     raise bad_request(f"prompt {index} holds token ids outside the vocabulary "
                                       f"(0..{limit - 1})", "prompt")
                 ids.append(prompt)
-        return self._admit(request, ids, request.max_tokens, request.logprobs)
+        return self._admit(request, ids, request.max_tokens, request.logprobs, client)
 
-    def admit_chat(self, request: ChatCompletionRequest) -> Admitted:
+    async def admit_chat(self, request: ChatCompletionRequest, client: str = "") -> Admitted:
         self._refuse_bad(request, lambda: None)
-        self._reserve(request.n, "n")
+        self._check_text([message.text() for message in request.messages], "messages")
+        self._reserve(request.n, "n", client)
         try:
             text = chat_prompt(self.chat_template, self.model_path, request.conversation())
         except (RequestError, ValueError) as error:
             raise bad_request(str(error), "messages") from error
         # The template writes the special tokens itself: the tokenizer must not add more.
-        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        ids = await self._encode(text, add_special_tokens=False)
         top = (request.top_logprobs or 0) if request.logprobs else None
-        return self._admit(request, [ids], request.new_token_limit, top)
+        return self._admit(request, [ids], request.new_token_limit, top, client)
 
     def _refuse_bad(self, request, check: Callable):
         self.check_ready()
         self.check_model(request.model)
         try:
             request.refuse_unsupported()
+            self._check_stop(request)
             return check()
         except BadField as error:
             raise bad_request(str(error), error.param) from error
 
     def _admit(self, request, prompts: list[list[int]], max_tokens: int | None,
-               top_logprobs: int | None) -> Admitted:
+               top_logprobs: int | None, client: str = "") -> Admitted:
         context = self.engine.engine.max_length
         for index, ids in enumerate(prompts):
             if not ids:
@@ -227,7 +288,8 @@ class ModelService:
                 self.engine.abort(choice.request_id)
             raise bad_request(str(error)) from error
         self.metrics.prompt_tokens.inc(sum(len(ids) for ids in prompts))
-        return Admitted(choices, top_logprobs, n=request.n)
+        self.by_client[client].update(choice.request_id for choice in choices)
+        return Admitted(choices, top_logprobs, n=request.n, client=client, arrived=now)
 
     # ------------------------------------------------------------ generation
 
@@ -263,13 +325,73 @@ class ModelService:
                 task.cancel()  # each stream aborts its request as it closes
             await asyncio.gather(*tasks, return_exceptions=True)
 
+    async def timed_events(self, admitted: Admitted) -> AsyncIterator[tuple[Choice, TokenEvent]]:
+        """`events` under the server's clocks. Before the first token: past --queue-timeout
+        with a choice still queued, 503; past --request-timeout, 504 (nothing was sent, so
+        an error can still be answered). After it: at --request-timeout the choices still
+        running are stopped and end with finish_reason "length", their text kept, as when
+        max_tokens is reached: a stream has begun, and a cut answer is more use to a client
+        than none."""
+        limits = self.limits
+        deadline = admitted.arrived + (limits.request_timeout or math.inf)
+        queue_deadline = admitted.arrived + limits.queue_timeout
+        events = self.events(admitted)
+        first, cut, pending = True, False, None
+        try:
+            while True:
+                pending = asyncio.ensure_future(events.__anext__())
+                while not cut:
+                    wait = deadline - time.perf_counter()
+                    if first:
+                        wait = min(wait, QUEUE_CHECK_SECONDS)
+                    done, _ = await asyncio.wait({pending}, timeout=max(wait, 0.0))
+                    if done:
+                        break
+                    now = time.perf_counter()
+                    if now >= deadline:
+                        if first:
+                            await _cancel(pending)
+                            raise APIError(504, "no token within the server's request timeout "
+                                                f"of {limits.request_timeout} s (kiln serve "
+                                                "--request-timeout); retry later or shorten "
+                                                "the prompt", "timeout", code="request_timeout")
+                        cut = True  # their last events (with any held-back text) follow
+                        for choice in admitted.choices:
+                            if choice.finish_reason is None:
+                                self.engine.abort(choice.request_id)
+                    elif first and now >= queue_deadline and any(
+                            self.engine.is_waiting(c.request_id) for c in admitted.choices):
+                        await _cancel(pending)
+                        raise APIError(503, f"the request waited {limits.queue_timeout} s in "
+                                            "the queue without a slot (kiln serve "
+                                            "--queue-timeout); retry later",
+                                       "service_unavailable", code="queue_timeout",
+                                       headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
+                try:
+                    choice, event = await pending
+                except StopAsyncIteration:
+                    return
+                first = False
+                if cut and event.finish_reason == FinishReason.ABORT:
+                    event = dataclasses.replace(event, finish_reason=FinishReason.LENGTH)
+                    choice.finish_reason = FinishReason.LENGTH
+                yield choice, event
+        finally:  # also when the consumer leaves (a client gone) while a token is awaited
+            if pending is not None and not pending.done():
+                await _cancel(pending)
+            await events.aclose()
+
     def _count(self, choice: Choice, event: TokenEvent) -> TokenEvent:
         now = time.perf_counter()
         if event.token_id is not None:
             choice.completion_tokens += 1
             self.metrics.generated_tokens.inc()
             if choice.last_token_at is None:
+                choice.first_token_at = now
                 self.metrics.ttft.observe(now - choice.arrived)
+                waited = self.engine.queue_wait(choice.request_id)
+                if waited is not None:
+                    self.metrics.queue_wait.observe(waited)
             else:
                 self.metrics.itl.observe(now - choice.last_token_at)
             choice.last_token_at = now
@@ -281,12 +403,23 @@ class ModelService:
                 self.metrics.aborted.inc()
         return event
 
-    def note_abandoned(self, admitted: Admitted) -> None:
-        """The client left before the end: count its unfinished choices as aborted."""
+    def done(self, admitted: Admitted) -> None:
+        """The HTTP request is over: unfinished choices (a client gone) count as aborted, and
+        the client's share of the queue is given back."""
         for choice in admitted.choices:
             if choice.finish_reason is None:
                 choice.finish_reason = "abort"
                 self.metrics.aborted.inc()
+        mine = self.by_client.get(admitted.client)
+        if mine is not None:
+            mine.difference_update(choice.request_id for choice in admitted.choices)
+            if not mine:
+                del self.by_client[admitted.client]
 
     def token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+
+async def _cancel(task: asyncio.Future) -> None:
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
