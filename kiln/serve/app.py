@@ -184,8 +184,10 @@ async def _parse(request: Request, model: type[BaseModel]) -> BaseModel:
         raise bad_request(f"the body is not UTF-8: {error}") from None
     except RecursionError:
         raise bad_request("the body is not valid JSON for kiln: it is nested too deeply") from None
-    except ValueError as error:  # JSONDecodeError, or an integer of too many digits
+    except json.JSONDecodeError as error:
         raise bad_request(f"the body is not valid JSON: {error}") from None
+    except ValueError:  # Python refuses to convert integers of over 4300 digits
+        raise bad_request("the body holds an integer with too many digits") from None
     if not isinstance(data, dict):
         raise bad_request("the body must be a JSON object")
     try:
@@ -211,7 +213,8 @@ def _validation_failure(errors: list[dict]) -> APIError:
     if getattr(cause, "param", None):  # a field refused by name (an unknown field)
         param = cause.param
     where = ".".join(location)
-    message = f"{where}: {first.get('msg')}" if where else str(first.get("msg"))
+    text = str(first.get("msg")).removeprefix("Value error, ")
+    message = f"{where}: {text}" if where else text
     if len(errors) > 1:
         message += f" (and {len(errors) - 1} more problem(s))"
     return APIError(400, message, param=param)
