@@ -5,11 +5,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
-__all__ = ["AsyncEngine", "Engine", "EngineConfig", "EngineDeadError", "FinishReason",
+__all__ = ["AsyncEngine", "Encoder", "Engine", "EngineConfig", "EngineDeadError", "FinishReason",
            "GenerationOptions", "GenerationResult", "Generator", "KilnError", "ModelFileError",
            "ModelSpec", "OutOfMemory", "RequestError", "TokenEvent", "convert", "__version__"]
 
 if TYPE_CHECKING:
+    from .encoder import Encoder
     from .errors import EngineDeadError, KilnError, ModelFileError, OutOfMemory, RequestError
     from .generation.async_engine import AsyncEngine
     from .generation.config import EngineConfig
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
 
 # name -> (module, attribute); `convert` takes hub ids too, so it is the sources-level one.
 _LAZY = {"convert": ("sources.hub", "convert_source"), "Generator": ("generator", "Generator"),
+         "Encoder": ("encoder", "Encoder"),
          "GenerationResult": ("generation.results", "GenerationResult"),
          "ModelSpec": ("model.spec", "ModelSpec"),
          "Engine": ("generation.engine", "Engine"), "TokenEvent": ("generation.events", "TokenEvent"),

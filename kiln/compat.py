@@ -5,6 +5,8 @@
                                   device="cpu", compute_type="int8")
     outputs = model.generate(text=["def fibonacci(n):"], max_length=64)
 
+Also `EncoderCT2fromHfHub` and `CT2SentenceTransformer` (kiln.Encoder underneath).
+
 Same constructor and `generate` conventions: token strings in, the first hypothesis decoded
 out (prompt included, since include_prompt_in_result=True is the default), a `str` for a
 `str` and a list for a list. Asking for CUDA on a machine without it is a clear ValueError
@@ -23,14 +25,7 @@ class GeneratorCT2fromHfHub:
     def __init__(self, model_name_or_path: str, device: str = "cuda", device_index: int = 0,
                  compute_type: str = "int8_float16", tokenizer: Any = None,
                  hub_kwargs: dict | None = None, **kwargs: Any) -> None:
-        hub_kwargs = dict(hub_kwargs or {})  # never a shared mutable default
-        options = {key: hub_kwargs.pop(key) for key in
-                   ("revision", "cache_dir", "local_files_only", "token") if key in hub_kwargs}
-        if "cache_dir" in options:
-            options["hub_cache_dir"] = options.pop("cache_dir")
-        if hub_kwargs:
-            raise ValueError(f"hub_kwargs {sorted(hub_kwargs)} are not supported; supported: "
-                             "revision, cache_dir, local_files_only, token")
+        options = _hub_options(hub_kwargs)
         self.model = Generator.from_pretrained(
             model_name_or_path, device=device, device_index=device_index,
             compute_type=compute_type, **options, **kwargs)
@@ -55,3 +50,73 @@ class GeneratorCT2fromHfHub:
         texts = [self._decode(result.sequences_ids[0], dict(decode_tok_kwargs or {}))
                  for result in results]
         return texts[0] if isinstance(text, str) else texts
+
+
+def _hub_options(hub_kwargs: dict | None) -> dict[str, Any]:
+    hub_kwargs = dict(hub_kwargs or {})
+    options = {key: hub_kwargs.pop(key) for key in
+               ("revision", "cache_dir", "local_files_only", "token") if key in hub_kwargs}
+    if "cache_dir" in options:
+        options["hub_cache_dir"] = options.pop("cache_dir")
+    if hub_kwargs:
+        raise ValueError(f"hub_kwargs {sorted(hub_kwargs)} are not supported; supported: "
+                         "revision, cache_dir, local_files_only, token")
+    return options
+
+
+class EncoderCT2fromHfHub:
+    """hf-hub-ctranslate2's encoder: `generate(text)` returns {"pooler_output",
+    "last_hidden_state", "attention_mask"} for the texts, tokenized by the model's tokenizer.
+    A `str` works as well as a list (hf-hub-ctranslate2 tokenizes a bare string wrongly)."""
+
+    def __init__(self, model_name_or_path: str, device: str = "cuda", device_index: int = 0,
+                 compute_type: str = "int8_float16", tokenizer: Any = None,
+                 hub_kwargs: dict | None = None, **kwargs: Any) -> None:
+        from .encoder import Encoder
+
+        self.model = Encoder(model_name_or_path, device=device, device_index=device_index,
+                             compute_type=compute_type, **_hub_options(hub_kwargs), **kwargs)
+        self.tokenizer = tokenizer
+        self.device = device
+
+    def _features(self, texts: list[str], encode_tok_kwargs: dict) -> dict[str, list]:
+        if self.tokenizer is None:
+            return self.model.encode_texts(texts)
+        features = self.tokenizer(texts, **encode_tok_kwargs)
+        return {name: [list(row) for row in features[name]] for name in features}
+
+    def generate(self, text: str | list[str], encode_tok_kwargs: dict | None = None,
+                 decode_tok_kwargs: dict | None = None, **forward_kwargs: Any) -> dict[str, Any]:
+        texts = [text] if isinstance(text, str) else list(text)
+        features = self._features(texts, dict(encode_tok_kwargs or {}))
+        output = self.model.forward_batch(features["input_ids"],
+                                          token_type_ids=features.get("token_type_ids"),
+                                          **forward_kwargs)
+        return {"pooler_output": output.pooler_output,
+                "last_hidden_state": output.last_hidden_state,
+                "attention_mask": features["attention_mask"]}
+
+
+class CT2SentenceTransformer:
+    """A sentence-transformers model whose transformer runs on kiln:
+    `encode(sentences)` returns the embeddings sentence-transformers returns (its pooling and
+    normalization, read from the model's files), as a numpy array by default."""
+
+    def __init__(self, model_name_or_path: str, device: str = "cpu", compute_type: str = "int8",
+                 hub_kwargs: dict | None = None, **kwargs: Any) -> None:
+        from .encoder import Encoder
+
+        self.model = Encoder(model_name_or_path, device=device, compute_type=compute_type,
+                             **_hub_options(hub_kwargs), **kwargs)
+
+    def encode(self, sentences: str | list[str], batch_size: int = 32,
+               convert_to_numpy: bool = True, convert_to_tensor: bool = False,
+               normalize_embeddings: bool = False, **_: Any):
+        vectors = self.model.embed(sentences, batch_size=batch_size,
+                                   normalize=True if normalize_embeddings else None)
+        if convert_to_tensor or not convert_to_numpy:
+            return vectors
+        return vectors.numpy()
+
+    def get_sentence_embedding_dimension(self) -> int:
+        return len(self.model.pooling.modes) * self.model.spec.hidden_size
