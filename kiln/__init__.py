@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 __version__ = "0.1.0"
 __all__ = ["AsyncEngine", "Encoder", "Engine", "EngineConfig", "EngineDeadError", "FinishReason",
            "GenerationOptions", "GenerationResult", "Generator", "KilnError", "ModelFileError",
-           "ModelSpec", "OutOfMemory", "RequestError", "TokenEvent", "convert", "__version__"]
+           "ModelSpec", "OutOfMemory", "RequestError", "TokenEvent", "Translator", "convert", "__version__"]
 
 if TYPE_CHECKING:
     from .encoder import Encoder
@@ -21,10 +21,11 @@ if TYPE_CHECKING:
     from .generator import Generator
     from .model.spec import ModelSpec
     from .sources.hub import convert_source as convert
+    from .translator import Translator
 
 # name -> (module, attribute); `convert` takes hub ids too, so it is the sources-level one.
 _LAZY = {"convert": ("sources.hub", "convert_source"), "Generator": ("generator", "Generator"),
-         "Encoder": ("encoder", "Encoder"),
+         "Encoder": ("encoder", "Encoder"), "Translator": ("translator", "Translator"),
          "GenerationResult": ("generation.results", "GenerationResult"),
          "ModelSpec": ("model.spec", "ModelSpec"),
          "Engine": ("generation.engine", "Engine"), "TokenEvent": ("generation.events", "TokenEvent"),

@@ -5,7 +5,8 @@
                                   device="cpu", compute_type="int8")
     outputs = model.generate(text=["def fibonacci(n):"], max_length=64)
 
-Also `EncoderCT2fromHfHub` and `CT2SentenceTransformer` (kiln.Encoder underneath).
+Also `TranslatorCT2fromHfHub` and `MultiLingualTranslatorCT2fromHfHub` (kiln.Translator),
+`EncoderCT2fromHfHub` and `CT2SentenceTransformer` (kiln.Encoder).
 
 Same constructor and `generate` conventions: token strings in, the first hypothesis decoded
 out (prompt included, since include_prompt_in_result=True is the default), a `str` for a
@@ -120,3 +121,73 @@ class CT2SentenceTransformer:
 
     def get_sentence_embedding_dimension(self) -> int:
         return len(self.model.pooling.modes) * self.model.spec.hidden_size
+
+
+class TranslatorCT2fromHfHub:
+    """hf-hub-ctranslate2's translator: `generate(text, **translate_batch_options)` tokenizes
+    with the model's tokenizer (transformers' AutoTokenizer unless one is given), translates
+    and decodes the best hypothesis; a `str` for a `str`, a list for a list."""
+
+    def __init__(self, model_name_or_path: str, device: str = "cuda", device_index: int = 0,
+                 compute_type: str = "int8_float16", tokenizer: Any = None,
+                 hub_kwargs: dict | None = None, **kwargs: Any) -> None:
+        from .translator import Translator
+
+        self.model = Translator(model_name_or_path, device=device, device_index=device_index,
+                                compute_type=compute_type, **_hub_options(hub_kwargs), **kwargs)
+        if tokenizer is None:
+            try:
+                from transformers import AutoTokenizer
+            except ImportError as error:
+                raise ImportError("give tokenizer=..., or pip install transformers to load "
+                                  "the model's own") from error
+            tokenizer = AutoTokenizer.from_pretrained(str(self.model.path))
+        self.tokenizer = tokenizer
+
+    def _tokens(self, text: str) -> list[str]:
+        return self.tokenizer.convert_ids_to_tokens(self.tokenizer.encode(text))
+
+    def _decode(self, tokens: list[str], decode_tok_kwargs: dict) -> str:
+        return self.tokenizer.decode(self.tokenizer.convert_tokens_to_ids(tokens),
+                                     **decode_tok_kwargs)
+
+    def generate(self, text: str | list[str], encode_tok_kwargs: dict | None = None,
+                 decode_tok_kwargs: dict | None = None, **translate_kwargs: Any):
+        texts = [text] if isinstance(text, str) else list(text)
+        results = self.model.translate_batch([self._tokens(t) for t in texts],
+                                             **translate_kwargs)
+        decoded = [self._decode(r.hypotheses[0], dict(decode_tok_kwargs or {})) for r in results]
+        return decoded[0] if isinstance(text, str) else decoded
+
+
+class MultiLingualTranslatorCT2fromHfHub(TranslatorCT2fromHfHub):
+    """M2M100 / NLLB: `generate(text, src_lang=[...], tgt_lang=[...])`; the target language
+    token is forced first (a target prefix) and left out of the decoded text."""
+
+    def generate(self, text: str | list[str], src_lang: str | list[str] = "en",
+                 tgt_lang: str | list[str] = "de", encode_tok_kwargs: dict | None = None,
+                 decode_tok_kwargs: dict | None = None, **translate_kwargs: Any):
+        texts = [text] if isinstance(text, str) else list(text)
+        sources = [src_lang] * len(texts) if isinstance(src_lang, str) else list(src_lang)
+        targets = [tgt_lang] * len(texts) if isinstance(tgt_lang, str) else list(tgt_lang)
+        if not len(texts) == len(sources) == len(targets):
+            raise ValueError(f"unequal lengths: text={len(texts)} src_lang={len(sources)} "
+                             f"tgt_lang={len(targets)}")
+        tokens = []
+        for item, language in zip(texts, sources, strict=True):
+            self.tokenizer.src_lang = language
+            tokens.append(self._tokens(item))
+        prefixes = [[self._language_token(language)] for language in targets]
+        results = self.model.translate_batch(tokens, target_prefix=prefixes, **translate_kwargs)
+        options = dict(decode_tok_kwargs or {})
+        decoded = [self._decode(r.hypotheses[0][1:], options) for r in results]
+        return decoded[0] if isinstance(text, str) else decoded
+
+    def _language_token(self, language: str) -> str:
+        lookup = getattr(self.tokenizer, "lang_code_to_token", None)
+        if lookup and language in lookup:
+            return lookup[language]
+        token_id = getattr(self.tokenizer, "get_lang_id", None)
+        if token_id is not None:
+            return self.tokenizer.convert_ids_to_tokens(token_id(language))
+        return language  # NLLB: the code is the token (e.g. "deu_Latn")

@@ -79,10 +79,10 @@ class EncoderSpec:
 
 
 def linear(in_features: int, out_features: int, weights: str | None,
-           dtype: torch.dtype) -> nn.Module:
+           dtype: torch.dtype, bias: bool = True) -> nn.Module:
     if weights in ("int8", "int16"):
-        return QuantizedLinear(in_features, out_features, True, weights, dtype)
-    return nn.Linear(in_features, out_features, dtype=dtype, device="meta")
+        return QuantizedLinear(in_features, out_features, bias, weights, dtype)
+    return nn.Linear(in_features, out_features, bias=bias, dtype=dtype, device="meta")
 
 
 def project(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:

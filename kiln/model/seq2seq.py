@@ -1,0 +1,254 @@
+"""The one encoder-decoder of the BART family (BART, mBART, Marian/OPUS-MT, M2M100/NLLB),
+built from a `Seq2SeqSpec` holding the choices in which they differ: where the layer norms
+sit, how positions are embedded, whether embeddings are scaled.
+
+The encoder runs a padded batch once; the decoder runs one step at a time for B rows (beams
+included), with the keys and values of its self-attention grown per step and those of its
+cross-attention computed once per source and gathered when beams are reordered.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .encoder import ACTIVATIONS, linear, project
+
+POSITIONS = ("learned", "sinusoidal", "sinusoidal_interleaved")
+
+
+@dataclass(frozen=True)
+class Seq2SeqSpec:
+    family: str  # the adapter that wrote it: bart, mbart, marian, m2m_100
+    vocab_size: int
+    hidden_size: int
+    num_heads: int
+    encoder_layers: int
+    decoder_layers: int
+    encoder_ffn: int
+    decoder_ffn: int
+    max_position_embeddings: int
+    activation: str = "gelu"
+    pre_norm: bool = False  # x + f(norm(x)) (mBART, M2M100) instead of norm(x + f(x))
+    final_norms: bool = False  # a norm after the last encoder and decoder layers
+    embedding_norm: bool = False  # a norm right after the embeddings (BART, mBART)
+    # learned: a table indexed from position_offset; sinusoidal: sin half then cos half
+    # (M2M100), sinusoidal_interleaved: Marian's table (sin of even, cos of odd frequencies)
+    positions: str = "learned"
+    position_offset: int = 0
+    scale_embedding: bool = False  # embeddings times sqrt(hidden_size)
+    logits_bias: bool = False  # final_logits_bias (BART, Marian)
+    norm_eps: float = 1e-5
+    decoder_start_token_id: int = 2
+    pad_token_id: int = 1
+    eos_token_id: int = 2
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "hidden_size", "num_heads", "encoder_layers",
+                     "decoder_layers", "encoder_ffn", "decoder_ffn", "max_position_embeddings"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"invalid Seq2SeqSpec: {name} must be a positive int, got "
+                                 f"{value!r}")
+        if self.positions not in POSITIONS:
+            raise ValueError(f"invalid Seq2SeqSpec: positions {self.positions!r} is not one of "
+                             f"{POSITIONS}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"invalid Seq2SeqSpec: activation {self.activation!r}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def sinusoids(positions: int, dim: int, interleaved: bool) -> torch.Tensor:
+    """The fixed position table: [sin | cos] halves over frequencies 10000^(-i/(dim/2-1))
+    (fairseq, M2M100), or Marian's: column j uses frequency 10000^(-2*floor(j/2)/dim), sin for
+    the first half of the columns (even j) and cos for the second (odd j)."""
+    position = torch.arange(positions, dtype=torch.float64)[:, None]
+    if interleaved:
+        j = torch.arange(dim, dtype=torch.float64)
+        angles = position / torch.pow(10000.0, 2 * torch.div(j, 2, rounding_mode="floor") / dim)
+        table = torch.empty(positions, dim, dtype=torch.float64)
+        half = dim // 2 + dim % 2
+        table[:, :half] = torch.sin(angles[:, 0::2])
+        table[:, half:] = torch.cos(angles[:, 1::2])
+        return table.float()
+    half = dim // 2
+    frequencies = torch.exp(torch.arange(half, dtype=torch.float64)
+                            * -(math.log(10000.0) / (half - 1)))
+    angles = position * frequencies[None, :]
+    table = torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+    if dim % 2:
+        table = torch.cat([table, torch.zeros(positions, 1, dtype=torch.float64)], dim=1)
+    return table.float()
+
+
+class Attention(nn.Module):
+    def __init__(self, spec: Seq2SeqSpec, weights: str | None, dtype: torch.dtype,
+                 cross: bool) -> None:
+        super().__init__()
+        hidden = spec.hidden_size
+        self.heads, self.head_dim, self.cross = spec.num_heads, spec.head_dim, cross
+        self.q = linear(hidden, hidden, weights, dtype)
+        self.kv = linear(hidden, 2 * hidden, weights, dtype)
+        self.out = linear(hidden, hidden, weights, dtype)
+
+    def split(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, H] -> [B, heads, T, d]
+        return x.view(x.shape[0], x.shape[1], self.heads, self.head_dim).transpose(1, 2)
+
+    def keys_values(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        k, v = project(self.kv, x).chunk(2, dim=-1)
+        return self.split(k), self.split(v)
+
+    def forward(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                mask: torch.Tensor | None) -> torch.Tensor:
+        q = self.split(project(self.q, x))
+        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        batch, length = x.shape[0], x.shape[1]
+        return project(self.out, attended.transpose(1, 2).reshape(batch, length, -1))
+
+
+class Block(nn.Module):
+    """An encoder layer (self-attention, MLP) or a decoder layer (self-attention,
+    cross-attention, MLP), each part with its norm before or after."""
+
+    def __init__(self, spec: Seq2SeqSpec, weights: str | None, dtype: torch.dtype,
+                 decoder: bool) -> None:
+        super().__init__()
+        hidden, ffn = spec.hidden_size, spec.decoder_ffn if decoder else spec.encoder_ffn
+        self.pre_norm = spec.pre_norm
+        self.self_attn = Attention(spec, weights, dtype, cross=False)
+        self.self_norm = nn.LayerNorm(hidden, eps=spec.norm_eps, dtype=dtype, device="meta")
+        self.cross_attn = Attention(spec, weights, dtype, cross=True) if decoder else None
+        self.cross_norm = (nn.LayerNorm(hidden, eps=spec.norm_eps, dtype=dtype, device="meta")
+                           if decoder else None)
+        self.up = linear(hidden, ffn, weights, dtype)
+        self.down = linear(ffn, hidden, weights, dtype)
+        self.mlp_norm = nn.LayerNorm(hidden, eps=spec.norm_eps, dtype=dtype, device="meta")
+        self.act = ACTIVATIONS[spec.activation]
+
+    def residual(self, x: torch.Tensor, norm: nn.Module, f) -> torch.Tensor:
+        if self.pre_norm:
+            return x + f(norm(x))
+        return norm(x + f(x))
+
+    def mlp(self, x: torch.Tensor) -> torch.Tensor:
+        return project(self.down, self.act(project(self.up, x)))
+
+    def encode(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        def attend(h):
+            k, v = self.self_attn.keys_values(h)
+            return self.self_attn(h, k, v, mask)
+
+        x = self.residual(x, self.self_norm, attend)
+        return self.residual(x, self.mlp_norm, self.mlp)
+
+    def decode(self, x: torch.Tensor, cache: dict, source: tuple[torch.Tensor, torch.Tensor],
+               source_mask: torch.Tensor) -> torch.Tensor:
+        """One or more new target positions of every row; `cache` holds this layer's
+        self-attention keys/values so far (updated in place)."""
+
+        def attend(h):
+            k, v = self.self_attn.keys_values(h)
+            if "k" in cache:
+                k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
+            cache["k"], cache["v"] = k, v
+            new, total = h.shape[1], k.shape[2]
+            mask = None
+            if new > 1:  # several positions at once (a target prefix): causal among them
+                mask = torch.ones(new, total, dtype=torch.bool, device=h.device).tril(total - new)
+            return self.self_attn(h, k, v, mask)
+
+        x = self.residual(x, self.self_norm, attend)
+        x = self.residual(x, self.cross_norm,
+                          lambda h: self.cross_attn(h, source[0], source[1], source_mask))
+        return self.residual(x, self.mlp_norm, self.mlp)
+
+
+class Seq2Seq(nn.Module):
+    """Built on the meta device; the loader assigns the weights."""
+
+    def __init__(self, spec: Seq2SeqSpec, weights: str | None = None,
+                 dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.spec = spec
+        hidden = spec.hidden_size
+        self.embed = nn.Embedding(spec.vocab_size, hidden, dtype=dtype, device="meta")
+        self.embed_scale = math.sqrt(hidden) if spec.scale_embedding else 1.0
+        if spec.positions == "learned":
+            table = spec.max_position_embeddings + spec.position_offset
+            self.encoder_positions = nn.Embedding(table, hidden, dtype=dtype, device="meta")
+            self.decoder_positions = nn.Embedding(table, hidden, dtype=dtype, device="meta")
+        else:  # the checkpoint's own tables replace these when it stores them (Marian)
+            table = sinusoids(spec.max_position_embeddings + spec.position_offset, hidden,
+                              spec.positions == "sinusoidal_interleaved").to(dtype)
+            self.register_buffer("encoder_table", table, persistent=False)
+            self.register_buffer("decoder_table", table.clone(), persistent=False)
+
+        def norm():
+            return nn.LayerNorm(hidden, eps=spec.norm_eps, dtype=dtype, device="meta")
+
+        self.encoder_embed_norm = norm() if spec.embedding_norm else None
+        self.decoder_embed_norm = norm() if spec.embedding_norm else None
+        self.encoder_layers = nn.ModuleList(Block(spec, weights, dtype, decoder=False)
+                                            for _ in range(spec.encoder_layers))
+        self.decoder_layers = nn.ModuleList(Block(spec, weights, dtype, decoder=True)
+                                            for _ in range(spec.decoder_layers))
+        self.encoder_norm = norm() if spec.final_norms else None
+        self.decoder_norm = norm() if spec.final_norms else None
+        self.lm_head = linear(hidden, spec.vocab_size, weights, dtype, bias=False)
+        if spec.logits_bias:
+            self.register_buffer("logits_bias", torch.empty(spec.vocab_size, dtype=dtype,
+                                                            device="meta"))
+        else:
+            self.logits_bias = None
+
+    def _positions(self, start: int, length: int, decoder: bool) -> torch.Tensor:
+        index = torch.arange(start, start + length) + self.spec.position_offset
+        if self.spec.positions == "learned":
+            table = self.decoder_positions if decoder else self.encoder_positions
+            return table(index.to(table.weight.device))
+        table = self.decoder_table if decoder else self.encoder_table
+        return table[index.to(table.device)]
+
+    def encode(self, ids: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Source ids [B, S] (right-padded) -> (states [B, S, H], key mask [B, 1, 1, S])."""
+        keep = torch.arange(ids.shape[1], device=ids.device)[None, :] < lengths[:, None]
+        mask = keep[:, None, None, :]
+        x = self.embed(ids) * self.embed_scale + self._positions(0, ids.shape[1], False)[None]
+        if self.encoder_embed_norm is not None:
+            x = self.encoder_embed_norm(x)
+        for layer in self.encoder_layers:
+            x = layer.encode(x, mask)
+        if self.encoder_norm is not None:
+            x = self.encoder_norm(x)
+        return x, mask
+
+    def cross_keys_values(self, states: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each decoder layer's cross-attention keys and values of the encoded source."""
+        return [layer.cross_attn.keys_values(states) for layer in self.decoder_layers]
+
+    def decode(self, ids: torch.Tensor, start: int, caches: list[dict],
+               cross: list[tuple[torch.Tensor, torch.Tensor]],
+               source_mask: torch.Tensor) -> torch.Tensor:
+        """Target ids [B, T] at positions start..start+T-1 -> logits of the last [B, V]
+        (float32)."""
+        x = self.embed(ids) * self.embed_scale + self._positions(start, ids.shape[1], True)[None]
+        if self.decoder_embed_norm is not None:
+            x = self.decoder_embed_norm(x)
+        for layer, cache, source in zip(self.decoder_layers, caches, cross, strict=True):
+            x = layer.decode(x, cache, source, source_mask)
+        if self.decoder_norm is not None:
+            x = self.decoder_norm(x)
+        logits = project(self.lm_head, x[:, -1]).float()
+        return logits if self.logits_bias is None else logits + self.logits_bias.float()

@@ -1,0 +1,344 @@
+"""`kiln.Translator`: BART-family encoder-decoders (BART, mBART, Marian/OPUS-MT, M2M100/NLLB)
+with CTranslate2's `translate_batch` and `score_batch`.
+
+    translator = kiln.Translator("Helsinki-NLP/opus-mt-en-de", compute_type="int8")
+    results = translator.translate_batch([["▁Hello", "▁world", "</s>"]], beam_size=4)
+    results[0].hypotheses[0]   # target token strings
+
+Source and target are token strings (or ids), as CTranslate2 takes them: tokenize with the
+model's own tokenizer. Beam search is the decoders' (kiln/generation/beam.py), with
+CTranslate2's rules: 2 x beam_size candidates per step, `patience`, `num_hypotheses`, scores
+divided by length ** length_penalty. Each source sentence is searched on its own, so a
+sentence's translation never depends on the rest of the batch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .conversion.archs.bart import is_seq2seq_type, seq2seq_spec, seq2seq_weights
+from .conversion.formats.hf import read_config, tensor_source
+from .encoder import _folder
+from .errors import RequestError
+from .generation.beam import BeamSearch
+from .generation.options import BeamOptions
+from .generation.processors import Processors
+from .generation.requests import Request
+from .generation.sampling import SamplingParams, choose_tokens
+from .model.loading import resolve_device
+from .model.seq2seq import Seq2Seq, Seq2SeqSpec
+from .quant.compute_types import ComputeType, resolve
+from .quant.int8 import QuantizedLinear, quantize_rows
+from .quant.kernels import default_backend
+
+UNSUPPORTED = {"coverage_penalty": 0, "prefix_bias_beta": 0, "return_attention": False,
+               "return_alternatives": False, "replace_unknowns": False, "asynchronous": False,
+               "callback": None}
+
+
+@dataclass
+class TranslationResult:
+    """As CTranslate2's: hypotheses (token strings, best first) and, with return_scores,
+    their scores."""
+
+    hypotheses: list[list[str]]
+    scores: list[float] = field(default_factory=list)
+    attention: list = field(default_factory=list)
+
+
+@dataclass
+class ScoringResult:
+    tokens: list[str]
+    log_probs: list[float]
+
+
+class Vocabulary:
+    """Token strings <-> ids, from the folder's tokenizer.json or vocab.json."""
+
+    def __init__(self, folder: Path) -> None:
+        mapping: dict[str, int] = {}
+        if (folder / "tokenizer.json").is_file():
+            from tokenizers import Tokenizer
+
+            mapping = Tokenizer.from_file(str(folder / "tokenizer.json")).get_vocab(
+                with_added_tokens=True)
+        elif (folder / "vocab.json").is_file():
+            mapping = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
+        else:
+            raise FileNotFoundError(f"{folder} has neither tokenizer.json nor vocab.json: kiln "
+                                    "needs the token strings of the model's vocabulary")
+        self.ids = mapping
+        self.tokens = {token_id: token for token, token_id in mapping.items()}
+
+    def to_ids(self, tokens: Sequence[str | int], what: str) -> list[int]:
+        if all(isinstance(token, int) and not isinstance(token, bool) for token in tokens):
+            return list(tokens)
+        if not all(isinstance(token, str) for token in tokens):
+            raise TypeError(f"{what} must hold token strings or ids, not a mix")
+        unknown = [token for token in tokens if token not in self.ids]
+        if unknown:
+            raise RequestError(f"{what}: tokens not in the vocabulary: {unknown[:5]}; tokenize "
+                               "with the model's own tokenizer")
+        return [self.ids[token] for token in tokens]
+
+    def to_tokens(self, ids: Sequence[int]) -> list[str]:
+        return [self.tokens.get(token_id, "") for token_id in ids]
+
+
+class Translator:
+    """A BART-family translation model on CPU or CUDA, in any compute type kiln runs."""
+
+    def __init__(self, model_path: str | Path, device: str = "cpu", *, device_index: int = 0,
+                 compute_type: str = "default", revision: str | None = None,
+                 hub_cache_dir: str | Path | None = None, local_files_only: bool = False,
+                 token: str | bool | None = None) -> None:
+        folder = _folder(model_path, revision, hub_cache_dir, local_files_only, token)
+        config = read_config(folder)
+        if not is_seq2seq_type(config.get("model_type")):
+            raise ValueError(f"{model_path} is a {config.get('model_type')!r} model, not a "
+                             "supported translation model (bart, mbart, marian, m2m_100); "
+                             "load decoders with kiln.Generator, encoders with kiln.Encoder")
+        self.path = folder
+        self.device = resolve_device(device, device_index)
+        saved = "float16" if config.get("torch_dtype", config.get("dtype")) == "float16" \
+            else "float32"
+        self.compute_type = resolve(compute_type, ComputeType(None, saved), self.device)
+        if self.compute_type.weights == "int4":
+            raise ValueError("int4 is not offered for translation models yet; use int8")
+        self.spec: Seq2SeqSpec = seq2seq_spec(config)
+        self.model = _build(self.spec, tensor_source(folder), self.compute_type, self.device)
+        self.vocabulary = Vocabulary(folder)
+        self.unk_id = self.vocabulary.ids.get("<unk>")
+        # Marian starts the decoder from <pad> (a zero embedding): it is never generated.
+        spec = self.spec
+        self._never = ((spec.pad_token_id,) if spec.decoder_start_token_id == spec.pad_token_id
+                       else ())
+
+    # ------------------------------------------------------------ CTranslate2's API
+
+    def translate_batch(self, source: list[list[str]], target_prefix: list[list[str]] | None = None,
+                        *, max_batch_size: int = 0, batch_type: str = "examples",
+                        beam_size: int = 2, patience: float = 1, num_hypotheses: int = 1,
+                        length_penalty: float = 1, repetition_penalty: float = 1,
+                        no_repeat_ngram_size: int = 0, disable_unk: bool = False,
+                        suppress_sequences: list[list[str]] | None = None,
+                        end_token: str | list[str] | list[int] | None = None,
+                        return_end_token: bool = False, max_input_length: int = 1024,
+                        max_decoding_length: int = 256, min_decoding_length: int = 1,
+                        use_vmap: bool = False, return_scores: bool = False,
+                        sampling_topk: int = 1, sampling_topp: float = 1,
+                        sampling_temperature: float = 1, seed: int | None = None,
+                        **unsupported) -> list[TranslationResult]:
+        _refuse(unsupported)
+        if batch_type not in ("examples", "tokens"):
+            raise ValueError(f"batch_type must be 'examples' or 'tokens', got {batch_type!r}")
+        sources = self._sources(source, max_input_length)
+        prefixes = self._prefixes(target_prefix, len(sources))
+        beam = BeamOptions(beam_size, patience, num_hypotheses, length_penalty)
+        sampling = SamplingParams(sampling_topk, sampling_topp, sampling_temperature)
+        end_ids = self._end_ids(end_token)
+        processors = Processors(
+            repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
+            suppressed_ids=self._never + ((self.unk_id,) if disable_unk and self.unk_id is not None
+                                          else ()),
+            suppressed_sequences=tuple(tuple(self.vocabulary.to_ids(s, "suppress_sequences"))
+                                       for s in (suppress_sequences or [])))
+        if not isinstance(max_decoding_length, int) or max_decoding_length < 1:
+            raise ValueError(f"max_decoding_length must be an int >= 1, got "
+                             f"{max_decoding_length!r}")
+        results = []
+        for index, (ids, prefix) in enumerate(zip(sources, prefixes, strict=True)):
+            generator = torch.Generator(device="cpu")
+            if seed is not None:
+                generator.manual_seed((seed + index) % 2**63)
+            else:
+                generator.seed()
+            hypotheses = self._search(ids, prefix, beam, sampling, generator, end_ids,
+                                      return_end_token, processors, max_decoding_length,
+                                      min_decoding_length)
+            results.append(TranslationResult(
+                hypotheses=[self.vocabulary.to_tokens(tokens) for tokens, _ in hypotheses],
+                scores=[score for _, score in hypotheses] if return_scores else []))
+        return results
+
+    def score_batch(self, source: list[list[str]], target: list[list[str]], *,
+                    max_batch_size: int = 0, batch_type: str = "examples",
+                    max_input_length: int = 1024, offset: int = 0) -> list[ScoringResult]:
+        """Log-probability of each target token (its end token appended), given the source."""
+        sources = self._sources(source, max_input_length)
+        if len(target) != len(sources):
+            raise ValueError(f"{len(sources)} sources but {len(target)} targets")
+        results = []
+        for ids, target_tokens in zip(sources, target, strict=True):
+            target_ids = self.vocabulary.to_ids(target_tokens, "target") + [self.spec.eos_token_id]
+            inputs = [self.spec.decoder_start_token_id, *target_ids[:-1]]
+            log_probs = self._target_log_probs(ids, inputs, target_ids)[offset:]
+            results.append(ScoringResult(self.vocabulary.to_tokens(target_ids[offset:]),
+                                         log_probs))
+        return results
+
+    # ------------------------------------------------------------ helpers
+
+    def _sources(self, source, max_input_length: int) -> list[list[int]]:
+        if isinstance(source, str) or not isinstance(source, Sequence) or not source:
+            raise TypeError("source must be a non-empty list of sentences, each a list of "
+                            "token strings or ids")
+        sources = []
+        for index, sentence in enumerate(source):
+            if isinstance(sentence, str):
+                raise TypeError(f"source {index} is a str; give its tokens (e.g. "
+                                "tokenizer.convert_ids_to_tokens(tokenizer.encode(text)))")
+            ids = self.vocabulary.to_ids(sentence, f"source {index}")
+            if not ids:
+                raise RequestError(f"source {index} is empty")
+            if max_input_length and len(ids) > max_input_length:
+                ids = ids[:max_input_length]  # as CTranslate2: the source is truncated
+            if len(ids) > self.spec.max_position_embeddings:
+                raise RequestError(f"source {index} has {len(ids)} tokens; the model takes at "
+                                   f"most {self.spec.max_position_embeddings}")
+            sources.append(ids)
+        return sources
+
+    def _prefixes(self, target_prefix, count: int) -> list[list[int]]:
+        if target_prefix is None:
+            return [[] for _ in range(count)]
+        if len(target_prefix) != count:
+            raise ValueError(f"{count} sources but {len(target_prefix)} target prefixes")
+        return [self.vocabulary.to_ids(prefix or [], f"target_prefix {index}")
+                for index, prefix in enumerate(target_prefix)]
+
+    def _end_ids(self, end_token) -> frozenset[int]:
+        if end_token is None:
+            return frozenset({self.spec.eos_token_id})
+        tokens = [end_token] if isinstance(end_token, (str, int)) else list(end_token)
+        return frozenset(self.vocabulary.to_ids(tokens, "end_token"))
+
+    def _encode(self, ids: list[int]):
+        tensor = torch.tensor([ids], device=self.device)
+        lengths = torch.tensor([len(ids)], device=self.device)
+        states, mask = self.model.encode(tensor, lengths)
+        return self.model.cross_keys_values(states), mask
+
+    @torch.inference_mode()
+    def _search(self, source_ids, prefix, beam, sampling, generator, end_ids, return_end_token,
+                processors, max_decoding_length, min_decoding_length):
+        cross, mask = self._encode(source_ids)
+        start = [self.spec.decoder_start_token_id, *prefix]
+        new_tokens = max_decoding_length - len(prefix)
+        if new_tokens < 1:
+            raise RequestError(f"the target prefix has {len(prefix)} tokens; max_decoding_length "
+                               f"({max_decoding_length}) leaves no room to decode")
+        if len(start) + new_tokens > self.spec.max_position_embeddings + 1:
+            new_tokens = self.spec.max_position_embeddings + 1 - len(start)
+        request = Request(prompt_ids=start, max_new_tokens=new_tokens,
+                          min_new_tokens=max(0, min_decoding_length - len(prefix)),
+                          returned_prompt=prefix, counted_prompt=len(prefix))
+        caches = [{} for _ in self.model.decoder_layers]
+        logits = self.model.decode(torch.tensor([start], device=self.device), 0, caches,
+                                   cross, mask)
+        position = len(start)
+        if beam.beam_size == 1 and not sampling.greedy:
+            return self._sample(request, logits, caches, cross, mask, sampling, generator,
+                                end_ids, return_end_token, processors, beam.length_penalty,
+                                position)
+        search = BeamSearch(request, beam, sampling, generator, end_ids, return_end_token,
+                            processors, self.spec.vocab_size)
+        rows = 1
+        while True:
+            decision = search.advance(logits)
+            if decision.finish_reason is not None:
+                break
+            sources = torch.tensor(decision.sources, device=self.device)
+            if rows == 1 and len(decision.sources) > 1:  # the beams begin
+                cross = [(k.expand(len(sources), -1, -1, -1), v.expand(len(sources), -1, -1, -1))
+                         for k, v in cross]
+                mask = mask.expand(len(sources), -1, -1, -1)
+            for cache in caches:
+                cache["k"], cache["v"] = cache["k"][sources], cache["v"][sources]
+            rows = len(sources)
+            inputs = torch.tensor(decision.inputs, device=self.device)[:, None]
+            logits = self.model.decode(inputs, position, caches, cross, mask)
+            position += 1
+        return [(prefix + tokens, score) for tokens, score in search.result()]
+
+    def _sample(self, request, logits, caches, cross, mask, sampling, generator, end_ids,
+                return_end_token, processors, length_penalty, position):
+        """beam_size 1 with sampling: one draw per step (top-k, temperature, top-p)."""
+        tokens, total = [], 0.0
+        for step in range(request.max_new_tokens):
+            if processors.active:
+                logits = processors.apply(logits, [tokens])
+            if step < request.min_new_tokens and end_ids:
+                logits[:, sorted(end_ids)] = float("-inf")
+            ids, log_probs = choose_tokens(logits, [(sampling, generator)],
+                                           self.spec.vocab_size)
+            token, log_prob = int(ids[0]), float(log_probs[0])
+            total += log_prob
+            if token in end_ids:
+                if return_end_token:
+                    tokens.append(token)
+                break
+            tokens.append(token)
+            if step + 1 == request.max_new_tokens:
+                break
+            logits = self.model.decode(ids[:, None], position, caches, cross, mask)
+            position += 1
+        length = len(request.returned_prompt) + step + 1
+        score = total / (length ** length_penalty) if length else -math.inf
+        return [(request.returned_prompt + tokens, score)]
+
+    @torch.inference_mode()
+    def _target_log_probs(self, source_ids, inputs, targets) -> list[float]:
+        cross, mask = self._encode(source_ids)
+        caches = [{} for _ in self.model.decoder_layers]
+        log_probs = []
+        for position, token in enumerate(inputs):  # one position at a time, as decoding does
+            logits = self.model.decode(torch.tensor([[token]], device=self.device), position,
+                                       caches, cross, mask)
+            log_probs.append(float(logits.log_softmax(-1)[0, targets[position]]))
+        return log_probs
+
+
+def _refuse(unsupported: dict) -> None:
+    for name, value in unsupported.items():
+        if name not in UNSUPPORTED:
+            raise TypeError(f"translate_batch() got an unexpected keyword argument {name!r}")
+        if value != UNSUPPORTED[name]:
+            raise ValueError(f"{name} is not supported by kiln's Translator yet")
+
+
+def _build(spec: Seq2SeqSpec, tensors, compute: ComputeType, device: torch.device) -> Seq2Seq:
+    dtype = compute.torch_dtype
+    model = Seq2Seq(spec, compute.weights, dtype)
+    quantized = {name for name, module in model.named_modules()
+                 if isinstance(module, QuantizedLinear)}
+    state: dict[str, torch.Tensor] = {}
+    for name, tensor in seq2seq_weights(spec, tensors):
+        if name.endswith("_table"):  # a position table stored in the checkpoint
+            setattr(model, name, tensor.to(device, dtype))
+            continue
+        module, _, kind = name.rpartition(".")
+        if module in quantized and kind == "weight":
+            values, scale = quantize_rows(tensor, compute.weights)
+            state[name], state[f"{module}.weight_scale"] = values.to(device), scale.to(device)
+        else:
+            state[name] = tensor.to(device, dtype)
+    model.load_state_dict(state, assign=True, strict=False)
+    missing = [name for name, value in model.state_dict().items()
+               if value.device.type == "meta"]
+    if missing:
+        raise ValueError(f"the checkpoint does not fill {missing[:5]}")
+    for name in ("encoder_table", "decoder_table"):
+        if hasattr(model, name):
+            setattr(model, name, getattr(model, name).to(device))
+    backend = default_backend(device) if compute.weights == "int8" else None
+    for module in model.modules():
+        if isinstance(module, QuantizedLinear):
+            module.prepare(backend)
+    return model.eval()

@@ -1,0 +1,234 @@
+"""kiln.Translator against its references on tiny random BART, mBART, Marian and M2M100
+models: transformers' greedy translations, CTranslate2's Translator (greedy and beam search,
+tokens and scores), and scores of given targets."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import kiln
+
+from .conftest import widen_init, word_level_tokenizer
+
+VOCAB = 96
+PAD, EOS, START = 1, 2, 2
+MARIAN_PAD = VOCAB - 1
+FAMILIES = ["bart", "mbart", "marian", "m2m_100"]
+
+
+def tiny_seq2seq(family: str, seed: int = 0):
+    import transformers
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=VOCAB, d_model=64, encoder_layers=2, decoder_layers=2,
+                  encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=128,
+                  decoder_ffn_dim=128, max_position_embeddings=64, pad_token_id=PAD,
+                  eos_token_id=EOS, bos_token_id=0, decoder_start_token_id=START,
+                  forced_eos_token_id=None)
+    config_class, model_class, extra = {
+        "bart": (transformers.BartConfig, transformers.BartForConditionalGeneration, {}),
+        "mbart": (transformers.MBartConfig, transformers.MBartForConditionalGeneration,
+                  {"scale_embedding": True}),
+        "marian": (transformers.MarianConfig, transformers.MarianMTModel,
+                   {"decoder_vocab_size": VOCAB, "scale_embedding": True}),
+        "m2m_100": (transformers.M2M100Config, transformers.M2M100ForConditionalGeneration,
+                    {"scale_embedding": True}),
+    }[family]
+    if family == "marian":  # as OPUS-MT: <pad> is the last token and starts the decoder
+        common.update(pad_token_id=MARIAN_PAD, decoder_start_token_id=MARIAN_PAD)
+    model = model_class(config_class(**common, **extra)).eval()
+    widen_init(model, embed_std=0.5, std=0.1)
+    if hasattr(model, "final_logits_bias"):
+        model.final_logits_bias.normal_(0, 0.5)
+    if family == "marian":
+        with torch.no_grad():
+            model.model.shared.weight[MARIAN_PAD] = 0  # the decoder starts from zeros
+            for side in (model.model.encoder, model.model.decoder):  # fixed sinusoids
+                side.embed_positions.weight.copy_(side.embed_positions.create_weight())
+    return model
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family_model(request, tmp_path_factory):
+    model = tiny_seq2seq(request.param)
+    folder = tmp_path_factory.mktemp(request.param) / "hf"
+    folder.mkdir()
+    model.save_pretrained(folder)
+    word_level_tokenizer(VOCAB, folder, bos=0, eos=EOS)
+    if request.param == "marian":  # token 95 is "<pad>", as CTranslate2 expects of Marian
+        tokenizer = json.loads((folder / "tokenizer.json").read_text())
+        vocab = tokenizer["model"]["vocab"]
+        vocab["<pad>"] = vocab.pop(f"t{MARIAN_PAD}")
+        (folder / "tokenizer.json").write_text(json.dumps(tokenizer))
+    return request.param, model, folder
+
+
+def sources(seed: int = 0) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, VOCAB, (n,), generator=generator).tolist() + [EOS]
+            for n in (6, 11, 3, 20)]
+
+
+def as_tokens(ids: list[int]) -> list[str]:
+    return [f"t{i}" for i in ids]
+
+
+def hf_greedy(model, source: list[int], new_tokens: int) -> list[int]:
+    with torch.inference_mode():
+        out = model.generate(torch.tensor([source]), max_new_tokens=new_tokens, num_beams=1,
+                             do_sample=False, min_length=0, no_repeat_ngram_size=0,
+                             repetition_penalty=1.0, forced_bos_token_id=None,
+                             forced_eos_token_id=None, bad_words_ids=None)
+    ids = out[0, 1:].tolist()  # after the decoder start token
+    return ids[:ids.index(EOS)] if EOS in ids else ids
+
+
+def test_greedy_matches_transformers(family_model):
+    _, model, folder = family_model
+    translator = kiln.Translator(folder, compute_type="float32")
+    batch = sources()
+    results = translator.translate_batch([as_tokens(s) for s in batch], beam_size=1,
+                                         max_decoding_length=20, min_decoding_length=0)
+    for source, result in zip(batch, results, strict=True):
+        assert result.hypotheses[0] == as_tokens(hf_greedy(model, source, 20))
+
+
+def test_scores_of_a_target_match_transformers(family_model):
+    _, model, folder = family_model
+    translator = kiln.Translator(folder, compute_type="float32")
+    source, target = sources(1)[1], [5, 9, 33, 70]
+    scored = translator.score_batch([as_tokens(source)], [as_tokens(target)])[0]
+    decoder_inputs = torch.tensor([[model.config.decoder_start_token_id, *target]])
+    with torch.inference_mode():
+        logits = model(input_ids=torch.tensor([source]),
+                       decoder_input_ids=decoder_inputs).logits[0]
+    expected = logits.log_softmax(-1).gather(-1, torch.tensor([*target, EOS])[:, None])[:, 0]
+    assert scored.tokens == as_tokens([*target, EOS])
+    assert np.allclose(scored.log_probs, expected.tolist(), atol=1e-4)
+
+
+def ctranslate2_translator(folder, tmp_path, quantization=None):
+    ctranslate2 = pytest.importorskip("ctranslate2")
+    source = tmp_path / "hf-copy"
+    shutil.copytree(folder, source)
+    # CTranslate2's BART loader reads a key newer transformers no longer write
+    config = json.loads((source / "config.json").read_text())
+    if config["model_type"] in ("bart", "mbart"):
+        config.setdefault("normalize_before", config["model_type"] == "mbart")
+    (source / "config.json").write_text(json.dumps(config))
+    output = tmp_path / "ct2"
+    ctranslate2.converters.TransformersConverter(str(source)).convert(
+        str(output), quantization=quantization)
+    return ctranslate2.Translator(str(output), device="cpu")
+
+
+@pytest.mark.parametrize("beam_size", [1, 4])
+def test_tokens_and_scores_match_ctranslate2(family_model, tmp_path, beam_size):
+    family, _, folder = family_model
+    if family == "mbart":
+        pytest.skip("CTranslate2's mBART starts each target from a language token prefix")
+    try:
+        peer = ctranslate2_translator(folder, tmp_path)
+    except Exception as error:  # noqa: BLE001 - a converter that cannot read the tiny model
+        pytest.skip(f"CTranslate2 cannot convert this {family} model: {error}")
+    translator = kiln.Translator(folder, compute_type="float32")
+    batch = [as_tokens(s) for s in sources(2)]
+    options = dict(beam_size=beam_size, max_decoding_length=24, return_scores=True,
+                   num_hypotheses=2 if beam_size > 1 else 1)
+    ours = translator.translate_batch(batch, **options)
+    theirs = peer.translate_batch(batch, **options)
+    for mine, reference in zip(ours, theirs, strict=True):
+        assert mine.hypotheses == reference.hypotheses
+        assert np.allclose(mine.scores, reference.scores, atol=1e-4)
+
+
+def test_target_prefix_and_decoding_limits(family_model):
+    _, _, folder = family_model
+    translator = kiln.Translator(folder, compute_type="float32")
+    batch = [as_tokens(s) for s in sources(3)]
+    prefixed = translator.translate_batch(batch, target_prefix=[["t7", "t8"]] * len(batch),
+                                          beam_size=2, max_decoding_length=10)
+    for result in prefixed:
+        assert result.hypotheses[0][:2] == ["t7", "t8"]
+        assert len(result.hypotheses[0]) <= 10
+    short = translator.translate_batch(batch, beam_size=1, max_decoding_length=3,
+                                       min_decoding_length=3, return_end_token=True)
+    assert all(len(result.hypotheses[0]) == 3 for result in short)
+
+
+def test_a_sentence_does_not_depend_on_its_batch(family_model):
+    _, _, folder = family_model
+    translator = kiln.Translator(folder, compute_type="float32")
+    batch = [as_tokens(s) for s in sources(4)]
+    together = translator.translate_batch(batch, beam_size=3, return_scores=True)
+    for sentence, result in zip(batch, together, strict=True):
+        alone = translator.translate_batch([sentence], beam_size=3, return_scores=True)[0]
+        assert alone.hypotheses == result.hypotheses and alone.scores == result.scores
+
+
+def test_int8_stays_close_to_float(family_model):
+    _, _, folder = family_model
+    full = kiln.Translator(folder, compute_type="float32")
+    int8 = kiln.Translator(folder, compute_type="int8")
+    batch = [as_tokens(s) for s in sources(5)]
+    targets = full.translate_batch(batch, beam_size=1, max_decoding_length=12)
+    targets = [result.hypotheses[0] for result in targets]
+    reference = full.score_batch(batch, targets)
+    quantized = int8.score_batch(batch, targets)
+    for a, b in zip(reference, quantized, strict=True):
+        assert np.allclose(a.log_probs, b.log_probs, atol=0.15)
+
+
+def test_bad_input_names_the_problem(family_model):
+    _, _, folder = family_model
+    translator = kiln.Translator(folder, compute_type="float32")
+    with pytest.raises(TypeError, match="tokens"):
+        translator.translate_batch(["t5 t6"])
+    with pytest.raises(kiln.RequestError, match="not in the vocabulary"):
+        translator.translate_batch([["t5", "nope"]])
+    with pytest.raises(ValueError, match="coverage_penalty"):
+        translator.translate_batch([["t5"]], coverage_penalty=0.2)
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        translator.translate_batch([["t5"]], beam_width=2)
+
+
+def test_compat_translator_decodes_text(family_model):
+    _, _, folder = family_model
+    from kiln.compat import TranslatorCT2fromHfHub
+
+    transformers = pytest.importorskip("transformers")
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"),
+                                                     eos_token="t2")
+    model = TranslatorCT2fromHfHub(str(folder), device="cpu", compute_type="float32",
+                                   tokenizer=tokenizer)
+    single = model.generate("t5 t9 t40", beam_size=1, max_decoding_length=8)
+    batch = model.generate(["t5 t9 t40", "t11"], beam_size=1, max_decoding_length=8)
+    assert isinstance(single, str) and batch[0] == single
+    direct = kiln.Translator(folder, compute_type="float32").translate_batch(
+        [["t5", "t9", "t40"]], beam_size=1, max_decoding_length=8)[0].hypotheses[0]
+    assert single == tokenizer.decode(tokenizer.convert_tokens_to_ids(direct))
+
+
+def test_int8_scores_lose_no_more_than_ctranslate2(family_model, tmp_path):
+    family, _, folder = family_model
+    if family == "mbart":
+        pytest.skip("CTranslate2's mBART starts each target from a language token prefix")
+    peer = ctranslate2_translator(folder, tmp_path, quantization="int8")
+    full = kiln.Translator(folder, compute_type="float32")
+    int8 = kiln.Translator(folder, compute_type="int8")
+    batch = [as_tokens(s) for s in sources(6)]
+    targets = [r.hypotheses[0] for r in full.translate_batch(batch, beam_size=1,
+                                                             max_decoding_length=12)]
+    reference = np.concatenate([r.log_probs for r in full.score_batch(batch, targets)])
+    ours = np.concatenate([r.log_probs for r in int8.score_batch(batch, targets)])
+    theirs = np.concatenate([r.log_probs for r in peer.score_batch(batch, targets)])
+    ours_error = np.abs(ours - reference).mean()
+    theirs_error = np.abs(theirs - reference).mean()
+    print(f"{family}: mean |log-prob error| of int8, kiln {ours_error:.4f}, "
+          f"CTranslate2 {theirs_error:.4f}")
+    assert ours_error <= theirs_error * 1.1 + 1e-4
