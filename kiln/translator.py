@@ -1,5 +1,5 @@
-"""`kiln.Translator`: BART-family encoder-decoders (BART, mBART, Marian/OPUS-MT, M2M100/NLLB)
-with CTranslate2's `translate_batch` and `score_batch`.
+"""`kiln.Translator`: encoder-decoders (BART, mBART, Marian/OPUS-MT, M2M100/NLLB, T5, mT5,
+Flan-T5) with CTranslate2's `translate_batch` and `score_batch`.
 
     translator = kiln.Translator("Helsinki-NLP/opus-mt-en-de", compute_type="int8")
     results = translator.translate_batch([["▁Hello", "▁world", "</s>"]], beam_size=4)
@@ -30,6 +30,7 @@ from .generation.beam import BeamSearch
 from .generation.options import BeamOptions
 from .generation.processors import Processors
 from .generation.requests import Request
+from .generation.results import GenerationStepResult
 from .generation.sampling import SamplingParams, choose_tokens
 from .model.loading import resolve_device
 from .model.seq2seq import Seq2Seq, Seq2SeqSpec
@@ -38,8 +39,7 @@ from .quant.int8 import QuantizedLinear, quantize_rows
 from .quant.kernels import default_backend
 
 UNSUPPORTED = {"coverage_penalty": 0, "prefix_bias_beta": 0, "return_attention": False,
-               "return_alternatives": False, "replace_unknowns": False, "asynchronous": False,
-               "callback": None}
+               "return_alternatives": False, "replace_unknowns": False}
 
 
 @dataclass
@@ -102,7 +102,8 @@ class Translator:
         config = read_config(folder)
         if not is_seq2seq_type(config.get("model_type")):
             raise ValueError(f"{model_path} is a {config.get('model_type')!r} model, not a "
-                             "supported translation model (bart, mbart, marian, m2m_100); "
+                             "supported translation model (bart, mbart, marian, m2m_100, t5, "
+                             "mt5); "
                              "load decoders with kiln.Generator, encoders with kiln.Encoder")
         self.path = folder
         self.device = resolve_device(device, device_index)
@@ -117,8 +118,7 @@ class Translator:
         self.unk_id = self.vocabulary.ids.get("<unk>")
         # Marian starts the decoder from <pad> (a zero embedding): it is never generated.
         spec = self.spec
-        self._never = ((spec.pad_token_id,) if spec.decoder_start_token_id == spec.pad_token_id
-                       else ())
+        self._never = ((spec.pad_token_id,) if spec.family == "marian" else ())
 
     # ------------------------------------------------------------ CTranslate2's API
 
@@ -134,8 +134,24 @@ class Translator:
                         use_vmap: bool = False, return_scores: bool = False,
                         sampling_topk: int = 1, sampling_topp: float = 1,
                         sampling_temperature: float = 1, seed: int | None = None,
+                        asynchronous: bool = False, callback=None,
                         **unsupported) -> list[TranslationResult]:
+        """CTranslate2's translate_batch. `asynchronous=True` returns one future per sentence
+        (`.result()`, `.done()`), run in order on the translator's own thread; `callback`
+        (beam_size 1) sees each token as a GenerationStepResult and stops its sentence by
+        returning True."""
         _refuse(unsupported)
+        if asynchronous:
+            options = {name: value for name, value in locals().items()
+                       if name not in ("self", "source", "target_prefix", "asynchronous",
+                                       "unsupported", "options")}
+            prefixes = target_prefix or [None] * len(source)
+            return [self._executor().submit(
+                lambda s=sentence, p=prefix: self.translate_batch(
+                    [s], None if p is None else [p], **options)[0])
+                for sentence, prefix in zip(source, prefixes, strict=True)]
+        if callback is not None and beam_size != 1:
+            raise ValueError("callback needs beam_size=1 (as in CTranslate2)")
         if batch_type not in ("examples", "tokens"):
             raise ValueError(f"batch_type must be 'examples' or 'tokens', got {batch_type!r}")
         sources = self._sources(source, max_input_length)
@@ -143,12 +159,8 @@ class Translator:
         beam = BeamOptions(beam_size, patience, num_hypotheses, length_penalty)
         sampling = SamplingParams(sampling_topk, sampling_topp, sampling_temperature)
         end_ids = self._end_ids(end_token)
-        processors = Processors(
-            repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
-            suppressed_ids=self._never + ((self.unk_id,) if disable_unk and self.unk_id is not None
-                                          else ()),
-            suppressed_sequences=tuple(tuple(self.vocabulary.to_ids(s, "suppress_sequences"))
-                                       for s in (suppress_sequences or [])))
+        processors = self._processors(repetition_penalty, no_repeat_ngram_size, disable_unk,
+                                      suppress_sequences)
         if not isinstance(max_decoding_length, int) or max_decoding_length < 1:
             raise ValueError(f"max_decoding_length must be an int >= 1, got "
                              f"{max_decoding_length!r}")
@@ -161,11 +173,89 @@ class Translator:
                 generator.seed()
             hypotheses = self._search(ids, prefix, beam, sampling, generator, end_ids,
                                       return_end_token, processors, max_decoding_length,
-                                      min_decoding_length)
+                                      min_decoding_length, callback, index)
             results.append(TranslationResult(
                 hypotheses=[self.vocabulary.to_tokens(tokens) for tokens, _ in hypotheses],
                 scores=[score for _, score in hypotheses] if return_scores else []))
         return results
+
+    def translate_iterable(self, source, target_prefix=None, max_batch_size: int = 32,
+                           batch_type: str = "examples", **options):
+        """Translate an iterable of sentences lazily, `max_batch_size` at a time; the
+        results in order."""
+        prefixes = iter(target_prefix) if target_prefix is not None else None
+        batch: list = []
+        for sentence in source:
+            batch.append((sentence, next(prefixes) if prefixes is not None else None))
+            if len(batch) == max_batch_size:
+                yield from self._translate_pairs(batch, options)
+                batch = []
+        if batch:
+            yield from self._translate_pairs(batch, options)
+
+    def _translate_pairs(self, pairs, options):
+        sentences = [sentence for sentence, _ in pairs]
+        prefixes = None if pairs[0][1] is None else [prefix for _, prefix in pairs]
+        return self.translate_batch(sentences, prefixes, **options)
+
+    def score_iterable(self, source, target, max_batch_size: int = 64,
+                       batch_type: str = "examples", **options):
+        """score_batch over iterables, lazily; the results in order."""
+        batch: list = []
+        for pair in zip(source, target, strict=True):
+            batch.append(pair)
+            if len(batch) == max_batch_size:
+                yield from self.score_batch([s for s, _ in batch], [t for _, t in batch],
+                                            **options)
+                batch = []
+        if batch:
+            yield from self.score_batch([s for s, _ in batch], [t for _, t in batch], **options)
+
+    def generate_tokens(self, source: list[str], target_prefix: list[str] | None = None, *,
+                        max_decoding_length: int = 256, min_decoding_length: int = 1,
+                        sampling_topk: int = 1, sampling_topp: float = 1,
+                        sampling_temperature: float = 1, return_log_prob: bool = False,
+                        repetition_penalty: float = 1, no_repeat_ngram_size: int = 0,
+                        disable_unk: bool = False, suppress_sequences=None, end_token=None,
+                        max_input_length: int = 1024, use_vmap: bool = False,
+                        seed: int | None = None):
+        """One sentence's tokens as they are decoded (GenerationStepResult), greedy or
+        sampled. Leaving the loop stops the decoding."""
+        ids = self._sources([source], max_input_length)[0]
+        prefix = self._prefixes(None if target_prefix is None else [target_prefix], 1)[0]
+        sampling = SamplingParams(sampling_topk, sampling_topp, sampling_temperature)
+        generator = torch.Generator(device="cpu")
+        generator.manual_seed(seed) if seed is not None else generator.seed()
+        processors = self._processors(repetition_penalty, no_repeat_ngram_size, disable_unk,
+                                      suppress_sequences)
+        end_ids = self._end_ids(end_token)
+        with torch.inference_mode():
+            request, cross, mask, caches, logits = self._start(
+                ids, prefix, max_decoding_length, min_decoding_length)
+            steps = self._stream(request, logits, caches, cross, mask, sampling, generator,
+                                 end_ids, processors, len(request.prompt_ids))
+            for step, (token, log_prob, _, is_last) in enumerate(steps):
+                yield GenerationStepResult(step=step, batch_id=0, token_id=token,
+                                           hypothesis_id=0,
+                                           token=self.vocabulary.tokens.get(token),
+                                           log_prob=log_prob if return_log_prob else None,
+                                           is_last=is_last)
+
+    def _processors(self, repetition_penalty, no_repeat_ngram_size, disable_unk,
+                    suppress_sequences) -> Processors:
+        unk = (self.unk_id,) if disable_unk and self.unk_id is not None else ()
+        return Processors(
+            repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
+            suppressed_ids=self._never + unk,
+            suppressed_sequences=tuple(tuple(self.vocabulary.to_ids(s, "suppress_sequences"))
+                                       for s in (suppress_sequences or [])))
+
+    def _executor(self):
+        if getattr(self, "_pool", None) is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="kiln-translator")
+        return self._pool
 
     def score_batch(self, source: list[list[str]], target: list[list[str]], *,
                     max_batch_size: int = 0, batch_type: str = "examples",
@@ -225,9 +315,9 @@ class Translator:
         states, mask = self.model.encode(tensor, lengths)
         return self.model.cross_keys_values(states), mask
 
-    @torch.inference_mode()
-    def _search(self, source_ids, prefix, beam, sampling, generator, end_ids, return_end_token,
-                processors, max_decoding_length, min_decoding_length):
+    def _start(self, source_ids, prefix, max_decoding_length, min_decoding_length):
+        """Encode the source and run the decoder over its start token and the target prefix:
+        (request, cross keys/values, source mask, self-attention caches, next logits)."""
         cross, mask = self._encode(source_ids)
         start = [self.spec.decoder_start_token_id, *prefix]
         new_tokens = max_decoding_length - len(prefix)
@@ -242,11 +332,22 @@ class Translator:
         caches = [{} for _ in self.model.decoder_layers]
         logits = self.model.decode(torch.tensor([start], device=self.device), 0, caches,
                                    cross, mask)
+        return request, cross, mask, caches, logits
+
+    @torch.inference_mode()
+    def _search(self, source_ids, prefix, beam, sampling, generator, end_ids, return_end_token,
+                processors, max_decoding_length, min_decoding_length, callback=None,
+                batch_id=0):
+        request, cross, mask, caches, logits = self._start(source_ids, prefix,
+                                                           max_decoding_length,
+                                                           min_decoding_length)
+        start = request.prompt_ids
         position = len(start)
-        if beam.beam_size == 1 and not sampling.greedy:
-            return self._sample(request, logits, caches, cross, mask, sampling, generator,
-                                end_ids, return_end_token, processors, beam.length_penalty,
-                                position)
+        if beam.beam_size == 1:
+            steps = self._stream(request, logits, caches, cross, mask, sampling, generator,
+                                 end_ids, processors, position)
+            return self._one_best(request, steps, return_end_token, beam.length_penalty,
+                                  callback, batch_id)
         search = BeamSearch(request, beam, sampling, generator, end_ids, return_end_token,
                             processors, self.spec.vocab_size)
         rows = 1
@@ -267,29 +368,43 @@ class Translator:
             position += 1
         return [(prefix + tokens, score) for tokens, score in search.result()]
 
-    def _sample(self, request, logits, caches, cross, mask, sampling, generator, end_ids,
-                return_end_token, processors, length_penalty, position):
-        """beam_size 1 with sampling: one draw per step (top-k, temperature, top-p)."""
-        tokens, total = [], 0.0
+    def _stream(self, request, logits, caches, cross, mask, sampling, generator, end_ids,
+                processors, position):
+        """beam_size 1: one token per step (greedy, or a draw after top-k, temperature and
+        top-p); yields (token, log_prob, is_end, is_last)."""
+        tokens: list[int] = []
         for step in range(request.max_new_tokens):
             if processors.active:
-                logits = processors.apply(logits, [tokens])
+                logits = processors.apply(logits, [request.returned_prompt + tokens])
             if step < request.min_new_tokens and end_ids:
                 logits[:, sorted(end_ids)] = float("-inf")
             ids, log_probs = choose_tokens(logits, [(sampling, generator)],
                                            self.spec.vocab_size)
             token, log_prob = int(ids[0]), float(log_probs[0])
-            total += log_prob
-            if token in end_ids:
-                if return_end_token:
-                    tokens.append(token)
-                break
+            is_end = token in end_ids
+            is_last = is_end or step + 1 == request.max_new_tokens
+            yield token, log_prob, is_end, is_last
+            if is_last:
+                return
             tokens.append(token)
-            if step + 1 == request.max_new_tokens:
-                break
             logits = self.model.decode(ids[:, None], position, caches, cross, mask)
             position += 1
-        length = len(request.returned_prompt) + step + 1
+
+    def _one_best(self, request, steps, return_end_token, length_penalty, callback, batch_id):
+        """Collect `_stream`: the hypothesis and its score (the end token counts in the
+        length that divides it, as in beam search). `callback` sees each token; True stops."""
+        tokens, total, count = [], 0.0, 0
+        for token, log_prob, is_end, is_last in steps:
+            total, count = total + log_prob, count + 1
+            if not is_end or return_end_token:
+                tokens.append(token)
+            if callback is not None:
+                step = GenerationStepResult(
+                    step=count - 1, batch_id=batch_id, token_id=token, hypothesis_id=0,
+                    token=self.vocabulary.tokens.get(token), log_prob=log_prob, is_last=is_last)
+                if callback(step) is True:
+                    break
+        length = len(request.returned_prompt) + count
         score = total / (length ** length_penalty) if length else -math.inf
         return [(request.returned_prompt + tokens, score)]
 

@@ -18,13 +18,22 @@ from .conftest import widen_init, word_level_tokenizer
 VOCAB = 96
 PAD, EOS, START = 1, 2, 2
 MARIAN_PAD = VOCAB - 1
-FAMILIES = ["bart", "mbart", "marian", "m2m_100"]
+FAMILIES = ["bart", "mbart", "marian", "m2m_100", "t5", "flan-t5"]
 
 
 def tiny_seq2seq(family: str, seed: int = 0):
     import transformers
 
     torch.manual_seed(seed)
+    if family in ("t5", "flan-t5"):  # v1.0: ReLU, tied head; v1.1 (Flan): gated GELU, untied
+        flan = family == "flan-t5"
+        config = transformers.T5Config(
+            vocab_size=VOCAB, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2,
+            num_heads=4, relative_attention_num_buckets=8, relative_attention_max_distance=20,
+            pad_token_id=0, eos_token_id=EOS, decoder_start_token_id=0,
+            feed_forward_proj="gated-gelu" if flan else "relu", tie_word_embeddings=not flan)
+        model = transformers.T5ForConditionalGeneration(config).eval()
+        return widen_init(model, embed_std=0.5, std=0.1)
     common = dict(vocab_size=VOCAB, d_model=64, encoder_layers=2, decoder_layers=2,
                   encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=128,
                   decoder_ffn_dim=128, max_position_embeddings=64, pad_token_id=PAD,
@@ -56,7 +65,7 @@ def tiny_seq2seq(family: str, seed: int = 0):
 @pytest.fixture(scope="module", params=FAMILIES)
 def family_model(request, tmp_path_factory):
     model = tiny_seq2seq(request.param)
-    folder = tmp_path_factory.mktemp(request.param) / "hf"
+    folder = tmp_path_factory.mktemp(request.param.replace("-", "_")) / "hf"
     folder.mkdir()
     model.save_pretrained(folder)
     word_level_tokenizer(VOCAB, folder, bos=0, eos=EOS)
@@ -65,6 +74,10 @@ def family_model(request, tmp_path_factory):
         vocab = tokenizer["model"]["vocab"]
         vocab["<pad>"] = vocab.pop(f"t{MARIAN_PAD}")
         (folder / "tokenizer.json").write_text(json.dumps(tokenizer))
+    if request.param in ("t5", "flan-t5"):  # T5 starts the decoder from its pad token
+        settings = json.loads((folder / "tokenizer_config.json").read_text())
+        settings["pad_token"] = "t0"
+        (folder / "tokenizer_config.json").write_text(json.dumps(settings))
     return request.param, model, folder
 
 
@@ -132,6 +145,9 @@ def test_tokens_and_scores_match_ctranslate2(family_model, tmp_path, beam_size):
     family, _, folder = family_model
     if family == "mbart":
         pytest.skip("CTranslate2's mBART starts each target from a language token prefix")
+    if family == "flan-t5":  # kiln equals transformers on it (the greedy and score tests)
+        pytest.skip("CTranslate2 4.8 reads tie_word_embeddings, which transformers 5 writes "
+                    "true for an untied T5, and scales its head")
     try:
         peer = ctranslate2_translator(folder, tmp_path)
     except Exception as error:  # noqa: BLE001 - a converter that cannot read the tiny model
@@ -218,6 +234,9 @@ def test_int8_scores_lose_no_more_than_ctranslate2(family_model, tmp_path):
     family, _, folder = family_model
     if family == "mbart":
         pytest.skip("CTranslate2's mBART starts each target from a language token prefix")
+    if family == "flan-t5":  # kiln equals transformers on it (the greedy and score tests)
+        pytest.skip("CTranslate2 4.8 reads tie_word_embeddings, which transformers 5 writes "
+                    "true for an untied T5, and scales its head")
     peer = ctranslate2_translator(folder, tmp_path, quantization="int8")
     full = kiln.Translator(folder, compute_type="float32")
     int8 = kiln.Translator(folder, compute_type="int8")
@@ -232,3 +251,57 @@ def test_int8_scores_lose_no_more_than_ctranslate2(family_model, tmp_path):
     print(f"{family}: mean |log-prob error| of int8, kiln {ours_error:.4f}, "
           f"CTranslate2 {theirs_error:.4f}")
     assert ours_error <= theirs_error * 1.1 + 1e-4
+
+
+def test_iterables_streams_async_and_callbacks(family_model):
+    _, _, folder = family_model
+    translator = kiln.Translator(folder, compute_type="float32")
+    batch = [as_tokens(s) for s in sources(7)]
+    options = dict(beam_size=1, max_decoding_length=12, return_scores=True)
+    expected = translator.translate_batch(batch, **options)
+    lazily = list(translator.translate_iterable(iter(batch), max_batch_size=3, **options))
+    assert [r.hypotheses for r in lazily] == [r.hypotheses for r in expected]
+    futures = translator.translate_batch(batch, asynchronous=True, **options)
+    assert [f.result().hypotheses for f in futures] == [r.hypotheses for r in expected]
+    steps = list(translator.generate_tokens(batch[0], max_decoding_length=12,
+                                            return_log_prob=True))
+    assert [s.token for s in steps if s.token_id != EOS] == expected[0].hypotheses[0]
+    assert steps[-1].is_last and all(s.log_prob <= 0 for s in steps)
+    seen = []
+
+    def stop_after_three(step):
+        seen.append(step.token)
+        return len(seen) == 3
+
+    cut = translator.translate_batch(batch[:1], callback=stop_after_three,
+                                     max_decoding_length=12, beam_size=1)[0]
+    assert cut.hypotheses[0] == expected[0].hypotheses[0][:3] == seen
+    targets = [r.hypotheses[0] for r in expected]
+    scored = list(translator.score_iterable(iter(batch), iter(targets), max_batch_size=2))
+    assert [s.tokens[:-1] for s in scored] == targets
+    sampled = [translator.translate_batch(batch, beam_size=1, sampling_topk=0, seed=3,
+                                          max_decoding_length=8)[0].hypotheses
+               for _ in range(2)]
+    assert sampled[0] == sampled[1]
+
+
+def test_multilingual_compat_forces_the_target_language(family_model):
+    family, _, folder = family_model
+    if family != "m2m_100":
+        pytest.skip("the multilingual class is for M2M100 / NLLB")
+    from kiln.compat import MultiLingualTranslatorCT2fromHfHub
+
+    transformers = pytest.importorskip("transformers")
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"),
+                                                     eos_token="t2")
+    tokenizer.lang_code_to_token = {"de": "t40", "fr": "t41"}
+    model = MultiLingualTranslatorCT2fromHfHub(str(folder), device="cpu",
+                                               compute_type="float32", tokenizer=tokenizer)
+    texts = model.generate(["t5 t9 t2", "t7 t2"], src_lang=["en", "en"], tgt_lang=["de", "fr"],
+                           beam_size=1, max_decoding_length=6)
+    direct = kiln.Translator(folder, compute_type="float32").translate_batch(
+        [["t5", "t9", "t2"]], target_prefix=[["t40"]], beam_size=1, max_decoding_length=6)
+    assert texts[0] == tokenizer.decode(tokenizer.convert_tokens_to_ids(
+        direct[0].hypotheses[0][1:]))
+    with pytest.raises(ValueError, match="unequal"):
+        model.generate(["t5"], src_lang=["en", "en"], tgt_lang=["de"])

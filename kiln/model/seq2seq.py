@@ -1,6 +1,8 @@
-"""The one encoder-decoder of the BART family (BART, mBART, Marian/OPUS-MT, M2M100/NLLB),
-built from a `Seq2SeqSpec` holding the choices in which they differ: where the layer norms
-sit, how positions are embedded, whether embeddings are scaled.
+"""The one encoder-decoder of kiln's translation models (BART, mBART, Marian/OPUS-MT,
+M2M100/NLLB, T5/mT5/Flan-T5), built from a `Seq2SeqSpec` holding the choices in which they
+differ: where the norms sit and which (LayerNorm or T5's RMSNorm), how positions enter
+(absolute tables, or T5's relative position buckets added to the attention scores), whether
+embeddings are scaled, a gated MLP, biases.
 
 The encoder runs a padded batch once; the decoder runs one step at a time for B rows (beams
 included), with the keys and values of its self-attention grown per step and those of its
@@ -20,7 +22,7 @@ from torch import nn
 
 from .encoder import ACTIVATIONS, linear, project
 
-POSITIONS = ("learned", "sinusoidal", "sinusoidal_interleaved")
+POSITIONS = ("learned", "sinusoidal", "sinusoidal_interleaved", "relative")
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,14 @@ class Seq2SeqSpec:
     decoder_start_token_id: int = 2
     pad_token_id: int = 1
     eos_token_id: int = 2
+    norm: str = "layernorm"  # or "rmsnorm" (T5: no mean, no bias)
+    linear_bias: bool = True
+    attention_head_dim: int | None = None  # T5's d_kv; None: hidden_size / num_heads
+    gated_mlp: bool = False  # act(x W_gate) * (x W_up) (T5 v1.1, Flan-T5)
+    attention_scale: float | None = None  # None: 1/sqrt(head_dim); T5: 1
+    relative_buckets: int = 32  # T5's relative position buckets
+    relative_max_distance: int = 128
+    output_scale: float = 1.0  # the decoder's output times this before lm_head (T5: d^-0.5)
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "num_heads", "encoder_layers",
@@ -64,7 +74,16 @@ class Seq2SeqSpec:
 
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
+        return self.attention_head_dim or self.hidden_size // self.num_heads
+
+    @property
+    def inner_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    def make_norm(self, dtype: torch.dtype) -> nn.Module:
+        if self.norm == "rmsnorm":
+            return nn.RMSNorm(self.hidden_size, eps=self.norm_eps, dtype=dtype, device="meta")
+        return nn.LayerNorm(self.hidden_size, eps=self.norm_eps, dtype=dtype, device="meta")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -93,15 +112,34 @@ def sinusoids(positions: int, dim: int, interleaved: bool) -> torch.Tensor:
     return table.float()
 
 
+def relative_buckets(relative: torch.Tensor, bidirectional: bool, buckets: int,
+                     max_distance: int) -> torch.Tensor:
+    """T5's bucket of each (key position - query position): exact for small distances,
+    logarithmic up to max_distance; both signs (encoder) or only the past (decoder)."""
+    bucket = torch.zeros_like(relative)
+    if bidirectional:
+        buckets //= 2
+        bucket += (relative > 0).long() * buckets
+        relative = relative.abs()
+    else:
+        relative = -relative.clamp(max=0)
+    exact = buckets // 2
+    large = exact + (torch.log(relative.float() / exact) / math.log(max_distance / exact)
+                     * (buckets - exact)).long()
+    large = large.clamp(max=buckets - 1)
+    return bucket + torch.where(relative < exact, relative, large)
+
+
 class Attention(nn.Module):
     def __init__(self, spec: Seq2SeqSpec, weights: str | None, dtype: torch.dtype,
                  cross: bool) -> None:
         super().__init__()
-        hidden = spec.hidden_size
+        hidden, inner, bias = spec.hidden_size, spec.inner_size, spec.linear_bias
         self.heads, self.head_dim, self.cross = spec.num_heads, spec.head_dim, cross
-        self.q = linear(hidden, hidden, weights, dtype)
-        self.kv = linear(hidden, 2 * hidden, weights, dtype)
-        self.out = linear(hidden, hidden, weights, dtype)
+        self.scale = spec.attention_scale
+        self.q = linear(hidden, inner, weights, dtype, bias)
+        self.kv = linear(hidden, 2 * inner, weights, dtype, bias)
+        self.out = linear(inner, hidden, weights, dtype, bias)
 
     def split(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, H] -> [B, heads, T, d]
         return x.view(x.shape[0], x.shape[1], self.heads, self.head_dim).transpose(1, 2)
@@ -111,9 +149,11 @@ class Attention(nn.Module):
         return self.split(k), self.split(v)
 
     def forward(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                mask: torch.Tensor | None) -> torch.Tensor:
+                mask: torch.Tensor | None, bias: torch.Tensor | None = None) -> torch.Tensor:
         q = self.split(project(self.q, x))
-        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        if bias is not None:  # position bias plus -inf where the mask forbids
+            mask = bias if mask is None else bias.masked_fill(~mask, float("-inf"))
+        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
         batch, length = x.shape[0], x.shape[1]
         return project(self.out, attended.transpose(1, 2).reshape(batch, length, -1))
 
@@ -126,15 +166,15 @@ class Block(nn.Module):
                  decoder: bool) -> None:
         super().__init__()
         hidden, ffn = spec.hidden_size, spec.decoder_ffn if decoder else spec.encoder_ffn
-        self.pre_norm = spec.pre_norm
+        self.pre_norm, self.gated = spec.pre_norm, spec.gated_mlp
         self.self_attn = Attention(spec, weights, dtype, cross=False)
-        self.self_norm = nn.LayerNorm(hidden, eps=spec.norm_eps, dtype=dtype, device="meta")
+        self.self_norm = spec.make_norm(dtype)
         self.cross_attn = Attention(spec, weights, dtype, cross=True) if decoder else None
-        self.cross_norm = (nn.LayerNorm(hidden, eps=spec.norm_eps, dtype=dtype, device="meta")
-                           if decoder else None)
-        self.up = linear(hidden, ffn, weights, dtype)
-        self.down = linear(ffn, hidden, weights, dtype)
-        self.mlp_norm = nn.LayerNorm(hidden, eps=spec.norm_eps, dtype=dtype, device="meta")
+        self.cross_norm = spec.make_norm(dtype) if decoder else None
+        self.up = linear(hidden, 2 * ffn if spec.gated_mlp else ffn, weights, dtype,
+                         spec.linear_bias)
+        self.down = linear(ffn, hidden, weights, dtype, spec.linear_bias)
+        self.mlp_norm = spec.make_norm(dtype)
         self.act = ACTIVATIONS[spec.activation]
 
     def residual(self, x: torch.Tensor, norm: nn.Module, f) -> torch.Tensor:
@@ -143,18 +183,23 @@ class Block(nn.Module):
         return norm(x + f(x))
 
     def mlp(self, x: torch.Tensor) -> torch.Tensor:
-        return project(self.down, self.act(project(self.up, x)))
+        hidden = project(self.up, x)
+        if self.gated:
+            gate, up = hidden.chunk(2, dim=-1)
+            return project(self.down, self.act(gate) * up)
+        return project(self.down, self.act(hidden))
 
-    def encode(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def encode(self, x: torch.Tensor, mask: torch.Tensor,
+               bias: torch.Tensor | None = None) -> torch.Tensor:
         def attend(h):
             k, v = self.self_attn.keys_values(h)
-            return self.self_attn(h, k, v, mask)
+            return self.self_attn(h, k, v, mask, bias)
 
         x = self.residual(x, self.self_norm, attend)
         return self.residual(x, self.mlp_norm, self.mlp)
 
     def decode(self, x: torch.Tensor, cache: dict, source: tuple[torch.Tensor, torch.Tensor],
-               source_mask: torch.Tensor) -> torch.Tensor:
+               source_mask: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """One or more new target positions of every row; `cache` holds this layer's
         self-attention keys/values so far (updated in place)."""
 
@@ -167,7 +212,7 @@ class Block(nn.Module):
             mask = None
             if new > 1:  # several positions at once (a target prefix): causal among them
                 mask = torch.ones(new, total, dtype=torch.bool, device=h.device).tril(total - new)
-            return self.self_attn(h, k, v, mask)
+            return self.self_attn(h, k, v, mask, bias)
 
         x = self.residual(x, self.self_norm, attend)
         x = self.residual(x, self.cross_norm,
@@ -189,6 +234,11 @@ class Seq2Seq(nn.Module):
             table = spec.max_position_embeddings + spec.position_offset
             self.encoder_positions = nn.Embedding(table, hidden, dtype=dtype, device="meta")
             self.decoder_positions = nn.Embedding(table, hidden, dtype=dtype, device="meta")
+        elif spec.positions == "relative":  # a bias per head and bucket, on each side
+            self.encoder_relative = nn.Embedding(spec.relative_buckets, spec.num_heads,
+                                                 dtype=dtype, device="meta")
+            self.decoder_relative = nn.Embedding(spec.relative_buckets, spec.num_heads,
+                                                 dtype=dtype, device="meta")
         else:  # the checkpoint's own tables replace these when it stores them (Marian)
             table = sinusoids(spec.max_position_embeddings + spec.position_offset, hidden,
                               spec.positions == "sinusoidal_interleaved").to(dtype)
@@ -196,7 +246,7 @@ class Seq2Seq(nn.Module):
             self.register_buffer("decoder_table", table.clone(), persistent=False)
 
         def norm():
-            return nn.LayerNorm(hidden, eps=spec.norm_eps, dtype=dtype, device="meta")
+            return spec.make_norm(dtype)
 
         self.encoder_embed_norm = norm() if spec.embedding_norm else None
         self.decoder_embed_norm = norm() if spec.embedding_norm else None
@@ -213,7 +263,9 @@ class Seq2Seq(nn.Module):
         else:
             self.logits_bias = None
 
-    def _positions(self, start: int, length: int, decoder: bool) -> torch.Tensor:
+    def _positions(self, start: int, length: int, decoder: bool) -> torch.Tensor | float:
+        if self.spec.positions == "relative":
+            return 0.0  # positions enter as attention biases instead
         index = torch.arange(start, start + length) + self.spec.position_offset
         if self.spec.positions == "learned":
             table = self.decoder_positions if decoder else self.encoder_positions
@@ -225,14 +277,28 @@ class Seq2Seq(nn.Module):
         """Source ids [B, S] (right-padded) -> (states [B, S, H], key mask [B, 1, 1, S])."""
         keep = torch.arange(ids.shape[1], device=ids.device)[None, :] < lengths[:, None]
         mask = keep[:, None, None, :]
-        x = self.embed(ids) * self.embed_scale + self._positions(0, ids.shape[1], False)[None]
+        x = self.embed(ids) * self.embed_scale + self._positions(0, ids.shape[1], False)
         if self.encoder_embed_norm is not None:
             x = self.encoder_embed_norm(x)
+        bias = self._relative_bias(0, ids.shape[1], ids.shape[1], decoder=False)
         for layer in self.encoder_layers:
-            x = layer.encode(x, mask)
+            x = layer.encode(x, mask, bias)
         if self.encoder_norm is not None:
             x = self.encoder_norm(x)
         return x, mask
+
+    def _relative_bias(self, start: int, queries: int, keys: int,
+                       decoder: bool) -> torch.Tensor | None:
+        """T5: [1, heads, queries, keys] biases of queries at start.. over keys at 0.."""
+        if self.spec.positions != "relative":
+            return None
+        table = self.decoder_relative if decoder else self.encoder_relative
+        device = table.weight.device
+        query = torch.arange(start, start + queries, device=device)[:, None]
+        key = torch.arange(keys, device=device)[None, :]
+        buckets = relative_buckets(key - query, not decoder, self.spec.relative_buckets,
+                                   self.spec.relative_max_distance)
+        return table(buckets).permute(2, 0, 1).unsqueeze(0)
 
     def cross_keys_values(self, states: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Each decoder layer's cross-attention keys and values of the encoded source."""
@@ -243,12 +309,14 @@ class Seq2Seq(nn.Module):
                source_mask: torch.Tensor) -> torch.Tensor:
         """Target ids [B, T] at positions start..start+T-1 -> logits of the last [B, V]
         (float32)."""
-        x = self.embed(ids) * self.embed_scale + self._positions(start, ids.shape[1], True)[None]
+        x = self.embed(ids) * self.embed_scale + self._positions(start, ids.shape[1], True)
         if self.decoder_embed_norm is not None:
             x = self.decoder_embed_norm(x)
+        bias = self._relative_bias(start, ids.shape[1], start + ids.shape[1], decoder=True)
         for layer, cache, source in zip(self.decoder_layers, caches, cross, strict=True):
-            x = layer.decode(x, cache, source, source_mask)
+            x = layer.decode(x, cache, source, source_mask, bias)
         if self.decoder_norm is not None:
             x = self.decoder_norm(x)
-        logits = project(self.lm_head, x[:, -1]).float()
+        last = x[:, -1] * self.spec.output_scale if self.spec.output_scale != 1.0 else x[:, -1]
+        logits = project(self.lm_head, last).float()
         return logits if self.logits_bias is None else logits + self.logits_bias.float()

@@ -1,5 +1,5 @@
-"""The BART family of translation models: BART, mBART, Marian (OPUS-MT) and M2M100 / NLLB.
-Each maps its Hugging Face config to a `Seq2SeqSpec` and its weights to kiln's names (k and
+"""The BART family of translation models: BART, mBART, Marian (OPUS-MT) and M2M100 / NLLB
+(and the entry point for T5, in t5.py). Each maps its Hugging Face config to a `Seq2SeqSpec` and its weights to kiln's names (k and
 v stacked into one projection)."""
 
 from __future__ import annotations
@@ -12,17 +12,19 @@ import torch
 from ...errors import ModelFileError
 from ...model.seq2seq import Seq2SeqSpec
 from .registry import TensorSource, activation_of, cat_rows, take
+from .t5 import T5_TYPES, t5_spec, t5_weights
 
-SEQ2SEQ_TYPES = ("bart", "mbart", "marian", "m2m_100", "nllb-moe")
-SUPPORTED = ("bart", "mbart", "marian", "m2m_100")
+SUPPORTED = ("bart", "mbart", "marian", "m2m_100", *T5_TYPES)
 
 
 def is_seq2seq_type(model_type: str | None) -> bool:
-    return model_type in SEQ2SEQ_TYPES
+    return model_type in SUPPORTED
 
 
 def seq2seq_spec(config: dict[str, Any]) -> Seq2SeqSpec:
     family = config.get("model_type")
+    if family in T5_TYPES:
+        return t5_spec(config)
     if family not in SUPPORTED:
         raise ValueError(f"model_type {family!r} is not a supported translation model; "
                          f"supported: {', '.join(SUPPORTED)}")
@@ -60,6 +62,9 @@ def _first(tensors: TensorSource, *names: str) -> str:
 
 def seq2seq_weights(spec: Seq2SeqSpec,
                     tensors: TensorSource) -> Iterator[tuple[str, torch.Tensor]]:
+    if spec.family in T5_TYPES:
+        yield from t5_weights(spec, tensors)
+        return
     prefix = "model." if any(name.startswith("model.") for name in tensors) else ""
     embed = _first(tensors, f"{prefix}shared.weight", f"{prefix}encoder.embed_tokens.weight",
                    f"{prefix}decoder.embed_tokens.weight")
