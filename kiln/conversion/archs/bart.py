@@ -1,6 +1,6 @@
 """The BART family of translation models: BART, mBART, Marian (OPUS-MT) and M2M100 / NLLB
-(and the entry point for T5, in t5.py). Each maps its Hugging Face config to a `Seq2SeqSpec` and its weights to kiln's names (k and
-v stacked into one projection)."""
+(and the entry point for T5, in t5.py). Each maps its Hugging Face config to a `Seq2SeqSpec`
+and its weights to kiln's names (k and v stacked into one projection)."""
 
 from __future__ import annotations
 
