@@ -32,6 +32,7 @@ from .generation.processors import Processors
 from .generation.requests import Request
 from .generation.results import GenerationStepResult
 from .generation.sampling import SamplingParams, choose_tokens
+from .generation.search import Decision
 from .model.loading import resolve_device
 from .model.seq2seq import Seq2Seq, Seq2SeqSpec
 from .quant.compute_types import ComputeType, resolve
@@ -56,6 +57,57 @@ class TranslationResult:
 class ScoringResult:
     tokens: list[str]
     log_probs: list[float]
+
+
+@dataclass
+class Job:
+    """One source sentence being translated."""
+
+    index: int
+    source: list[int]
+    request: Request
+    search: object  # BeamSearch or OneBest
+
+
+class OneBest:
+    """beam_size 1: one token per step, greedy or drawn (top-k, temperature, top-p), with the
+    decoders' processors and min-length rule; `callback` sees each token (True stops). The
+    score divides the log-probs by length ** length_penalty, the end token counted."""
+
+    def __init__(self, request, sampling, generator, end_ids, return_end_token, processors,
+                 length_penalty, usable, callback, batch_id, vocabulary) -> None:
+        self.request, self.sampling, self.generator = request, sampling, generator
+        self.end_ids, self.return_end_token = end_ids, return_end_token
+        self.processors, self.length_penalty, self.usable = processors, length_penalty, usable
+        self.callback, self.batch_id, self.vocabulary = callback, batch_id, vocabulary
+        self.tokens: list[int] = []
+        self.total, self.count = 0.0, 0
+
+    def advance(self, logits: torch.Tensor):
+        request = self.request
+        if self.processors.active:
+            logits = self.processors.apply(logits, [request.returned_prompt + self.tokens])
+        if self.count < request.min_new_tokens and self.end_ids:
+            logits[:, sorted(self.end_ids)] = float("-inf")
+        ids, log_probs = choose_tokens(logits, [(self.sampling, self.generator)], self.usable)
+        token, log_prob = int(ids[0]), float(log_probs[0])
+        self.total, self.count = self.total + log_prob, self.count + 1
+        is_end = token in self.end_ids
+        is_last = is_end or self.count >= request.max_new_tokens
+        if not is_end or self.return_end_token:
+            self.tokens.append(token)
+        if self.callback is not None:
+            step = GenerationStepResult(step=self.count - 1, batch_id=self.batch_id,
+                                        token_id=token, hypothesis_id=0,
+                                        token=self.vocabulary.tokens.get(token),
+                                        log_prob=log_prob, is_last=is_last)
+            is_last = self.callback(step) is True or is_last
+        return Decision(inputs=[token], finish_reason="stop" if is_last else None)
+
+    def result(self) -> list[tuple[list[int], float]]:
+        length = len(self.request.returned_prompt) + self.count
+        score = self.total / (length ** self.length_penalty) if length else -math.inf
+        return [(self.request.returned_prompt + self.tokens, score)]
 
 
 class Vocabulary:
@@ -164,16 +216,34 @@ class Translator:
         if not isinstance(max_decoding_length, int) or max_decoding_length < 1:
             raise ValueError(f"max_decoding_length must be an int >= 1, got "
                              f"{max_decoding_length!r}")
-        results = []
+        jobs = []
         for index, (ids, prefix) in enumerate(zip(sources, prefixes, strict=True)):
             generator = torch.Generator(device="cpu")
             if seed is not None:
                 generator.manual_seed((seed + index) % 2**63)
             else:
                 generator.seed()
-            hypotheses = self._search(ids, prefix, beam, sampling, generator, end_ids,
-                                      return_end_token, processors, max_decoding_length,
-                                      min_decoding_length, callback, index)
+            request = self._request(prefix, max_decoding_length, min_decoding_length)
+            if beam.beam_size == 1:
+                search = OneBest(request, sampling, generator, end_ids, return_end_token,
+                                 processors, beam.length_penalty, self.spec.vocab_size,
+                                 callback, index, self.vocabulary)
+            else:
+                search = BeamSearch(request, beam, sampling, generator, end_ids,
+                                    return_end_token, processors, self.spec.vocab_size)
+            jobs.append(Job(index, ids, request, search))
+        size = len(jobs) if not max_batch_size else max_batch_size
+        for start in range(0, len(jobs), size):
+            chunk = jobs[start:start + size]
+            if batch_type == "tokens" and max_batch_size:
+                chunk = jobs[start:start + 1]  # (token budgets: one sentence at a time)
+            self._run(chunk)
+        results = []
+        for job in jobs:
+            hypotheses = job.search.result()
+            if isinstance(job.search, BeamSearch):  # its hypotheses start after the prefix
+                prefix = job.request.returned_prompt
+                hypotheses = [(prefix + tokens, score) for tokens, score in hypotheses]
             results.append(TranslationResult(
                 hypotheses=[self.vocabulary.to_tokens(tokens) for tokens, _ in hypotheses],
                 scores=[score for _, score in hypotheses] if return_scores else []))
@@ -315,10 +385,7 @@ class Translator:
         states, mask = self.model.encode(tensor, lengths)
         return self.model.cross_keys_values(states), mask
 
-    def _start(self, source_ids, prefix, max_decoding_length, min_decoding_length):
-        """Encode the source and run the decoder over its start token and the target prefix:
-        (request, cross keys/values, source mask, self-attention caches, next logits)."""
-        cross, mask = self._encode(source_ids)
+    def _request(self, prefix, max_decoding_length, min_decoding_length) -> Request:
         start = [self.spec.decoder_start_token_id, *prefix]
         new_tokens = max_decoding_length - len(prefix)
         if new_tokens < 1:
@@ -326,47 +393,77 @@ class Translator:
                                f"({max_decoding_length}) leaves no room to decode")
         if len(start) + new_tokens > self.spec.max_position_embeddings + 1:
             new_tokens = self.spec.max_position_embeddings + 1 - len(start)
-        request = Request(prompt_ids=start, max_new_tokens=new_tokens,
-                          min_new_tokens=max(0, min_decoding_length - len(prefix)),
-                          returned_prompt=prefix, counted_prompt=len(prefix))
+        return Request(prompt_ids=start, max_new_tokens=new_tokens,
+                       min_new_tokens=max(0, min_decoding_length - len(prefix)),
+                       returned_prompt=prefix, counted_prompt=len(prefix))
+
+    @torch.inference_mode()
+    def _run(self, jobs: list[Job]) -> None:
+        """Decode `jobs` in lockstep: one encoder pass for all their sources (padded), then
+        one decoder pass per step over every row still searching (beams included), grouped
+        by target prefix length so that each group's rows share their positions."""
+        width = max(len(job.source) for job in jobs)
+        ids = torch.full((len(jobs), width), self.spec.pad_token_id, dtype=torch.long)
+        for row, job in enumerate(jobs):
+            ids[row, :len(job.source)] = torch.tensor(job.source)
+        lengths = torch.tensor([len(job.source) for job in jobs])
+        states, mask = self.model.encode(ids.to(self.device), lengths.to(self.device))
+        cross = self.model.cross_keys_values(states)
+        groups: dict[int, list[int]] = {}
+        for row, job in enumerate(jobs):
+            groups.setdefault(len(job.request.prompt_ids), []).append(row)
+        for members in groups.values():
+            self._lockstep([jobs[m] for m in members], [(k[members], v[members]) for k, v in cross],
+                           mask[members])
+
+    def _lockstep(self, jobs: list[Job], cross, mask) -> None:
+        starts = torch.tensor([job.request.prompt_ids for job in jobs], device=self.device)
+        caches = [{} for _ in self.model.decoder_layers]
+        logits = self.model.decode(starts, 0, caches, cross, mask)
+        position = starts.shape[1]
+        # row r of the decoder batch belongs to jobs[owner[r]]; each job's rows are contiguous
+        owner = list(range(len(jobs)))
+        rows_cross = rows_mask = None
+        while True:
+            take, inputs, new_owner = [], [], []
+            row = 0
+            while row < len(owner):
+                index = owner[row]
+                end = row
+                while end < len(owner) and owner[end] == index:
+                    end += 1
+                decision = jobs[index].search.advance(logits[row:end])
+                if decision.finish_reason is None:
+                    sources = decision.sources or [0] * len(decision.inputs)
+                    take += [row + source for source in sources]
+                    inputs += decision.inputs
+                    new_owner += [index] * len(decision.inputs)
+                row = end
+            if not take:
+                return
+            if take != list(range(len(owner))):  # beams reordered, or sentences finished
+                picked = torch.tensor(take, device=self.device)
+                for cache in caches:
+                    cache["k"], cache["v"] = cache["k"][picked], cache["v"][picked]
+            if new_owner != owner or rows_cross is None:  # the rows' sources, once per layout
+                sentence = torch.tensor(new_owner, device=self.device)
+                rows_cross = [(k[sentence], v[sentence]) for k, v in cross]
+                rows_mask = mask[sentence]
+            owner = new_owner
+            logits = self.model.decode(torch.tensor(inputs, device=self.device)[:, None],
+                                       position, caches, rows_cross, rows_mask)
+            position += 1
+
+    def _start(self, source_ids, prefix, max_decoding_length, min_decoding_length):
+        """Encode one source and run the decoder over its start token and the target prefix:
+        (request, cross keys/values, source mask, self-attention caches, next logits)."""
+        cross, mask = self._encode(source_ids)
+        request = self._request(prefix, max_decoding_length, min_decoding_length)
+        start = request.prompt_ids
         caches = [{} for _ in self.model.decoder_layers]
         logits = self.model.decode(torch.tensor([start], device=self.device), 0, caches,
                                    cross, mask)
         return request, cross, mask, caches, logits
-
-    @torch.inference_mode()
-    def _search(self, source_ids, prefix, beam, sampling, generator, end_ids, return_end_token,
-                processors, max_decoding_length, min_decoding_length, callback=None,
-                batch_id=0):
-        request, cross, mask, caches, logits = self._start(source_ids, prefix,
-                                                           max_decoding_length,
-                                                           min_decoding_length)
-        start = request.prompt_ids
-        position = len(start)
-        if beam.beam_size == 1:
-            steps = self._stream(request, logits, caches, cross, mask, sampling, generator,
-                                 end_ids, processors, position)
-            return self._one_best(request, steps, return_end_token, beam.length_penalty,
-                                  callback, batch_id)
-        search = BeamSearch(request, beam, sampling, generator, end_ids, return_end_token,
-                            processors, self.spec.vocab_size)
-        rows = 1
-        while True:
-            decision = search.advance(logits)
-            if decision.finish_reason is not None:
-                break
-            sources = torch.tensor(decision.sources, device=self.device)
-            if rows == 1 and len(decision.sources) > 1:  # the beams begin
-                cross = [(k.expand(len(sources), -1, -1, -1), v.expand(len(sources), -1, -1, -1))
-                         for k, v in cross]
-                mask = mask.expand(len(sources), -1, -1, -1)
-            for cache in caches:
-                cache["k"], cache["v"] = cache["k"][sources], cache["v"][sources]
-            rows = len(sources)
-            inputs = torch.tensor(decision.inputs, device=self.device)[:, None]
-            logits = self.model.decode(inputs, position, caches, cross, mask)
-            position += 1
-        return [(prefix + tokens, score) for tokens, score in search.result()]
 
     def _stream(self, request, logits, caches, cross, mask, sampling, generator, end_ids,
                 processors, position):
@@ -389,24 +486,6 @@ class Translator:
             tokens.append(token)
             logits = self.model.decode(ids[:, None], position, caches, cross, mask)
             position += 1
-
-    def _one_best(self, request, steps, return_end_token, length_penalty, callback, batch_id):
-        """Collect `_stream`: the hypothesis and its score (the end token counts in the
-        length that divides it, as in beam search). `callback` sees each token; True stops."""
-        tokens, total, count = [], 0.0, 0
-        for token, log_prob, is_end, is_last in steps:
-            total, count = total + log_prob, count + 1
-            if not is_end or return_end_token:
-                tokens.append(token)
-            if callback is not None:
-                step = GenerationStepResult(
-                    step=count - 1, batch_id=batch_id, token_id=token, hypothesis_id=0,
-                    token=self.vocabulary.tokens.get(token), log_prob=log_prob, is_last=is_last)
-                if callback(step) is True:
-                    break
-        length = len(request.returned_prompt) + count
-        score = total / (length ** length_penalty) if length else -math.inf
-        return [(request.returned_prompt + tokens, score)]
 
     @torch.inference_mode()
     def _target_log_probs(self, source_ids, inputs, targets) -> list[float]:

@@ -85,9 +85,10 @@ def linear(in_features: int, out_features: int, weights: str | None,
     return nn.Linear(in_features, out_features, bias=bias, dtype=dtype, device="meta")
 
 
-def project(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    # A whole sequence at once, as a prompt: int8 takes the two-pass activations.
-    return layer(x, two_pass=True) if isinstance(layer, QuantizedLinear) else layer(x)
+def project(layer: nn.Module, x: torch.Tensor, two_pass: bool = True) -> torch.Tensor:
+    """A linear layer. int8 quantizes the activations in two passes (~16 bits) for whole
+    sequences (as a decoder's prompt) and in one 8-bit pass for single decode steps."""
+    return layer(x, two_pass=two_pass) if isinstance(layer, QuantizedLinear) else layer(x)
 
 
 class EncoderLayer(nn.Module):

@@ -144,18 +144,20 @@ class Attention(nn.Module):
     def split(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, H] -> [B, heads, T, d]
         return x.view(x.shape[0], x.shape[1], self.heads, self.head_dim).transpose(1, 2)
 
-    def keys_values(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        k, v = project(self.kv, x).chunk(2, dim=-1)
+    def keys_values(self, x: torch.Tensor,
+                    two_pass: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        k, v = project(self.kv, x, two_pass).chunk(2, dim=-1)
         return self.split(k), self.split(v)
 
     def forward(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                mask: torch.Tensor | None, bias: torch.Tensor | None = None) -> torch.Tensor:
-        q = self.split(project(self.q, x))
+                mask: torch.Tensor | None, bias: torch.Tensor | None = None,
+                two_pass: bool = True) -> torch.Tensor:
+        q = self.split(project(self.q, x, two_pass))
         if bias is not None:  # position bias plus -inf where the mask forbids
             mask = bias if mask is None else bias.masked_fill(~mask, float("-inf"))
         attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
         batch, length = x.shape[0], x.shape[1]
-        return project(self.out, attended.transpose(1, 2).reshape(batch, length, -1))
+        return project(self.out, attended.transpose(1, 2).reshape(batch, length, -1), two_pass)
 
 
 class Block(nn.Module):
@@ -182,12 +184,12 @@ class Block(nn.Module):
             return x + f(norm(x))
         return norm(x + f(x))
 
-    def mlp(self, x: torch.Tensor) -> torch.Tensor:
-        hidden = project(self.up, x)
+    def mlp(self, x: torch.Tensor, two_pass: bool = True) -> torch.Tensor:
+        hidden = project(self.up, x, two_pass)
         if self.gated:
             gate, up = hidden.chunk(2, dim=-1)
-            return project(self.down, self.act(gate) * up)
-        return project(self.down, self.act(hidden))
+            return project(self.down, self.act(gate) * up, two_pass)
+        return project(self.down, self.act(hidden), two_pass)
 
     def encode(self, x: torch.Tensor, mask: torch.Tensor,
                bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -201,10 +203,12 @@ class Block(nn.Module):
     def decode(self, x: torch.Tensor, cache: dict, source: tuple[torch.Tensor, torch.Tensor],
                source_mask: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """One or more new target positions of every row; `cache` holds this layer's
-        self-attention keys/values so far (updated in place)."""
+        self-attention keys/values so far (updated in place). A single position is a decode
+        step: int8 activations in one 8-bit pass, as the decoders' steps."""
+        two_pass = x.shape[1] > 1
 
         def attend(h):
-            k, v = self.self_attn.keys_values(h)
+            k, v = self.self_attn.keys_values(h, two_pass)
             if "k" in cache:
                 k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
             cache["k"], cache["v"] = k, v
@@ -212,12 +216,12 @@ class Block(nn.Module):
             mask = None
             if new > 1:  # several positions at once (a target prefix): causal among them
                 mask = torch.ones(new, total, dtype=torch.bool, device=h.device).tril(total - new)
-            return self.self_attn(h, k, v, mask, bias)
+            return self.self_attn(h, k, v, mask, bias, two_pass)
 
         x = self.residual(x, self.self_norm, attend)
-        x = self.residual(x, self.cross_norm,
-                          lambda h: self.cross_attn(h, source[0], source[1], source_mask))
-        return self.residual(x, self.mlp_norm, self.mlp)
+        x = self.residual(x, self.cross_norm, lambda h: self.cross_attn(
+            h, source[0], source[1], source_mask, two_pass=two_pass))
+        return self.residual(x, self.mlp_norm, lambda h: self.mlp(h, two_pass))
 
 
 class Seq2Seq(nn.Module):
@@ -318,5 +322,5 @@ class Seq2Seq(nn.Module):
         if self.decoder_norm is not None:
             x = self.decoder_norm(x)
         last = x[:, -1] * self.spec.output_scale if self.spec.output_scale != 1.0 else x[:, -1]
-        logits = project(self.lm_head, last).float()
+        logits = project(self.lm_head, last, ids.shape[1] > 1).float()
         return logits if self.logits_bias is None else logits + self.logits_bias.float()
