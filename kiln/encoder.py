@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from .conversion.archs.bert import encoder_spec, encoder_weights, is_encoder_type
+from .conversion.formats.ctranslate2_encoder import CTranslate2Encoder, is_ctranslate2_encoder
 from .conversion.formats.hf import read_config, tensor_source
 from .model.encoder import Encoder as EncoderModel
 from .model.encoder import EncoderSpec
@@ -107,26 +108,37 @@ class Encoder:
                  hub_cache_dir: str | Path | None = None, local_files_only: bool = False,
                  token: str | bool | None = None, max_batch_tokens: int = 16384) -> None:
         folder = _folder(model_path, revision, hub_cache_dir, local_files_only, token)
-        config = read_config(folder)
-        if not is_encoder_type(config.get("model_type")):
-            raise ValueError(f"{model_path} is a {config.get('model_type')!r} model, not a "
-                             "BERT-family encoder; load decoders with kiln.Generator")
         self.path = folder
         self.device = resolve_device(device, device_index)
-        saved = "float16" if config.get("torch_dtype", config.get("dtype")) == "float16" \
-            else "float32"
+        self.vocabulary: dict[str, int] | None = None  # token strings without a tokenizer.json
+        if is_ctranslate2_encoder(folder):  # a CTranslate2 folder, read in place
+            checkpoint = CTranslate2Encoder(folder)
+            self.spec: EncoderSpec = checkpoint.spec()
+            saved = "float16" if checkpoint.model.tensor(
+                "encoder/layernorm_embedding/gamma").dtype == torch.float16 else "float32"
+            weights = checkpoint.weights(self.spec)
+            self.vocabulary = {token: index for index, token in enumerate(checkpoint.tokens)}
+        else:
+            config = read_config(folder)
+            if not is_encoder_type(config.get("model_type")):
+                raise ValueError(f"{model_path} is a {config.get('model_type')!r} model, not a "
+                                 "BERT-family encoder; load decoders with kiln.Generator")
+            saved = "float16" if config.get("torch_dtype", config.get("dtype")) == "float16" \
+                else "float32"
+            self.spec = encoder_spec(config)
+            weights = encoder_weights(self.spec, tensor_source(folder))
         self.compute_type = resolve(compute_type, ComputeType(None, saved), self.device)
         if self.compute_type.weights == "int4":
             raise ValueError("int4 is not offered for encoders (they are small and bound by "
                              "compute, not memory); use int8 or a float type")
-        self.spec: EncoderSpec = encoder_spec(config)
-        self.model = _build(self.spec, tensor_source(folder), self.compute_type, self.device)
-        self.tokenizer = _tokenizer(folder)
+        self.model = _build(self.spec, weights, self.compute_type, self.device)
         self.pooling = Pooling.from_folder(folder)
         limit = self.spec.max_length
         self.max_length = min(limit, self.pooling.max_seq_length or limit)
-        self.tokenizer.enable_truncation(self.max_length)
-        self.tokenizer.no_padding()
+        self.tokenizer = _tokenizer(folder)
+        if self.tokenizer is not None:
+            self.tokenizer.enable_truncation(self.max_length)
+            self.tokenizer.no_padding()
         self.max_batch_tokens = max_batch_tokens
 
     # ------------------------------------------------------------ CTranslate2's API
@@ -151,6 +163,7 @@ class Encoder:
         model's sentence-transformers files say (`normalize` overrides)."""
         single = isinstance(texts, str)
         texts = [texts] if single else list(texts)
+        self._require_tokenizer()
         for index, text in enumerate(texts):
             if not isinstance(text, str):
                 raise TypeError(f"text {index} is a {type(text).__name__}, not a str")
@@ -174,12 +187,19 @@ class Encoder:
     def encode_texts(self, texts: list[str]) -> dict[str, list[list[int]]]:
         """input_ids, attention_mask and token_type_ids, as a Hugging Face tokenizer gives them
         (unpadded)."""
+        self._require_tokenizer()
         encodings = self.tokenizer.encode_batch(list(texts))
         return {"input_ids": [e.ids for e in encodings],
                 "attention_mask": [e.attention_mask for e in encodings],
                 "token_type_ids": [e.type_ids for e in encodings]}
 
     # ------------------------------------------------------------ helpers
+
+    def _require_tokenizer(self) -> None:
+        if self.tokenizer is None:
+            raise ValueError(f"{self.path} has no tokenizer.json, so kiln cannot tokenize text; "
+                             "copy the model's tokenizer.json into it (ct2-transformers-converter "
+                             "--copy_files tokenizer.json), or give forward_batch tokens or ids")
 
     def _batch(self, inputs, lengths, token_type_ids):
         if isinstance(inputs, torch.Tensor):
@@ -219,7 +239,9 @@ class Encoder:
         if not row:
             raise ValueError(f"sequence {index} is empty")
         if all(isinstance(token, str) for token in row):
-            ids = [self.tokenizer.token_to_id(token) for token in row]
+            lookup = (self.tokenizer.token_to_id if self.tokenizer is not None
+                      else self.vocabulary.get)
+            ids = [lookup(token) for token in row]
             unknown = [token for token, token_id in zip(row, ids, strict=True) if token_id is None]
             if unknown:
                 raise ValueError(f"sequence {index}: tokens not in the vocabulary: {unknown[:5]}")
@@ -247,20 +269,18 @@ def _tokenizer(folder: Path):
     from tokenizers import Tokenizer as FastTokenizer
 
     path = folder / "tokenizer.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{folder} has no tokenizer.json (a fast tokenizer); save it "
-                                "with transformers' AutoTokenizer.save_pretrained")
-    return FastTokenizer.from_file(str(path))
+    return FastTokenizer.from_file(str(path)) if path.is_file() else None
 
 
-def _build(spec: EncoderSpec, tensors, compute: ComputeType,
+def _build(spec: EncoderSpec, weights, compute: ComputeType,
            device: torch.device) -> EncoderModel:
+    """The model on `device` from (kiln name, tensor) pairs, quantized as `compute` says."""
     dtype = compute.torch_dtype
     model = EncoderModel(spec, compute.weights, dtype)
     quantized = {name for name, module in model.named_modules()
                  if isinstance(module, QuantizedLinear)}
     state: dict[str, torch.Tensor] = {}
-    for name, tensor in encoder_weights(spec, tensors):
+    for name, tensor in weights:
         module, _, kind = name.rpartition(".")
         if module in quantized and kind == "weight":
             values, scale = quantize_rows(tensor, compute.weights)

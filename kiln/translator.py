@@ -23,6 +23,10 @@ from pathlib import Path
 import torch
 
 from .conversion.archs.bart import is_seq2seq_type, seq2seq_spec, seq2seq_weights
+from .conversion.formats.ctranslate2_seq2seq import (
+    CTranslate2Translator,
+    is_ctranslate2_translator,
+)
 from .conversion.formats.hf import read_config, tensor_source
 from .encoder import _folder
 from .errors import RequestError
@@ -111,11 +115,13 @@ class OneBest:
 
 
 class Vocabulary:
-    """Token strings <-> ids, from the folder's tokenizer.json or vocab.json."""
+    """Token strings <-> ids, from the folder's tokenizer.json or vocab.json (or a list)."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path | None = None, tokens: list[str] | None = None) -> None:
         mapping: dict[str, int] = {}
-        if (folder / "tokenizer.json").is_file():
+        if tokens is not None:
+            mapping = {token: index for index, token in enumerate(tokens)}
+        elif (folder / "tokenizer.json").is_file():
             from tokenizers import Tokenizer
 
             mapping = Tokenizer.from_file(str(folder / "tokenizer.json")).get_vocab(
@@ -151,22 +157,42 @@ class Translator:
                  hub_cache_dir: str | Path | None = None, local_files_only: bool = False,
                  token: str | bool | None = None) -> None:
         folder = _folder(model_path, revision, hub_cache_dir, local_files_only, token)
+        self.path = folder
+        self.device = resolve_device(device, device_index)
+        if is_ctranslate2_translator(folder):  # a CTranslate2 folder, read in place
+            checkpoint = CTranslate2Translator(folder)
+            self.spec = checkpoint.spec()
+            saved = "float16" if checkpoint.model.tensor(
+                "decoder/layer_0/ffn/layer_norm/gamma").dtype == torch.float16 else "float32"
+            self.compute_type = resolve(compute_type, ComputeType(None, saved), self.device)
+            self._check_compute()
+            self.model = _build(self.spec, None, self.compute_type, self.device,
+                                checkpoint.weights(self.spec))
+            self.vocabulary = Vocabulary(tokens=checkpoint.target_tokens)
+            self.source_vocabulary = Vocabulary(tokens=checkpoint.source_tokens)
+            self._finish()
+            return
         config = read_config(folder)
         if not is_seq2seq_type(config.get("model_type")):
             raise ValueError(f"{model_path} is a {config.get('model_type')!r} model, not a "
                              "supported translation model (bart, mbart, marian, m2m_100, t5, "
                              "mt5); "
                              "load decoders with kiln.Generator, encoders with kiln.Encoder")
-        self.path = folder
-        self.device = resolve_device(device, device_index)
         saved = "float16" if config.get("torch_dtype", config.get("dtype")) == "float16" \
             else "float32"
         self.compute_type = resolve(compute_type, ComputeType(None, saved), self.device)
-        if self.compute_type.weights == "int4":
-            raise ValueError("int4 is not offered for translation models yet; use int8")
+        self._check_compute()
         self.spec: Seq2SeqSpec = seq2seq_spec(config)
         self.model = _build(self.spec, tensor_source(folder), self.compute_type, self.device)
         self.vocabulary = Vocabulary(folder)
+        self.source_vocabulary = self.vocabulary
+        self._finish()
+
+    def _check_compute(self) -> None:
+        if self.compute_type.weights == "int4":
+            raise ValueError("int4 is not offered for translation models yet; use int8")
+
+    def _finish(self) -> None:
         self.unk_id = self.vocabulary.ids.get("<unk>")
         # Marian starts the decoder from <pad> (a zero embedding): it is never generated.
         spec = self.spec
@@ -354,7 +380,7 @@ class Translator:
             if isinstance(sentence, str):
                 raise TypeError(f"source {index} is a str; give its tokens (e.g. "
                                 "tokenizer.convert_ids_to_tokens(tokenizer.encode(text)))")
-            ids = self.vocabulary.to_ids(sentence, f"source {index}")
+            ids = self.source_vocabulary.to_ids(sentence, f"source {index}")
             if not ids:
                 raise RequestError(f"source {index} is empty")
             if max_input_length and len(ids) > max_input_length:
@@ -507,13 +533,16 @@ def _refuse(unsupported: dict) -> None:
             raise ValueError(f"{name} is not supported by kiln's Translator yet")
 
 
-def _build(spec: Seq2SeqSpec, tensors, compute: ComputeType, device: torch.device) -> Seq2Seq:
+def _build(spec: Seq2SeqSpec, tensors, compute: ComputeType, device: torch.device,
+           weights=None) -> Seq2Seq:
+    """The model on `device`, its weights from a Hugging Face checkpoint (`tensors`) or as
+    (kiln name, tensor) pairs (`weights`), quantized as `compute` says."""
     dtype = compute.torch_dtype
     model = Seq2Seq(spec, compute.weights, dtype)
     quantized = {name for name, module in model.named_modules()
                  if isinstance(module, QuantizedLinear)}
     state: dict[str, torch.Tensor] = {}
-    for name, tensor in seq2seq_weights(spec, tensors):
+    for name, tensor in weights if weights is not None else seq2seq_weights(spec, tensors):
         if name.endswith("_table"):  # a position table stored in the checkpoint
             setattr(model, name, tensor.to(device, dtype))
             continue

@@ -263,3 +263,33 @@ def test_compat_encoder_returns_hf_hub_ctranslate2s_dict(minilm):
     vectors = sentence_model.encode(SENTENCES)
     assert vectors.shape == (len(SENTENCES), sentence_model.get_sentence_embedding_dimension())
     assert torch.allclose(torch.as_tensor(vectors), model.model.embed(SENTENCES))
+
+
+@pytest.mark.parametrize("quantization", [None, "int8"])
+def test_a_ctranslate2_encoder_folder_is_read_in_place(family_model, tmp_path, quantization):
+    family, model, folder = family_model
+    if family == "distilbert":
+        pytest.skip("CTranslate2 converts no DistilBERT encoder")
+    ctranslate2 = pytest.importorskip("ctranslate2")
+    source = tmp_path / "hf"
+    shutil.copytree(folder, source)
+    config = json.loads((source / "config.json").read_text())
+    config.setdefault("position_embedding_type", "absolute")
+    (source / "config.json").write_text(json.dumps(config))
+    ct2_folder = tmp_path / "ct2"
+    ctranslate2.converters.TransformersConverter(str(source)).convert(
+        str(ct2_folder), quantization=quantization)
+    rows = ragged_batch(5)
+    states, pooled, mask = reference(model, rows, family)
+    encoder = kiln.Encoder(ct2_folder, compute_type="int8" if quantization else "float32")
+    output = encoder.forward_batch(rows)
+    tokens = encoder.forward_batch([[f"t{i}" for i in row] for row in rows])
+    assert torch.equal(output.last_hidden_state, tokens.last_hidden_state)
+    real = mask.bool()
+    tolerance = 0.1 if quantization else 2e-5
+    assert int8_error(output.last_hidden_state, states, mask) < (0.05 if quantization else 1e-5)
+    if output.pooler_output is not None:  # (CTranslate2 keeps no pooler for XLM-R)
+        assert torch.allclose(output.pooler_output, pooled, atol=tolerance)
+    assert torch.allclose(output.last_hidden_state[real], states[real], atol=tolerance, rtol=0.05)
+    with pytest.raises(ValueError, match="tokenizer.json"):
+        encoder.embed(["t5 t6"])

@@ -311,3 +311,29 @@ def test_multilingual_compat_forces_the_target_language(family_model):
         direct[0].hypotheses[0][1:]))
     with pytest.raises(ValueError, match="unequal"):
         model.generate(["t5"], src_lang=["en", "en"], tgt_lang=["de"])
+
+
+@pytest.mark.parametrize("quantization", [None, "int8"])
+def test_a_ctranslate2_folder_is_read_in_place(family_model, tmp_path, quantization):
+    """A folder made by CTranslate2's converter (the ct2fast-* repositories) translates as
+    CTranslate2 translates it."""
+    family, _, folder = family_model
+    if family in ("mbart", "flan-t5", "t5"):
+        pytest.skip(f"kiln reads CTranslate2 translators of the BART family; {family} is "
+                    "loaded from its Hugging Face checkpoint")
+    peer = ctranslate2_translator(folder, tmp_path, quantization)
+    ct2_folder = tmp_path / "ct2"
+    translator = kiln.Translator(ct2_folder, compute_type="int8" if quantization else "float32")
+    batch = [as_tokens(s) for s in sources(8)]
+    options = dict(beam_size=2, max_decoding_length=16, return_scores=True)
+    ours = translator.translate_batch(batch, **options)
+    theirs = peer.translate_batch(batch, **options)
+    if quantization is None:
+        for mine, reference in zip(ours, theirs, strict=True):
+            assert mine.hypotheses == reference.hypotheses
+            assert np.allclose(mine.scores, reference.scores, atol=1e-4)
+    else:  # two int8 implementations: most tokens agree, scores stay close
+        same = sum(a == b for mine, reference in zip(ours, theirs, strict=True)
+                   for a, b in zip(mine.hypotheses[0], reference.hypotheses[0], strict=False))
+        total = sum(len(r.hypotheses[0]) for r in theirs)
+        assert same >= 0.7 * total

@@ -58,6 +58,7 @@ class Seq2SeqSpec:
     relative_buckets: int = 32  # T5's relative position buckets
     relative_max_distance: int = 128
     output_scale: float = 1.0  # the decoder's output times this before lm_head (T5: d^-0.5)
+    zero_start: bool = False  # the decoder's first input embeds to zeros (CTranslate2's Marian)
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "num_heads", "encoder_layers",
@@ -313,7 +314,10 @@ class Seq2Seq(nn.Module):
                source_mask: torch.Tensor) -> torch.Tensor:
         """Target ids [B, T] at positions start..start+T-1 -> logits of the last [B, V]
         (float32)."""
-        x = self.embed(ids) * self.embed_scale + self._positions(start, ids.shape[1], True)
+        embedded = self.embed(ids) * self.embed_scale
+        if self.spec.zero_start and start == 0:
+            embedded[:, 0] = 0
+        x = embedded + self._positions(start, ids.shape[1], True)
         if self.decoder_embed_norm is not None:
             x = self.decoder_embed_norm(x)
         bias = self._relative_bias(start, ids.shape[1], start + ids.shape[1], decoder=True)

@@ -32,6 +32,8 @@ CTRANSLATE2_WEIGHTS = ["model.bin", "model-*-of-*.bin"]
 ALLOW_PATTERNS = [
     "config.json", "*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin",
     "pytorch_model.bin.index.json", "vocabulary.*", *hf.TOKENIZER_FILES,
+    # CTranslate2 translators' token strings
+    "shared_vocabulary.*", "source_vocabulary.*", "target_vocabulary.*",
     # sentence-transformers' pipeline (kiln.Encoder.embed pools and normalizes as it says)
     "modules.json", "sentence_bert_config.json", "1_Pooling/config.json",
 ]

@@ -27,8 +27,9 @@ def is_ctranslate2_folder(folder: Path) -> bool:
     if (folder / "model.bin").is_file() or any(folder.glob("model-*-of-*.bin")):
         return True
     config = folder / CONFIG_FILE
-    if not config.is_file() or not any((folder / v).is_file()
-                                       for v in ("vocabulary.json", "vocabulary.txt")):
+    vocabularies = ("vocabulary.json", "vocabulary.txt", "shared_vocabulary.json",
+                    "shared_vocabulary.txt", "source_vocabulary.json", "source_vocabulary.txt")
+    if not config.is_file() or not any((folder / v).is_file() for v in vocabularies):
         return False
     try:
         return "model_type" not in json.loads(config.read_text(encoding="utf-8"))
@@ -66,7 +67,8 @@ class CTranslate2Checkpoint:
         if not self.model.has("decoder/embeddings/weight") or self.model.has("encoder/embeddings/weight") \
                 or self.model.has("encoder/embeddings_0/weight"):
             raise ValueError(f"{self.path} holds a CTranslate2 {self.model.spec_name or 'model'}; "
-                             "kiln reads decoder-only language models (TransformerDecoder)")
+                             "kiln.Generator reads decoder-only language models: load "
+                             "translators with kiln.Translator and encoders with kiln.Encoder")
 
     # -- the checkpoint interface --------------------------------------------------------------
 
