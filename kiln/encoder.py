@@ -19,15 +19,17 @@ from pathlib import Path
 
 import torch
 
+from . import seq_folder
 from .conversion.archs.bert import encoder_spec, encoder_weights, is_encoder_type
 from .conversion.formats.ctranslate2_encoder import CTranslate2Encoder, is_ctranslate2_encoder
 from .conversion.formats.hf import read_config, tensor_source
+from .model.encoder import QUANTIZED, EncoderSpec
 from .model.encoder import Encoder as EncoderModel
-from .model.encoder import EncoderSpec
 from .model.loading import resolve_device
 from .quant.compute_types import ComputeType, resolve
-from .quant.int8 import QuantizedLinear, quantize_rows
+from .quant.int8 import IntegerWeight, QuantizedLinear
 from .quant.kernels import default_backend
+from .seq_folder import integer_rows, kiln_kind
 
 POOLING_MODES = ("cls_token", "max_tokens", "mean_tokens", "mean_sqrt_len_tokens",
                  "weightedmean_tokens", "lasttoken")  # sentence-transformers' output order
@@ -110,24 +112,11 @@ class Encoder:
         folder = _folder(model_path, revision, hub_cache_dir, local_files_only, token)
         self.path = folder
         self.device = resolve_device(device, device_index)
-        self.vocabulary: dict[str, int] | None = None  # token strings without a tokenizer.json
-        if is_ctranslate2_encoder(folder):  # a CTranslate2 folder, read in place
-            checkpoint = CTranslate2Encoder(folder)
-            self.spec: EncoderSpec = checkpoint.spec()
-            saved = "float16" if checkpoint.model.tensor(
-                "encoder/layernorm_embedding/gamma").dtype == torch.float16 else "float32"
-            weights = checkpoint.weights(self.spec)
-            self.vocabulary = {token: index for index, token in enumerate(checkpoint.tokens)}
-        else:
-            config = read_config(folder)
-            if not is_encoder_type(config.get("model_type")):
-                raise ValueError(f"{model_path} is a {config.get('model_type')!r} model, not a "
-                                 "BERT-family encoder; load decoders with kiln.Generator")
-            saved = "float16" if config.get("torch_dtype", config.get("dtype")) == "float16" \
-                else "float32"
-            self.spec = encoder_spec(config)
-            weights = encoder_weights(self.spec, tensor_source(folder))
-        self.compute_type = resolve(compute_type, ComputeType(None, saved), self.device)
+        self.spec, saved, weights, tokens = open_encoder(folder)
+        # token strings without a tokenizer.json (CTranslate2 and kiln folders)
+        self.vocabulary = ({token: index for index, token in enumerate(tokens)}
+                           if tokens is not None else None)
+        self.compute_type = resolve(compute_type, saved, self.device)
         if self.compute_type.weights == "int4":
             raise ValueError("int4 is not offered for encoders (they are small and bound by "
                              "compute, not memory); use int8 or a float type")
@@ -251,6 +240,49 @@ class Encoder:
         raise TypeError(f"sequence {index} must hold token strings or ids, not a mix")
 
 
+def open_encoder(folder: Path):
+    """(spec, saved compute type, (kiln name, tensor) pairs, token strings or None) of a kiln
+    encoder folder, a CTranslate2 encoder folder or a Hugging Face checkpoint."""
+    kind = kiln_kind(folder)
+    if kind == "encoder":
+        config = seq_folder.read_config(folder)
+        return (EncoderSpec(**config["model"]), seq_folder.saved_compute(config),
+                seq_folder.stored_pairs(folder), seq_folder.read_tokens(folder, "vocabulary"))
+    if kind is not None:
+        raise ValueError(f"{folder} holds a kiln {kind}; load it with kiln.Translator")
+    if is_ctranslate2_encoder(folder):
+        checkpoint = CTranslate2Encoder(folder)
+        spec = checkpoint.spec()
+        saved = "float16" if checkpoint.model.tensor(
+            "encoder/layernorm_embedding/gamma").dtype == torch.float16 else "float32"
+        return spec, ComputeType(None, saved), checkpoint.weights(spec), checkpoint.tokens
+    config = read_config(folder)
+    if not is_encoder_type(config.get("model_type")):
+        raise ValueError(f"{folder} is a {config.get('model_type')!r} model, not a BERT-family "
+                         "encoder; load decoders with kiln.Generator")
+    saved = "float16" if config.get("torch_dtype", config.get("dtype")) == "float16" \
+        else "float32"
+    spec = encoder_spec(config)
+    return spec, ComputeType(None, saved), encoder_weights(spec, tensor_source(folder)), None
+
+
+def convert_encoder(source: Path, output: Path, quantization: str | None = None,
+                    force: bool = False, origin: dict | None = None) -> Path:
+    """A kiln encoder folder from a Hugging Face checkpoint or a CTranslate2 folder."""
+    spec, saved, pairs, tokens = open_encoder(Path(source))
+    compute = ComputeType.parse(quantization or saved.name, saved.dtype)
+    if compute.weights == "int4":
+        raise ValueError("int4 is not offered for encoders; use int8")
+    tokenizer = _tokenizer(Path(source))
+    if tokens is None and tokenizer is not None:
+        mapping = tokenizer.get_vocab(with_added_tokens=True)
+        by_id = {index: token for token, index in mapping.items()}
+        tokens = [by_id.get(index, "") for index in range(spec.vocab_size)]
+    return seq_folder.write(output, "encoder", EncoderModel, spec, pairs, compute,
+                            Path(source), {"vocabulary": tokens} if tokens else {}, force,
+                            origin)
+
+
 def _folder(model_path, revision, hub_cache_dir, local_files_only, token) -> Path:
     path = Path(model_path)
     if path.is_dir():
@@ -278,14 +310,16 @@ def _build(spec: EncoderSpec, weights, compute: ComputeType,
     dtype = compute.torch_dtype
     model = EncoderModel(spec, compute.weights, dtype)
     quantized = {name for name, module in model.named_modules()
-                 if isinstance(module, QuantizedLinear)}
+                 if isinstance(module, QUANTIZED)}
     state: dict[str, torch.Tensor] = {}
     for name, tensor in weights:
         module, _, kind = name.rpartition(".")
         if module in quantized and kind == "weight":
-            values, scale = quantize_rows(tensor, compute.weights)
+            values, scale = integer_rows(tensor, compute.weights)
             state[name], state[f"{module}.weight_scale"] = values.to(device), scale.to(device)
         else:
+            if isinstance(tensor, IntegerWeight):
+                tensor = tensor.dequantize()
             state[name] = tensor.to(device, dtype)
     model.load_state_dict(state, assign=True, strict=True)
     backend = default_backend(device) if compute.weights == "int8" else None

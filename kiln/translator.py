@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from . import seq_folder
 from .conversion.archs.bart import is_seq2seq_type, seq2seq_spec, seq2seq_weights
 from .conversion.formats.ctranslate2_seq2seq import (
     CTranslate2Translator,
@@ -37,11 +38,13 @@ from .generation.requests import Request
 from .generation.results import GenerationStepResult
 from .generation.sampling import SamplingParams, choose_tokens
 from .generation.search import Decision
+from .model.encoder import QUANTIZED
 from .model.loading import resolve_device
 from .model.seq2seq import Seq2Seq, Seq2SeqSpec
 from .quant.compute_types import ComputeType, resolve
-from .quant.int8 import QuantizedLinear, quantize_rows
+from .quant.int8 import IntegerWeight, QuantizedLinear
 from .quant.kernels import default_backend
+from .seq_folder import integer_rows, kiln_kind
 
 UNSUPPORTED = {"coverage_penalty": 0, "prefix_bias_beta": 0, "return_attention": False,
                "return_alternatives": False, "replace_unknowns": False}
@@ -159,33 +162,13 @@ class Translator:
         folder = _folder(model_path, revision, hub_cache_dir, local_files_only, token)
         self.path = folder
         self.device = resolve_device(device, device_index)
-        if is_ctranslate2_translator(folder):  # a CTranslate2 folder, read in place
-            checkpoint = CTranslate2Translator(folder)
-            self.spec = checkpoint.spec()
-            saved = "float16" if checkpoint.model.tensor(
-                "decoder/layer_0/ffn/layer_norm/gamma").dtype == torch.float16 else "float32"
-            self.compute_type = resolve(compute_type, ComputeType(None, saved), self.device)
-            self._check_compute()
-            self.model = _build(self.spec, None, self.compute_type, self.device,
-                                checkpoint.weights(self.spec))
-            self.vocabulary = Vocabulary(tokens=checkpoint.target_tokens)
-            self.source_vocabulary = Vocabulary(tokens=checkpoint.source_tokens)
-            self._finish()
-            return
-        config = read_config(folder)
-        if not is_seq2seq_type(config.get("model_type")):
-            raise ValueError(f"{model_path} is a {config.get('model_type')!r} model, not a "
-                             "supported translation model (bart, mbart, marian, m2m_100, t5, "
-                             "mt5); "
-                             "load decoders with kiln.Generator, encoders with kiln.Encoder")
-        saved = "float16" if config.get("torch_dtype", config.get("dtype")) == "float16" \
-            else "float32"
-        self.compute_type = resolve(compute_type, ComputeType(None, saved), self.device)
+        self.spec, saved, pairs, target, source = open_translator(folder)
+        self.compute_type = resolve(compute_type, saved, self.device)
         self._check_compute()
-        self.spec: Seq2SeqSpec = seq2seq_spec(config)
-        self.model = _build(self.spec, tensor_source(folder), self.compute_type, self.device)
-        self.vocabulary = Vocabulary(folder)
-        self.source_vocabulary = self.vocabulary
+        self.model = _build(self.spec, None, self.compute_type, self.device, pairs)
+        self.vocabulary = Vocabulary(folder) if target is None else Vocabulary(tokens=target)
+        self.source_vocabulary = (self.vocabulary if source is None or source == target
+                                  else Vocabulary(tokens=source))
         self._finish()
 
     def _check_compute(self) -> None:
@@ -525,6 +508,53 @@ class Translator:
         return log_probs
 
 
+def open_translator(folder: Path):
+    """(spec, saved compute type, (kiln name, tensor) pairs, target tokens, source tokens) of
+    a kiln translator folder, a CTranslate2 translator folder or a Hugging Face checkpoint
+    (whose tokens come from its tokenizer: None)."""
+    kind = kiln_kind(folder)
+    if kind == "translator":
+        config = seq_folder.read_config(folder)
+        return (Seq2SeqSpec(**config["model"]), seq_folder.saved_compute(config),
+                seq_folder.stored_pairs(folder), seq_folder.read_tokens(folder,
+                                                                        "target_vocabulary"),
+                seq_folder.read_tokens(folder, "source_vocabulary"))
+    if kind is not None:
+        raise ValueError(f"{folder} holds a kiln {kind}; load it with kiln.Encoder")
+    if is_ctranslate2_translator(folder):
+        checkpoint = CTranslate2Translator(folder)
+        spec = checkpoint.spec()
+        saved = "float16" if checkpoint.model.tensor(
+            "decoder/layer_0/ffn/layer_norm/gamma").dtype == torch.float16 else "float32"
+        return (spec, ComputeType(None, saved), checkpoint.weights(spec),
+                checkpoint.target_tokens, checkpoint.source_tokens)
+    config = read_config(folder)
+    if not is_seq2seq_type(config.get("model_type")):
+        raise ValueError(f"{folder} is a {config.get('model_type')!r} model, not a supported "
+                         "translation model (bart, mbart, marian, m2m_100, t5, mt5); load "
+                         "decoders with kiln.Generator, encoders with kiln.Encoder")
+    saved = "float16" if config.get("torch_dtype", config.get("dtype")) == "float16" \
+        else "float32"
+    spec = seq2seq_spec(config)
+    return spec, ComputeType(None, saved), seq2seq_weights(spec, tensor_source(folder)), \
+        None, None
+
+
+def convert_translator(source: Path, output: Path, quantization: str | None = None,
+                       force: bool = False, origin: dict | None = None) -> Path:
+    """A kiln translator folder from a Hugging Face checkpoint or a CTranslate2 folder."""
+    spec, saved, pairs, target, source_tokens = open_translator(Path(source))
+    compute = ComputeType.parse(quantization or saved.name, saved.dtype)
+    if compute.weights == "int4":
+        raise ValueError("int4 is not offered for translation models yet; use int8")
+    if target is None:
+        vocabulary = Vocabulary(Path(source))
+        target = [vocabulary.tokens.get(index, "") for index in range(spec.vocab_size)]
+    tokens = {"target_vocabulary": target, "source_vocabulary": source_tokens or target}
+    return seq_folder.write(output, "translator", Seq2Seq, spec, pairs, compute, Path(source),
+                            tokens, force, origin)
+
+
 def _refuse(unsupported: dict) -> None:
     for name, value in unsupported.items():
         if name not in UNSUPPORTED:
@@ -540,7 +570,7 @@ def _build(spec: Seq2SeqSpec, tensors, compute: ComputeType, device: torch.devic
     dtype = compute.torch_dtype
     model = Seq2Seq(spec, compute.weights, dtype)
     quantized = {name for name, module in model.named_modules()
-                 if isinstance(module, QuantizedLinear)}
+                 if isinstance(module, QUANTIZED)}
     state: dict[str, torch.Tensor] = {}
     for name, tensor in weights if weights is not None else seq2seq_weights(spec, tensors):
         if name.endswith("_table"):  # a position table stored in the checkpoint
@@ -548,9 +578,11 @@ def _build(spec: Seq2SeqSpec, tensors, compute: ComputeType, device: torch.devic
             continue
         module, _, kind = name.rpartition(".")
         if module in quantized and kind == "weight":
-            values, scale = quantize_rows(tensor, compute.weights)
+            values, scale = integer_rows(tensor, compute.weights)
             state[name], state[f"{module}.weight_scale"] = values.to(device), scale.to(device)
         else:
+            if isinstance(tensor, IntegerWeight):
+                tensor = tensor.dequantize()
             state[name] = tensor.to(device, dtype)
     model.load_state_dict(state, assign=True, strict=False)
     missing = [name for name, value in model.state_dict().items()

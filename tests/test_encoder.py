@@ -293,3 +293,20 @@ def test_a_ctranslate2_encoder_folder_is_read_in_place(family_model, tmp_path, q
     assert torch.allclose(output.last_hidden_state[real], states[real], atol=tolerance, rtol=0.05)
     with pytest.raises(ValueError, match="tokenizer.json"):
         encoder.embed(["t5 t6"])
+
+
+def test_kiln_convert_writes_an_encoder_folder(minilm, tmp_path):
+    import subprocess
+    import sys
+
+    output = tmp_path / "kiln"
+    subprocess.run([sys.executable, "-m", "kiln", "convert", str(minilm), str(output),
+                    "--quantization", "int8"], check=True, capture_output=True, timeout=300)
+    converted = kiln.Encoder(output, compute_type="int8").embed(SENTENCES)
+    direct = kiln.Encoder(minilm, compute_type="int8").embed(SENTENCES)
+    assert torch.equal(converted, direct)  # the same int8 rows, the same pooling
+    size = (output / "model.safetensors").stat().st_size
+    original = sum(p.stat().st_size for p in minilm.glob("*.safetensors"))
+    assert size < 0.4 * original
+    with pytest.raises(ValueError, match="kiln.Encoder"):
+        kiln.Generator(output)

@@ -83,7 +83,7 @@ def family_model(request, tmp_path_factory):
 
 def sources(seed: int = 0) -> list[list[int]]:
     generator = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, VOCAB, (n,), generator=generator).tolist() + [EOS]
+    return [torch.randint(3, VOCAB - 1, (n,), generator=generator).tolist() + [EOS]
             for n in (6, 11, 3, 20)]
 
 
@@ -202,8 +202,9 @@ def test_int8_stays_close_to_float(family_model):
     targets = [result.hypotheses[0] for result in targets]
     reference = full.score_batch(batch, targets)
     quantized = int8.score_batch(batch, targets)
-    for a, b in zip(reference, quantized, strict=True):
-        assert np.allclose(a.log_probs, b.log_probs, atol=0.15)
+    errors = np.concatenate([np.abs(np.array(a.log_probs) - np.array(b.log_probs))
+                             for a, b in zip(reference, quantized, strict=True)])
+    assert errors.mean() < 0.05 and errors.max() < 0.5
 
 
 def test_bad_input_names_the_problem(family_model):
@@ -337,3 +338,27 @@ def test_a_ctranslate2_folder_is_read_in_place(family_model, tmp_path, quantizat
                    for a, b in zip(mine.hypotheses[0], reference.hypotheses[0], strict=False))
         total = sum(len(r.hypotheses[0]) for r in theirs)
         assert same >= 0.7 * total
+
+
+@pytest.mark.parametrize("quantization", [None, "int8"])
+def test_kiln_convert_writes_a_translator_folder(family_model, tmp_path, quantization):
+    import subprocess
+    import sys
+
+    _, _, folder = family_model
+    output = tmp_path / "kiln"
+    command = [sys.executable, "-m", "kiln", "convert", str(folder), str(output)]
+    if quantization:
+        command += ["--quantization", quantization]
+    subprocess.run(command, check=True, capture_output=True, timeout=300)
+    compute = "int8" if quantization else "float32"
+    batch = [as_tokens(s) for s in sources(9)]
+    options = dict(beam_size=2, max_decoding_length=12, return_scores=True)
+    converted = kiln.Translator(output, compute_type=compute).translate_batch(batch, **options)
+    direct = kiln.Translator(folder, compute_type=compute).translate_batch(batch, **options)
+    assert [r.hypotheses for r in converted] == [r.hypotheses for r in direct]
+    assert np.allclose([r.scores for r in converted], [r.scores for r in direct], atol=1e-5)
+    with pytest.raises(ValueError, match="kiln.Translator"):
+        kiln.Generator(output)
+    with pytest.raises(ValueError, match="kiln.Translator"):
+        kiln.Encoder(output)

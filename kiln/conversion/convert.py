@@ -51,6 +51,11 @@ def convert(source: str | Path, output_dir: str | Path, quantization: str | None
                               "(--force) to replace it")
     if output_dir.exists() and not output_dir.is_dir():
         raise FileExistsError(f"{output_dir} exists and is not a folder")
+    other = _encoder_or_translator(source)
+    if other is not None:  # their own folders: kiln.Encoder / kiln.Translator read them
+        if group_size is not None:
+            raise ValueError("group_size applies to int4 decoders")
+        return other(source, output_dir, quantization, force, origin)
     checkpoint = open_checkpoint(source)
     spec, tensors, tokens = _kiln_model(checkpoint)
     if tokens.unk is None and hasattr(checkpoint, "unk_token_id"):
@@ -94,6 +99,30 @@ def convert(source: str | Path, output_dir: str | Path, quantization: str | None
         shutil.rmtree(partial, ignore_errors=True)
         raise
     return output_dir
+
+
+def _encoder_or_translator(source: Path):
+    """The converter of an encoder or translator source (Hugging Face or CTranslate2), else
+    None (a decoder)."""
+    if not source.is_dir():
+        return None
+    from .archs.bart import is_seq2seq_type
+    from .archs.bert import is_encoder_type
+    from .formats.ctranslate2_encoder import is_ctranslate2_encoder
+    from .formats.ctranslate2_seq2seq import is_ctranslate2_translator
+
+    model_type = None
+    if hf.is_hf_folder(source):
+        model_type = hf.read_config(source).get("model_type")
+    if is_seq2seq_type(model_type) or is_ctranslate2_translator(source):
+        from ..translator import convert_translator
+
+        return convert_translator
+    if is_encoder_type(model_type) or is_ctranslate2_encoder(source):
+        from ..encoder import convert_encoder
+
+        return convert_encoder
+    return None
 
 
 def open_checkpoint(source: Path):

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..quant.int8 import QuantizedLinear
+from ..quant.int8 import QuantizedEmbedding, QuantizedLinear
 
 ACTIVATIONS = {"gelu": lambda x: F.gelu(x), "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
                "relu": F.relu, "silu": F.silu}
@@ -85,6 +85,17 @@ def linear(in_features: int, out_features: int, weights: str | None,
     return nn.Linear(in_features, out_features, bias=bias, dtype=dtype, device="meta")
 
 
+def embedding(rows: int, width: int, weights: str | None, dtype: torch.dtype) -> nn.Module:
+    """A token table: integer rows with a scale each when the weights are integer (as
+    CTranslate2 stores them), else float."""
+    if weights in ("int8", "int16"):
+        return QuantizedEmbedding(rows, width, weights, dtype)
+    return nn.Embedding(rows, width, dtype=dtype, device="meta")
+
+
+QUANTIZED = (QuantizedLinear, QuantizedEmbedding)  # modules whose weight is stored as integers
+
+
 def project(layer: nn.Module, x: torch.Tensor, two_pass: bool = True) -> torch.Tensor:
     """A linear layer. int8 quantizes the activations in two passes (~16 bits) for whole
     sequences (as a decoder's prompt) and in one 8-bit pass for single decode steps."""
@@ -124,7 +135,7 @@ class Encoder(nn.Module):
         super().__init__()
         self.spec = spec
         hidden = spec.hidden_size
-        self.word = nn.Embedding(spec.vocab_size, hidden, dtype=dtype, device="meta")
+        self.word = embedding(spec.vocab_size, hidden, weights, dtype)
         self.position = nn.Embedding(spec.max_position_embeddings, hidden, dtype=dtype,
                                      device="meta")
         self.token_type = (nn.Embedding(spec.type_vocab_size, hidden, dtype=dtype, device="meta")

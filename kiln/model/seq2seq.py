@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .encoder import ACTIVATIONS, linear, project
+from .encoder import ACTIVATIONS, embedding, linear, project
 
 POSITIONS = ("learned", "sinusoidal", "sinusoidal_interleaved", "relative")
 
@@ -233,7 +233,7 @@ class Seq2Seq(nn.Module):
         super().__init__()
         self.spec = spec
         hidden = spec.hidden_size
-        self.embed = nn.Embedding(spec.vocab_size, hidden, dtype=dtype, device="meta")
+        self.embed = embedding(spec.vocab_size, hidden, weights, dtype)
         self.embed_scale = math.sqrt(hidden) if spec.scale_embedding else 1.0
         if spec.positions == "learned":
             table = spec.max_position_embeddings + spec.position_offset

@@ -173,6 +173,10 @@ class KilnConfig:
         version = data.get("format_version")
         if data.get("format") != FORMAT_NAME or not isinstance(version, int):
             raise ValueError("config.json is not a kiln config (no 'format': 'kiln')")
+        if data.get("kind") in ("encoder", "translator"):
+            article = "an" if data["kind"] == "encoder" else "a"
+            raise ValueError(f"this kiln folder holds {article} {data['kind']}, not a language "
+                             f"model: load it with kiln.{data['kind'].capitalize()}")
         if version > FORMAT_VERSION:
             raise ValueError(
                 f"this kiln folder has format version {version}; this kiln reads up to "

@@ -1,0 +1,141 @@
+"""kiln folders of encoders and translators: `kiln convert` writes them, `kiln.Encoder` and
+`kiln.Translator` read them.
+
+    config.json        {"format": "kiln", "kind": "encoder" | "translator", "model": spec,
+                        "quantization": {"dtype", "weights"}, "source": {...}}
+    model.safetensors  kiln's names; int8/int16 weights with a float32 scale per row
+    tokens             source_vocabulary.json / target_vocabulary.json (translators),
+                       vocabulary.json (encoders), and the model's tokenizer and
+                       sentence-transformers files as they were
+
+A folder is written to a hidden temporary name and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .model.encoder import QUANTIZED
+from .quant.compute_types import ComputeType
+from .quant.int8 import IntegerWeight, quantize_rows
+
+KINDS = ("encoder", "translator")
+FORMAT = "kiln"
+COPIED = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+          "merges.txt", "source.spm", "target.spm", "sentencepiece.bpe.model", "spiece.model",
+          "generation_config.json", "modules.json", "sentence_bert_config.json",
+          "config_sentence_transformers.json", "1_Pooling/config.json"]
+
+
+def kiln_kind(folder: Path) -> str | None:
+    """"encoder" or "translator" for a kiln folder of one, else None."""
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    if isinstance(data, dict) and data.get("format") == FORMAT and data.get("kind") in KINDS:
+        return data["kind"]
+    return None
+
+
+def read_config(folder: Path) -> dict[str, Any]:
+    return json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
+
+
+def stored_pairs(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """(kiln name, tensor) of a kiln folder's weights; integer weights as IntegerWeight, kept
+    as they are by a model of the same integer type (dequantized for any other)."""
+    from safetensors import safe_open
+
+    with safe_open(str(Path(folder) / "model.safetensors"), framework="pt") as handle:
+        names = list(handle.keys())
+        scales = {name for name in names if name.endswith(".weight_scale")}
+        for name in names:
+            if name in scales:
+                continue
+            tensor = handle.get_tensor(name)
+            if f"{name}_scale" in scales:
+                bits = "int8" if tensor.dtype == torch.int8 else "int16"
+                tensor = IntegerWeight(tensor, handle.get_tensor(f"{name}_scale"), bits)
+            yield name, tensor
+
+
+def write(output: Path, kind: str, model_class, spec, pairs, compute: ComputeType,
+          source: Path, tokens: dict[str, list[str]], force: bool = False,
+          origin: dict[str, Any] | None = None) -> Path:
+    """Write a kiln folder of `kind` from (kiln name, tensor) pairs, quantized as `compute`
+    says; `tokens` maps file stems to token lists (e.g. {"target_vocabulary": [...]})."""
+    from safetensors.torch import save_file
+
+    output, source = Path(output), Path(source)
+    if output.exists() and not force:
+        raise FileExistsError(f"output folder {output} already exists; pass force=True "
+                              "(--force) to replace it")
+    skeleton = model_class(spec, compute.weights, compute.torch_dtype)
+    quantized = {name for name, module in skeleton.named_modules()
+                 if isinstance(module, QUANTIZED)}
+    tensors: dict[str, torch.Tensor] = {}
+    for name, tensor in pairs:
+        module, _, part = name.rpartition(".")
+        if module in quantized and part == "weight":
+            values, scale = integer_rows(tensor, compute.weights)
+            tensors[name], tensors[f"{module}.weight_scale"] = values.contiguous(), scale
+        else:
+            if isinstance(tensor, IntegerWeight):
+                tensor = tensor.dequantize()
+            tensors[name] = tensor.to(compute.torch_dtype).contiguous().clone()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    partial = output.parent / f".{output.name}.partial-{uuid.uuid4().hex[:8]}"
+    partial.mkdir()
+    try:
+        save_file(tensors, str(partial / "model.safetensors"))
+        for name in COPIED:
+            if (source / name).is_file():
+                (partial / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(source / name, partial / name)
+        for stem, token_list in tokens.items():
+            (partial / f"{stem}.json").write_text(json.dumps(token_list), encoding="utf-8")
+        config = {"format": FORMAT, "format_version": 1, "kind": kind, "model": spec.to_dict(),
+                  "quantization": {"dtype": compute.dtype, "weights": compute.weights},
+                  "source": {"path": str(source.resolve()), **({"origin": origin} if origin
+                                                               else {})}}
+        (partial / "config.json").write_text(json.dumps(config, indent=2) + "\n",
+                                             encoding="utf-8")  # last: a folder without it never loads
+        if output.exists():
+            shutil.rmtree(output)
+        partial.rename(output)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return output
+
+
+def integer_rows(tensor, bits: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(integer rows, float32 scale per row): an already-quantized weight of the same type
+    as it is (quantizing its float values again could move a scale by one ulp), else
+    quantized."""
+    if isinstance(tensor, IntegerWeight):
+        if tensor.bits == bits:
+            return tensor.values, tensor.scale.float()
+        tensor = tensor.dequantize()
+    return quantize_rows(tensor, bits)
+
+
+def saved_compute(config: dict[str, Any]) -> ComputeType:
+    quantization = config.get("quantization", {})
+    return ComputeType(quantization.get("weights"), quantization.get("dtype", "float32"))
+
+
+def read_tokens(folder: Path, stem: str) -> list[str] | None:
+    path = Path(folder) / f"{stem}.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
