@@ -366,7 +366,7 @@ def test_queue_timeout_and_fairness(folder, tmp_path_factory):
 
 def test_request_timeout(folder, tmp_path_factory):
     """A running request is cut at --request-timeout with finish_reason "length", its text
-    kept (streamed or not); one still without a token at its deadline gets 504."""
+    kept (streamed or not)."""
     busy = launch(folder, tmp_path_factory, "--max-batch-size", "1", "--request-timeout", "0.5")
     try:
         start = time.perf_counter()
@@ -386,21 +386,59 @@ def test_request_timeout(folder, tmp_path_factory):
                     streamed.append(json.loads(line[6:]))
         assert streamed[-1]["choices"][0]["finish_reason"] == "length"
         assert 1 < len(streamed) < LONG
-        # Four at once on one slot: the last ones reach their deadline still queued.
-        results: list[httpx.Response] = []
-        clients = [threading.Thread(target=lambda: results.append(
-            busy.post("/v1/completions", long_body()))) for _ in range(4)]
-        for client in clients:
-            client.start()
-        for client in clients:
-            client.join()
-        statuses = sorted(r.status_code for r in results)
-        assert set(statuses) <= {200, 504} and 504 in statuses, statuses
-        timed_out = next(r for r in results if r.status_code == 504)
-        assert assert_refused(timed_out, 504, "--request-timeout")["code"] == "request_timeout"
         busy.wait_until(lambda: busy.metrics()["kiln_slots_in_use"] == 0, 10, "slots free")
     finally:
         assert busy.stop() == 0
+
+
+def test_no_token_before_the_deadline_is_504_and_a_long_queue_wait_503():
+    """In process, with an engine that never produces a token: past --request-timeout the
+    request is answered 504 (nothing was sent yet), past --queue-timeout while still queued
+    503 with Retry-After; either way its engine requests are aborted."""
+    import asyncio
+
+    from kiln.serve.limits import ServeLimits
+    from kiln.serve.service import Admitted, APIError, Choice, ModelService
+
+    class SilentEngine:
+        def __init__(self, waiting: bool) -> None:
+            self.waiting, self.aborted = waiting, []
+
+        async def stream(self, request_id):
+            try:
+                await asyncio.sleep(3600)
+                yield None
+            finally:
+                self.aborted.append(request_id)
+
+        def is_waiting(self, request_id) -> bool:
+            return self.waiting
+
+        def stats(self):
+            return None
+
+    async def answer(limits: ServeLimits, engine: SilentEngine) -> APIError:
+        service = ModelService(lambda: None, "tiny", limits=limits)
+        service.engine = engine
+        admitted = Admitted([Choice(0, 7, 3, time.perf_counter())], None)
+        admitted.arrived = time.perf_counter()
+        events = service.timed_events(admitted)
+        start = time.perf_counter()
+        with pytest.raises(APIError) as raised:
+            await events.__anext__()
+        await events.aclose()
+        raised.value.elapsed = time.perf_counter() - start
+        return raised.value
+
+    running = SilentEngine(waiting=False)  # it has a slot, but no token comes
+    error = asyncio.run(answer(ServeLimits(request_timeout=0.3, queue_timeout=5), running))
+    assert error.status == 504 and error.code == "request_timeout"
+    assert "--request-timeout" in error.message and 0.25 < error.elapsed < 1.0
+    assert running.aborted == [7]
+    queued = SilentEngine(waiting=True)
+    error = asyncio.run(answer(ServeLimits(request_timeout=5, queue_timeout=0.3), queued))
+    assert error.status == 503 and error.code == "queue_timeout"
+    assert error.headers["Retry-After"] and queued.aborted == [7]
 
 
 def test_a_client_that_stops_reading_loses_its_slot(folder, tmp_path_factory):

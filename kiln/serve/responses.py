@@ -95,8 +95,11 @@ class Formatter:
             self.finish[index] = event.finish_reason
 
     async def whole(self, events: AsyncIterator) -> dict:
-        async for choice, event in events:
-            self.add(choice.index, event)
+        try:
+            async for choice, event in events:
+                self.add(choice.index, event)
+        finally:  # closed now, not when collected: its engine requests are aborted at once
+            await events.aclose()
         choices = []
         for index, text in enumerate(self.texts):
             logprobs = self.logprobs[index].body() if self.logprobs[index] else None
@@ -118,21 +121,24 @@ class Formatter:
                 yield _sse({**self._head(object_name), "choices": [{
                     "index": choice.index, "delta": {"role": "assistant", "content": ""},
                     "logprobs": None, "finish_reason": None}], **usage})
-        async for choice, event in events:
-            index = choice.index
-            self.add(index, event)
-            logprobs = self.logprobs[index]
-            if not event.text and event.finish_reason is None and not (
-                    logprobs and logprobs.pending):
-                continue  # text held back (a partial character or a possible stop string)
-            body = logprobs.take() if logprobs else None
-            if self.chat:
-                delta = {"content": event.text} if event.text else {}
-                entry = {"index": index, "delta": delta}
-            else:
-                entry = {"index": index, "text": event.text}
-            entry.update(logprobs=body, finish_reason=event.finish_reason)
-            yield _sse({**self._head(object_name), "choices": [entry], **usage})
+        try:
+            async for choice, event in events:
+                index = choice.index
+                self.add(index, event)
+                logprobs = self.logprobs[index]
+                if not event.text and event.finish_reason is None and not (
+                        logprobs and logprobs.pending):
+                    continue  # text held back (a partial character or a possible stop string)
+                body = logprobs.take() if logprobs else None
+                if self.chat:
+                    delta = {"content": event.text} if event.text else {}
+                    entry = {"index": index, "delta": delta}
+                else:
+                    entry = {"index": index, "text": event.text}
+                entry.update(logprobs=body, finish_reason=event.finish_reason)
+                yield _sse({**self._head(object_name), "choices": [entry], **usage})
+        finally:  # a client gone: the events close now, aborting their engine requests
+            await events.aclose()
         if include_usage:
             yield _sse({**self._head(object_name), "choices": [], "usage": self.admitted.usage})
         yield "data: [DONE]\n\n"

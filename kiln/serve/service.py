@@ -298,17 +298,24 @@ class ModelService:
         Leaving early aborts every choice still running."""
         choices = admitted.choices
         if len(choices) == 1:
-            async for event in self.engine.stream(choices[0].request_id):
-                yield choices[0], self._count(choices[0], event)
+            stream = self.engine.stream(choices[0].request_id)
+            try:
+                async for event in stream:
+                    yield choices[0], self._count(choices[0], event)
+            finally:  # closed now (aborting the request), not when collected
+                await stream.aclose()
             return
         queue: asyncio.Queue = asyncio.Queue()
 
         async def pump(choice: Choice) -> None:
+            stream = self.engine.stream(choice.request_id)
             try:
-                async for event in self.engine.stream(choice.request_id):
+                async for event in stream:
                     await queue.put((choice, event, None))
             except Exception as error:  # noqa: BLE001 - handed to the consumer
                 await queue.put((choice, None, error))
+            finally:  # closed now (aborting the request), not when collected
+                await stream.aclose()
 
         tasks = [asyncio.ensure_future(pump(choice)) for choice in choices]
         try:
