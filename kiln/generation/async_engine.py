@@ -107,10 +107,18 @@ class AsyncEngine:
         """The queue's next event; EngineDeadError if the engine's loop died meanwhile (its
         death normally fails every request with that error; this is the backstop)."""
         while queue.empty():
+            # Not asyncio.wait_for: before Python 3.12 it can swallow a cancellation that
+            # arrives as the item does, and a consumer that was told to stop would go on.
+            getter = asyncio.ensure_future(queue.get())
             try:
-                return await asyncio.wait_for(queue.get(), WAIT_SLICE)
-            except asyncio.TimeoutError:
-                self.engine.check_alive()
+                done, _ = await asyncio.wait({getter}, timeout=WAIT_SLICE)
+            except asyncio.CancelledError:
+                getter.cancel()
+                raise
+            if done:
+                return getter.result()
+            getter.cancel()
+            self.engine.check_alive()
         return queue.get_nowait()
 
     async def generate(self, prompt: Sequence[int | str], options: GenerationOptions | None = None,

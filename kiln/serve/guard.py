@@ -56,12 +56,10 @@ class Guard:
                 headers = list(message.get("headers", []))
                 headers.append((b"x-request-id", request_id.encode()))
                 message = {**message, "headers": headers}
-            try:
-                await asyncio.wait_for(send(message), send_timeout)
-            except asyncio.TimeoutError:
+            if not await _sent_within(send(message), send_timeout):
                 state["send_timed_out"] = True
                 raise SendTimeout(f"the client read nothing for {send_timeout} s "
-                                  "(kiln serve --send-timeout)") from None
+                                  "(kiln serve --send-timeout)")
 
         try:
             refusal = self._refusal(scope)
@@ -120,6 +118,23 @@ class Guard:
             return message
 
         return receive_limited
+
+
+async def _sent_within(sending, timeout: float) -> bool:
+    """Await `sending`; False if it takes longer than `timeout` (it is then cancelled).
+    Not asyncio.wait_for: before Python 3.12 it can swallow a cancellation of the caller
+    that arrives as the send completes, and a stream whose client left then runs on."""
+    task = asyncio.ensure_future(sending)
+    try:
+        done, _ = await asyncio.wait({task}, timeout=timeout)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    if not done:
+        task.cancel()
+        return False
+    task.result()  # its exception, if any
+    return True
 
 
 class SendTimeout(Exception):
