@@ -23,13 +23,11 @@ from . import seq_folder
 from .conversion.archs.bert import encoder_spec, encoder_weights, is_encoder_type
 from .conversion.formats.ctranslate2_encoder import CTranslate2Encoder, is_ctranslate2_encoder
 from .conversion.formats.hf import read_config, tensor_source
-from .model.encoder import QUANTIZED, EncoderSpec
 from .model.encoder import Encoder as EncoderModel
+from .model.encoder import EncoderSpec
 from .model.loading import resolve_device
 from .quant.compute_types import ComputeType, resolve
-from .quant.int8 import IntegerWeight, QuantizedLinear
-from .quant.kernels import default_backend
-from .seq_folder import integer_rows, kiln_kind
+from .seq_folder import assemble, kiln_kind
 
 POOLING_MODES = ("cls_token", "max_tokens", "mean_tokens", "mean_sqrt_len_tokens",
                  "weightedmean_tokens", "lasttoken")  # sentence-transformers' output order
@@ -120,7 +118,9 @@ class Encoder:
         if self.compute_type.weights == "int4":
             raise ValueError("int4 is not offered for encoders (they are small and bound by "
                              "compute, not memory); use int8 or a float type")
-        self.model = _build(self.spec, weights, self.compute_type, self.device)
+        self.model = assemble(EncoderModel(self.spec, self.compute_type.weights,
+                                           self.compute_type.torch_dtype),
+                              weights, self.compute_type, self.device)
         self.pooling = Pooling.from_folder(folder)
         limit = self.spec.max_length
         self.max_length = min(limit, self.pooling.max_seq_length or limit)
@@ -302,28 +302,3 @@ def _tokenizer(folder: Path):
 
     path = folder / "tokenizer.json"
     return FastTokenizer.from_file(str(path)) if path.is_file() else None
-
-
-def _build(spec: EncoderSpec, weights, compute: ComputeType,
-           device: torch.device) -> EncoderModel:
-    """The model on `device` from (kiln name, tensor) pairs, quantized as `compute` says."""
-    dtype = compute.torch_dtype
-    model = EncoderModel(spec, compute.weights, dtype)
-    quantized = {name for name, module in model.named_modules()
-                 if isinstance(module, QUANTIZED)}
-    state: dict[str, torch.Tensor] = {}
-    for name, tensor in weights:
-        module, _, kind = name.rpartition(".")
-        if module in quantized and kind == "weight":
-            values, scale = integer_rows(tensor, compute.weights)
-            state[name], state[f"{module}.weight_scale"] = values.to(device), scale.to(device)
-        else:
-            if isinstance(tensor, IntegerWeight):
-                tensor = tensor.dequantize()
-            state[name] = tensor.to(device, dtype)
-    model.load_state_dict(state, assign=True, strict=True)
-    backend = default_backend(device) if compute.weights == "int8" else None
-    for module in model.modules():
-        if isinstance(module, QuantizedLinear):
-            module.prepare(backend)
-    return model.eval()

@@ -24,7 +24,7 @@ import torch
 
 from .model.encoder import QUANTIZED
 from .quant.compute_types import ComputeType
-from .quant.int8 import IntegerWeight, quantize_rows
+from .quant.int8 import IntegerWeight, QuantizedLinear, quantize_rows
 
 KINDS = ("encoder", "translator")
 FORMAT = "kiln"
@@ -82,18 +82,9 @@ def write(output: Path, kind: str, model_class, spec, pairs, compute: ComputeTyp
         raise FileExistsError(f"output folder {output} already exists; pass force=True "
                               "(--force) to replace it")
     skeleton = model_class(spec, compute.weights, compute.torch_dtype)
-    quantized = {name for name, module in skeleton.named_modules()
-                 if isinstance(module, QUANTIZED)}
-    tensors: dict[str, torch.Tensor] = {}
-    for name, tensor in pairs:
-        module, _, part = name.rpartition(".")
-        if module in quantized and part == "weight":
-            values, scale = integer_rows(tensor, compute.weights)
-            tensors[name], tensors[f"{module}.weight_scale"] = values.contiguous(), scale
-        else:
-            if isinstance(tensor, IntegerWeight):
-                tensor = tensor.dequantize()
-            tensors[name] = tensor.to(compute.torch_dtype).contiguous().clone()
+    # (cloned: tied tables share storage, which safetensors refuses)
+    tensors = {name: tensor.contiguous().clone()
+               for name, tensor in stored_forms(skeleton, pairs, compute)}
     output.parent.mkdir(parents=True, exist_ok=True)
     partial = output.parent / f".{output.name}.partial-{uuid.uuid4().hex[:8]}"
     partial.mkdir()
@@ -118,6 +109,53 @@ def write(output: Path, kind: str, model_class, spec, pairs, compute: ComputeTyp
         shutil.rmtree(partial, ignore_errors=True)
         raise
     return output
+
+
+def stored_forms(model: torch.nn.Module, pairs,
+                 compute: ComputeType) -> Iterator[tuple[str, torch.Tensor]]:
+    """The tensors a model built for `compute` holds, from (kiln name, tensor) pairs: integer
+    rows and their scales for its integer modules (kept as they are when already of that
+    type), `compute`'s float type for the rest."""
+    quantized = {name for name, module in model.named_modules() if isinstance(module, QUANTIZED)}
+    for name, tensor in pairs:
+        module, _, part = name.rpartition(".")
+        if module in quantized and part == "weight":
+            values, scale = integer_rows(tensor, compute.weights)
+            yield name, values
+            yield f"{module}.weight_scale", scale
+            continue
+        if isinstance(tensor, IntegerWeight):
+            tensor = tensor.dequantize()
+        yield name, tensor.to(compute.torch_dtype)
+
+
+def assemble(model: torch.nn.Module, pairs, compute: ComputeType,
+              device: torch.device) -> torch.nn.Module:
+    """Fill a model built on the meta device from (kiln name, tensor) pairs: integer modules
+    get integer rows (kept as they are when already of that type), the rest `compute`'s
+    float type; a pair naming a plain attribute (a position table) replaces it. Then pack the
+    int8 kernels and check nothing is left on the meta device."""
+    from .quant.kernels import default_backend
+
+    keys = set(model.state_dict())
+    state: dict[str, torch.Tensor] = {}
+    for name, tensor in stored_forms(model, pairs, compute):
+        if name in keys:
+            state[name] = tensor.to(device)
+        else:  # a non-persistent buffer the checkpoint stores (Marian's position tables)
+            setattr(model, name, tensor.to(device))
+    model.load_state_dict(state, assign=True, strict=False)
+    missing = [name for name, value in model.state_dict().items() if value.device.type == "meta"]
+    if missing:
+        raise ValueError(f"the checkpoint does not fill {missing[:5]}")
+    for name, buffer in model.named_buffers():
+        if buffer.device != device and "." not in name:
+            setattr(model, name, buffer.to(device))
+    backend = default_backend(device) if compute.weights == "int8" else None
+    for module in model.modules():
+        if isinstance(module, QuantizedLinear):
+            module.prepare(backend)
+    return model.eval()
 
 
 def integer_rows(tensor, bits: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -38,13 +38,10 @@ from .generation.requests import Request
 from .generation.results import GenerationStepResult
 from .generation.sampling import SamplingParams, choose_tokens
 from .generation.search import Decision
-from .model.encoder import QUANTIZED
 from .model.loading import resolve_device
 from .model.seq2seq import Seq2Seq, Seq2SeqSpec
 from .quant.compute_types import ComputeType, resolve
-from .quant.int8 import IntegerWeight, QuantizedLinear
-from .quant.kernels import default_backend
-from .seq_folder import integer_rows, kiln_kind
+from .seq_folder import assemble, kiln_kind
 
 UNSUPPORTED = {"coverage_penalty": 0, "prefix_bias_beta": 0, "return_attention": False,
                "return_alternatives": False, "replace_unknowns": False}
@@ -165,7 +162,9 @@ class Translator:
         self.spec, saved, pairs, target, source = open_translator(folder)
         self.compute_type = resolve(compute_type, saved, self.device)
         self._check_compute()
-        self.model = _build(self.spec, None, self.compute_type, self.device, pairs)
+        self.model = assemble(Seq2Seq(self.spec, self.compute_type.weights,
+                                      self.compute_type.torch_dtype),
+                              pairs, self.compute_type, self.device)
         self.vocabulary = Vocabulary(folder) if target is None else Vocabulary(tokens=target)
         self.source_vocabulary = (self.vocabulary if source is None or source == target
                                   else Vocabulary(tokens=source))
@@ -561,39 +560,3 @@ def _refuse(unsupported: dict) -> None:
             raise TypeError(f"translate_batch() got an unexpected keyword argument {name!r}")
         if value != UNSUPPORTED[name]:
             raise ValueError(f"{name} is not supported by kiln's Translator yet")
-
-
-def _build(spec: Seq2SeqSpec, tensors, compute: ComputeType, device: torch.device,
-           weights=None) -> Seq2Seq:
-    """The model on `device`, its weights from a Hugging Face checkpoint (`tensors`) or as
-    (kiln name, tensor) pairs (`weights`), quantized as `compute` says."""
-    dtype = compute.torch_dtype
-    model = Seq2Seq(spec, compute.weights, dtype)
-    quantized = {name for name, module in model.named_modules()
-                 if isinstance(module, QUANTIZED)}
-    state: dict[str, torch.Tensor] = {}
-    for name, tensor in weights if weights is not None else seq2seq_weights(spec, tensors):
-        if name.endswith("_table"):  # a position table stored in the checkpoint
-            setattr(model, name, tensor.to(device, dtype))
-            continue
-        module, _, kind = name.rpartition(".")
-        if module in quantized and kind == "weight":
-            values, scale = integer_rows(tensor, compute.weights)
-            state[name], state[f"{module}.weight_scale"] = values.to(device), scale.to(device)
-        else:
-            if isinstance(tensor, IntegerWeight):
-                tensor = tensor.dequantize()
-            state[name] = tensor.to(device, dtype)
-    model.load_state_dict(state, assign=True, strict=False)
-    missing = [name for name, value in model.state_dict().items()
-               if value.device.type == "meta"]
-    if missing:
-        raise ValueError(f"the checkpoint does not fill {missing[:5]}")
-    for name in ("encoder_table", "decoder_table"):
-        if hasattr(model, name):
-            setattr(model, name, getattr(model, name).to(device))
-    backend = default_backend(device) if compute.weights == "int8" else None
-    for module in model.modules():
-        if isinstance(module, QuantizedLinear):
-            module.prepare(backend)
-    return model.eval()
