@@ -14,21 +14,11 @@ sentence's translation never depends on the rest of the batch.
 
 from __future__ import annotations
 
-import json
-import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from . import seq_folder
-from .conversion.archs.bart import is_seq2seq_type, seq2seq_spec, seq2seq_weights
-from .conversion.formats.ctranslate2_seq2seq import (
-    CTranslate2Translator,
-    is_ctranslate2_translator,
-)
-from .conversion.formats.hf import read_config, tensor_source
 from .encoder import _folder
 from .errors import RequestError
 from .generation.beam import BeamSearch
@@ -37,116 +27,15 @@ from .generation.processors import Processors
 from .generation.requests import Request
 from .generation.results import GenerationStepResult
 from .generation.sampling import SamplingParams, choose_tokens
-from .generation.search import Decision
 from .model.loading import resolve_device
-from .model.seq2seq import Seq2Seq, Seq2SeqSpec
-from .quant.compute_types import ComputeType, resolve
-from .seq_folder import assemble, kiln_kind
+from .model.seq2seq import Seq2Seq
+from .quant.compute_types import resolve
+from .seq_folder import assemble
+from .translation_search import Job, OneBest, ScoringResult, TranslationResult, Vocabulary
+from .translator_files import open_translator
 
 UNSUPPORTED = {"coverage_penalty": 0, "prefix_bias_beta": 0, "return_attention": False,
                "return_alternatives": False, "replace_unknowns": False}
-
-
-@dataclass
-class TranslationResult:
-    """As CTranslate2's: hypotheses (token strings, best first) and, with return_scores,
-    their scores."""
-
-    hypotheses: list[list[str]]
-    scores: list[float] = field(default_factory=list)
-    attention: list = field(default_factory=list)
-
-
-@dataclass
-class ScoringResult:
-    tokens: list[str]
-    log_probs: list[float]
-
-
-@dataclass
-class Job:
-    """One source sentence being translated."""
-
-    index: int
-    source: list[int]
-    request: Request
-    search: object  # BeamSearch or OneBest
-
-
-class OneBest:
-    """beam_size 1: one token per step, greedy or drawn (top-k, temperature, top-p), with the
-    decoders' processors and min-length rule; `callback` sees each token (True stops). The
-    score divides the log-probs by length ** length_penalty, the end token counted."""
-
-    def __init__(self, request, sampling, generator, end_ids, return_end_token, processors,
-                 length_penalty, usable, callback, batch_id, vocabulary) -> None:
-        self.request, self.sampling, self.generator = request, sampling, generator
-        self.end_ids, self.return_end_token = end_ids, return_end_token
-        self.processors, self.length_penalty, self.usable = processors, length_penalty, usable
-        self.callback, self.batch_id, self.vocabulary = callback, batch_id, vocabulary
-        self.tokens: list[int] = []
-        self.total, self.count = 0.0, 0
-
-    def advance(self, logits: torch.Tensor):
-        request = self.request
-        if self.processors.active:
-            logits = self.processors.apply(logits, [request.returned_prompt + self.tokens])
-        if self.count < request.min_new_tokens and self.end_ids:
-            logits[:, sorted(self.end_ids)] = float("-inf")
-        ids, log_probs = choose_tokens(logits, [(self.sampling, self.generator)], self.usable)
-        token, log_prob = int(ids[0]), float(log_probs[0])
-        self.total, self.count = self.total + log_prob, self.count + 1
-        is_end = token in self.end_ids
-        is_last = is_end or self.count >= request.max_new_tokens
-        if not is_end or self.return_end_token:
-            self.tokens.append(token)
-        if self.callback is not None:
-            step = GenerationStepResult(step=self.count - 1, batch_id=self.batch_id,
-                                        token_id=token, hypothesis_id=0,
-                                        token=self.vocabulary.tokens.get(token),
-                                        log_prob=log_prob, is_last=is_last)
-            is_last = self.callback(step) is True or is_last
-        return Decision(inputs=[token], finish_reason="stop" if is_last else None)
-
-    def result(self) -> list[tuple[list[int], float]]:
-        length = len(self.request.returned_prompt) + self.count
-        score = self.total / (length ** self.length_penalty) if length else -math.inf
-        return [(self.request.returned_prompt + self.tokens, score)]
-
-
-class Vocabulary:
-    """Token strings <-> ids, from the folder's tokenizer.json or vocab.json (or a list)."""
-
-    def __init__(self, folder: Path | None = None, tokens: list[str] | None = None) -> None:
-        mapping: dict[str, int] = {}
-        if tokens is not None:
-            mapping = {token: index for index, token in enumerate(tokens)}
-        elif (folder / "tokenizer.json").is_file():
-            from tokenizers import Tokenizer
-
-            mapping = Tokenizer.from_file(str(folder / "tokenizer.json")).get_vocab(
-                with_added_tokens=True)
-        elif (folder / "vocab.json").is_file():
-            mapping = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
-        else:
-            raise FileNotFoundError(f"{folder} has neither tokenizer.json nor vocab.json: kiln "
-                                    "needs the token strings of the model's vocabulary")
-        self.ids = mapping
-        self.tokens = {token_id: token for token, token_id in mapping.items()}
-
-    def to_ids(self, tokens: Sequence[str | int], what: str) -> list[int]:
-        if all(isinstance(token, int) and not isinstance(token, bool) for token in tokens):
-            return list(tokens)
-        if not all(isinstance(token, str) for token in tokens):
-            raise TypeError(f"{what} must hold token strings or ids, not a mix")
-        unknown = [token for token in tokens if token not in self.ids]
-        if unknown:
-            raise RequestError(f"{what}: tokens not in the vocabulary: {unknown[:5]}; tokenize "
-                               "with the model's own tokenizer")
-        return [self.ids[token] for token in tokens]
-
-    def to_tokens(self, ids: Sequence[int]) -> list[str]:
-        return [self.tokens.get(token_id, "") for token_id in ids]
 
 
 class Translator:
@@ -505,53 +394,6 @@ class Translator:
                                        caches, cross, mask)
             log_probs.append(float(logits.log_softmax(-1)[0, targets[position]]))
         return log_probs
-
-
-def open_translator(folder: Path):
-    """(spec, saved compute type, (kiln name, tensor) pairs, target tokens, source tokens) of
-    a kiln translator folder, a CTranslate2 translator folder or a Hugging Face checkpoint
-    (whose tokens come from its tokenizer: None)."""
-    kind = kiln_kind(folder)
-    if kind == "translator":
-        config = seq_folder.read_config(folder)
-        return (Seq2SeqSpec(**config["model"]), seq_folder.saved_compute(config),
-                seq_folder.stored_pairs(folder), seq_folder.read_tokens(folder,
-                                                                        "target_vocabulary"),
-                seq_folder.read_tokens(folder, "source_vocabulary"))
-    if kind is not None:
-        raise ValueError(f"{folder} holds a kiln {kind}; load it with kiln.Encoder")
-    if is_ctranslate2_translator(folder):
-        checkpoint = CTranslate2Translator(folder)
-        spec = checkpoint.spec()
-        saved = "float16" if checkpoint.model.tensor(
-            "decoder/layer_0/ffn/layer_norm/gamma").dtype == torch.float16 else "float32"
-        return (spec, ComputeType(None, saved), checkpoint.weights(spec),
-                checkpoint.target_tokens, checkpoint.source_tokens)
-    config = read_config(folder)
-    if not is_seq2seq_type(config.get("model_type")):
-        raise ValueError(f"{folder} is a {config.get('model_type')!r} model, not a supported "
-                         "translation model (bart, mbart, marian, m2m_100, t5, mt5); load "
-                         "decoders with kiln.Generator, encoders with kiln.Encoder")
-    saved = "float16" if config.get("torch_dtype", config.get("dtype")) == "float16" \
-        else "float32"
-    spec = seq2seq_spec(config)
-    return spec, ComputeType(None, saved), seq2seq_weights(spec, tensor_source(folder)), \
-        None, None
-
-
-def convert_translator(source: Path, output: Path, quantization: str | None = None,
-                       force: bool = False, origin: dict | None = None) -> Path:
-    """A kiln translator folder from a Hugging Face checkpoint or a CTranslate2 folder."""
-    spec, saved, pairs, target, source_tokens = open_translator(Path(source))
-    compute = ComputeType.parse(quantization or saved.name, saved.dtype)
-    if compute.weights == "int4":
-        raise ValueError("int4 is not offered for translation models yet; use int8")
-    if target is None:
-        vocabulary = Vocabulary(Path(source))
-        target = [vocabulary.tokens.get(index, "") for index in range(spec.vocab_size)]
-    tokens = {"target_vocabulary": target, "source_vocabulary": source_tokens or target}
-    return seq_folder.write(output, "translator", Seq2Seq, spec, pairs, compute, Path(source),
-                            tokens, force, origin)
 
 
 def _refuse(unsupported: dict) -> None:

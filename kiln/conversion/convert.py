@@ -115,7 +115,7 @@ def _encoder_or_translator(source: Path):
     if hf.is_hf_folder(source):
         model_type = hf.read_config(source).get("model_type")
     if is_seq2seq_type(model_type) or is_ctranslate2_translator(source):
-        from ..translator import convert_translator
+        from ..translator_files import convert_translator
 
         return convert_translator
     if is_encoder_type(model_type) or is_ctranslate2_encoder(source):

@@ -1,0 +1,67 @@
+"""Where a Translator's model comes from: a kiln translator folder, a CTranslate2
+translator folder or a Hugging Face checkpoint; and `kiln convert` of them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from . import seq_folder
+from .conversion.archs.bart import is_seq2seq_type, seq2seq_spec, seq2seq_weights
+from .conversion.formats.ctranslate2_seq2seq import (
+    CTranslate2Translator,
+    is_ctranslate2_translator,
+)
+from .conversion.formats.hf import read_config, tensor_source
+from .model.seq2seq import Seq2Seq, Seq2SeqSpec
+from .quant.compute_types import ComputeType
+from .seq_folder import kiln_kind
+from .translation_search import Vocabulary
+
+
+def open_translator(folder: Path):
+    """(spec, saved compute type, (kiln name, tensor) pairs, target tokens, source tokens) of
+    a kiln translator folder, a CTranslate2 translator folder or a Hugging Face checkpoint
+    (whose tokens come from its tokenizer: None)."""
+    kind = kiln_kind(folder)
+    if kind == "translator":
+        config = seq_folder.read_config(folder)
+        return (Seq2SeqSpec(**config["model"]), seq_folder.saved_compute(config),
+                seq_folder.stored_pairs(folder), seq_folder.read_tokens(folder,
+                                                                        "target_vocabulary"),
+                seq_folder.read_tokens(folder, "source_vocabulary"))
+    if kind is not None:
+        raise ValueError(f"{folder} holds a kiln {kind}; load it with kiln.Encoder")
+    if is_ctranslate2_translator(folder):
+        checkpoint = CTranslate2Translator(folder)
+        spec = checkpoint.spec()
+        saved = "float16" if checkpoint.model.tensor(
+            "decoder/layer_0/ffn/layer_norm/gamma").dtype == torch.float16 else "float32"
+        return (spec, ComputeType(None, saved), checkpoint.weights(spec),
+                checkpoint.target_tokens, checkpoint.source_tokens)
+    config = read_config(folder)
+    if not is_seq2seq_type(config.get("model_type")):
+        raise ValueError(f"{folder} is a {config.get('model_type')!r} model, not a supported "
+                         "translation model (bart, mbart, marian, m2m_100, t5, mt5); load "
+                         "decoders with kiln.Generator, encoders with kiln.Encoder")
+    saved = "float16" if config.get("torch_dtype", config.get("dtype")) == "float16" \
+        else "float32"
+    spec = seq2seq_spec(config)
+    return spec, ComputeType(None, saved), seq2seq_weights(spec, tensor_source(folder)), \
+        None, None
+
+
+def convert_translator(source: Path, output: Path, quantization: str | None = None,
+                       force: bool = False, origin: dict | None = None) -> Path:
+    """A kiln translator folder from a Hugging Face checkpoint or a CTranslate2 folder."""
+    spec, saved, pairs, target, source_tokens = open_translator(Path(source))
+    compute = ComputeType.parse(quantization or saved.name, saved.dtype)
+    if compute.weights == "int4":
+        raise ValueError("int4 is not offered for translation models yet; use int8")
+    if target is None:
+        vocabulary = Vocabulary(Path(source))
+        target = [vocabulary.tokens.get(index, "") for index in range(spec.vocab_size)]
+    tokens = {"target_vocabulary": target, "source_vocabulary": source_tokens or target}
+    return seq_folder.write(output, "translator", Seq2Seq, spec, pairs, compute, Path(source),
+                            tokens, force, origin)
