@@ -346,6 +346,7 @@ def _run_eval(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .cli_seq2seq import add_embed, add_translate
     from .cli_serve import add_serve  # here: cli_serve builds on this module's options
 
     parser = argparse.ArgumentParser(
@@ -358,6 +359,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_perplexity(subparsers)
     _add_eval(subparsers)
     _add_cache(subparsers)
+    add_translate(subparsers)
+    add_embed(subparsers)
     add_serve(subparsers)
     _add_bench(subparsers)
     return parser

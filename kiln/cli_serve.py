@@ -13,7 +13,8 @@ def add_serve(subparsers) -> None:
     parser = subparsers.add_parser(
         "serve", help="serve the model over an OpenAI-compatible HTTP API",
         description="POST /v1/completions and /v1/chat/completions (streamed or not), "
-                    "GET /v1/models, /health and /metrics, on the continuous-batching engine. "
+                    "GET /v1/models, /health and /metrics, on the continuous-batching engine; "
+                    "for an encoder model (BERT family), POST /v1/embeddings instead. "
                     "Needs the serve extra: pip install 'kiln[serve]'.")
     _add_model_options(parser)
     parser.set_defaults(compute_type="auto")
@@ -76,6 +77,8 @@ def _add_limit_options(parser) -> None:
                         help="characters per stop sequence (default: 256)")
     limits.add_argument("--max-choices", type=int, default=16,
                         help="sequences one request may ask for, prompts x n (default: 16)")
+    limits.add_argument("--max-embedding-inputs", type=int, default=2048,
+                        help="inputs of one /v1/embeddings request (default: 2048, as OpenAI)")
     limits.add_argument("--max-queue-per-client", type=int, default=None,
                         help="sequences one client address may have queued (default: half of "
                              "--max-queue); beyond it 429")
@@ -106,6 +109,7 @@ def serve_limits(args: argparse.Namespace):
         max_prompt_chars=args.max_prompt_chars,
         max_stop_count=args.max_stop_count, max_stop_chars=args.max_stop_chars,
         max_choices=args.max_choices, max_queue=args.max_queue,
+        max_embedding_inputs=args.max_embedding_inputs,
         max_queue_per_client=args.max_queue_per_client, queue_timeout=args.queue_timeout,
         request_timeout=args.request_timeout, send_timeout=args.send_timeout,
         allowed_origins=tuple(args.allowed_origins),
@@ -122,12 +126,26 @@ def _run_serve(args: argparse.Namespace) -> int:
     from .generation.async_engine import AsyncEngine
     from .serve.logs import configure_logging
     from .sources.default_model import NAME
+    from .sources.hub import source_kind
 
     for name in ("max_batch_size", "max_queue", "port"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
     limits = serve_limits(args)  # bad limits are refused before the model loads
     configure_logging(args.log_level, args.log_format)
+    kind = source_kind(args.model, args.revision)
+    if kind == "translator":
+        raise ValueError(f"{args.model} is a translation model; kiln serve serves text "
+                         "generation and embedding models: translate with `kiln translate` or "
+                         "kiln.Translator")
+    if kind == "encoder":
+        if args.ray:
+            raise ValueError("--ray serves text-generation models; serve encoders without it")
+        return serve(lambda: _load_encoder(args), served_model_name=args.served_model_name
+                     or args.model, host=args.host, port=args.port, limits=limits,
+                     api_key=args.api_key or os.environ.get("KILN_API_KEY") or None,
+                     shutdown_timeout=args.shutdown_timeout, log_level=args.log_level,
+                     embeddings=True)
     args.seed = None
     engine_options = dict(max_batch_size=args.max_batch_size, kv_cache_memory=args.kv_cache_memory,
                           max_length=args.max_model_len)
@@ -145,6 +163,14 @@ def _run_serve(args: argparse.Namespace) -> int:
                  default_options=_speculation(args),
                  api_key=args.api_key or os.environ.get("KILN_API_KEY") or None,
                  shutdown_timeout=args.shutdown_timeout, log_level=args.log_level)
+
+
+def _load_encoder(args: argparse.Namespace):
+    from .encoder import Encoder
+
+    compute_type = "default" if args.compute_type == "auto" else args.compute_type
+    return Encoder(args.model, device=args.device, compute_type=compute_type,
+                   revision=args.revision)
 
 
 def _run_ray_serve(args: argparse.Namespace, default_name: str) -> int:

@@ -135,14 +135,8 @@ class TranslatorCT2fromHfHub:
 
         self.model = Translator(model_name_or_path, device=device, device_index=device_index,
                                 compute_type=compute_type, **_hub_options(hub_kwargs), **kwargs)
-        if tokenizer is None:
-            try:
-                from transformers import AutoTokenizer
-            except ImportError as error:
-                raise ImportError("give tokenizer=..., or pip install transformers to load "
-                                  "the model's own") from error
-            tokenizer = AutoTokenizer.from_pretrained(str(self.model.path))
-        self.tokenizer = tokenizer
+        self.tokenizer = tokenizer if tokenizer is not None else _translation_tokenizer(
+            self.model.path)
 
     def _tokens(self, text: str) -> list[str]:
         return self.tokenizer.convert_ids_to_tokens(self.tokenizer.encode(text))
@@ -173,6 +167,9 @@ class MultiLingualTranslatorCT2fromHfHub(TranslatorCT2fromHfHub):
         if not len(texts) == len(sources) == len(targets):
             raise ValueError(f"unequal lengths: text={len(texts)} src_lang={len(sources)} "
                              f"tgt_lang={len(targets)}")
+        if isinstance(self.tokenizer, TokenizerFile):
+            raise ImportError("src_lang and tgt_lang need the model's transformers tokenizer: "
+                              "pip install transformers sentencepiece")
         tokens = []
         for item, language in zip(texts, sources, strict=True):
             self.tokenizer.src_lang = language
@@ -191,3 +188,38 @@ class MultiLingualTranslatorCT2fromHfHub(TranslatorCT2fromHfHub):
         if token_id is not None:
             return self.tokenizer.convert_ids_to_tokens(token_id(language))
         return language  # NLLB: the code is the token (e.g. "deu_Latn")
+
+
+def _translation_tokenizer(folder):
+    """The model's transformers tokenizer, as hf-hub-ctranslate2 loads it; without
+    transformers, its tokenizer.json."""
+    try:
+        from transformers import AutoTokenizer
+    except ImportError:
+        if (folder / "tokenizer.json").is_file():
+            return TokenizerFile(folder)
+        raise ImportError(f"{folder} has no tokenizer.json: give tokenizer=..., or pip install "
+                          "transformers sentencepiece to load the model's own") from None
+    return AutoTokenizer.from_pretrained(str(folder))
+
+
+class TokenizerFile:
+    """A model's tokenizer.json with the methods of a transformers tokenizer that the
+    translator classes call: enough for them without transformers installed."""
+
+    def __init__(self, folder) -> None:
+        from tokenizers import Tokenizer
+
+        self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+
+    def encode(self, text: str, **_: Any) -> list[int]:
+        return self.tokenizer.encode(text).ids
+
+    def convert_ids_to_tokens(self, ids: Sequence[int]) -> list[str]:
+        return [self.tokenizer.id_to_token(int(i)) for i in ids]
+
+    def convert_tokens_to_ids(self, tokens: Sequence[str]) -> list[int]:
+        return [self.tokenizer.token_to_id(token) for token in tokens]
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True, **_: Any) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)

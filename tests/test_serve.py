@@ -212,6 +212,7 @@ BAD_REQUESTS = [  # (path, body, extra headers, status, param)
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "t5"}],
                               "stream_options": {"include_usage": True}}, {}, 400,
      "stream_options"),
+    ("/v1/embeddings", {"input": "t5"}, {}, 400, "model"),  # a generator: no embeddings
 ]
 
 

@@ -477,9 +477,12 @@ def test_request_ids_and_the_access_log(server):
     assert made.headers["x-request-id"] != "bad id\twith tabs"
     assert len(made.headers["x-request-id"]) == 32
     assert httpx.get(server.url + "/health").headers["x-request-id"]
-    server.wait_until(lambda: "request_id=my-id-123" in server.log.read_text(), 5, "access log")
-    line = next(line for line in server.log.read_text().splitlines()
-                if "request_id=my-id-123" in line)
+    def logged() -> str | None:  # the whole line (a line may be read while it is written)
+        return next((line for line in server.log.read_text().splitlines()
+                     if "request_id=my-id-123" in line and "path=" in line), None)
+
+    server.wait_until(lambda: logged() is not None, 10, "access log")
+    line = logged()
     for part in ("status=200", "prompt_tokens=1", "completion_tokens=3", "ttft_ms=",
                  "path=/v1/completions"):
         assert part in line, line

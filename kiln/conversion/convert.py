@@ -101,24 +101,38 @@ def convert(source: str | Path, output_dir: str | Path, quantization: str | None
     return output_dir
 
 
-def _encoder_or_translator(source: Path):
-    """The converter of an encoder or translator source (Hugging Face or CTranslate2), else
-    None (a decoder)."""
-    if not source.is_dir():
-        return None
+def model_kind(source: Path) -> str:
+    """"encoder", "translator" or "generator": which kiln class loads `source` (a kiln,
+    Hugging Face or CTranslate2 folder, or a GGUF file)."""
+    from ..seq_folder import kiln_kind
     from .archs.bart import is_seq2seq_type
     from .archs.bert import is_encoder_type
     from .formats.ctranslate2_encoder import is_ctranslate2_encoder
     from .formats.ctranslate2_seq2seq import is_ctranslate2_translator
 
-    model_type = None
-    if hf.is_hf_folder(source):
-        model_type = hf.read_config(source).get("model_type")
+    source = Path(source)
+    if not source.is_dir():
+        return "generator"
+    kind = kiln_kind(source)
+    if kind is not None:
+        return kind
+    model_type = hf.read_config(source).get("model_type") if hf.is_hf_folder(source) else None
     if is_seq2seq_type(model_type) or is_ctranslate2_translator(source):
+        return "translator"
+    if is_encoder_type(model_type) or is_ctranslate2_encoder(source):
+        return "encoder"
+    return "generator"
+
+
+def _encoder_or_translator(source: Path):
+    """The converter of an encoder or translator source (Hugging Face or CTranslate2), else
+    None (a decoder)."""
+    kind = model_kind(source)
+    if kind == "translator":
         from ..translator_files import convert_translator
 
         return convert_translator
-    if is_encoder_type(model_type) or is_ctranslate2_encoder(source):
+    if kind == "encoder":
         from ..encoder import convert_encoder
 
         return convert_encoder

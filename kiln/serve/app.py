@@ -27,6 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 
 from ..errors import EngineDeadError
+from .embeddings import EmbeddingRequest, EmbeddingService
 from .guard import Guard, SendTimeout
 from .metrics import CONTENT_TYPE
 from .protocol import ChatCompletionRequest, CompletionRequest
@@ -41,7 +42,7 @@ REJECTIONS = {400: "invalid_request", 401: "unauthorized", 404: "not_found", 405
               503: "service_unavailable", 504: "request_timeout"}
 
 
-def build_app(service: ModelService, api_key: str | None = None) -> FastAPI:
+def build_app(service: ModelService | EmbeddingService, api_key: str | None = None) -> FastAPI:
     app = FastAPI(title="kiln", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.service = service
     limits = service.limits
@@ -124,6 +125,25 @@ def build_app(service: ModelService, api_key: str | None = None) -> FastAPI:
         body = await _parse(request, ChatCompletionRequest)
         admitted = await service.admit_chat(body, _client(request))
         return await _answer(request, body, admitted, chat=True)
+
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request) -> Response:
+        authorize(request)
+        body = await _parse(request, EmbeddingRequest)
+        if not isinstance(service, EmbeddingService):
+            service.check_ready()
+            raise bad_request(f"{service.served_model_name!r} generates text; serve an encoder "
+                              "model (e.g. sentence-transformers/all-MiniLM-L6-v2) for "
+                              "embeddings", "model", code="wrong_endpoint")
+        service.in_flight += 1
+        try:
+            result = await _until_disconnected(request, service.embed(body))
+        finally:
+            service.in_flight -= 1
+        if result is None:  # the client left
+            return Response(status_code=499)
+        request.state.usage = result["usage"]
+        return JSONResponse(result)
 
     async def _answer(request: Request, body, admitted, chat: bool) -> Response:
         formatter = Formatter(service, admitted, chat)

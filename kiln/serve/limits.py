@@ -19,6 +19,7 @@ class ServeLimits:
     max_stop_count: int = 4  # as the OpenAI API
     max_stop_chars: int = 256  # per stop string
     max_choices: int = 16  # prompts x n of one request
+    max_embedding_inputs: int = 2048  # inputs of one /v1/embeddings request, as OpenAI
     max_queue: int = 64  # sequences waiting for a KV slot, all clients together
     max_queue_per_client: int | None = None  # None: half of max_queue
     queue_timeout: float = 60.0  # seconds without a slot before a request gets 503
@@ -29,7 +30,7 @@ class ServeLimits:
 
     def __post_init__(self) -> None:
         for name in ("max_body_bytes", "max_prompt_chars", "max_stop_chars", "max_choices",
-                     "max_queue"):
+                     "max_queue", "max_embedding_inputs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
         if self.max_stop_count < 0:

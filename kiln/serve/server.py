@@ -18,6 +18,7 @@ import uvicorn
 
 from ..generation.async_engine import AsyncEngine
 from .app import build_app
+from .embeddings import EmbeddingService
 from .limits import ServeLimits
 from .service import ModelService
 
@@ -28,7 +29,8 @@ POLL_SECONDS = 0.05
 class _Server(uvicorn.Server):
     """uvicorn, with its exit signal turned into draining first."""
 
-    def __init__(self, config: uvicorn.Config, service: ModelService, shutdown_timeout: float):
+    def __init__(self, config: uvicorn.Config, service: ModelService | EmbeddingService,
+                 shutdown_timeout: float):
         super().__init__(config)
         self.service, self.shutdown_timeout = service, shutdown_timeout
         self.drain_deadline: float | None = None
@@ -65,11 +67,16 @@ class _Server(uvicorn.Server):
 def serve(load: Callable[[], AsyncEngine], *, served_model_name: str, host: str = "127.0.0.1",
           port: int = 8000, limits: ServeLimits | None = None, api_key: str | None = None,
           shutdown_timeout: float = 30.0, log_level: str = "info",
-          default_options: dict | None = None) -> int:
+          default_options: dict | None = None, embeddings: bool = False) -> int:
     """Serve until a signal; 0 after a graceful stop (a failure to load is raised).
-    `default_options`: generation options every request starts from (e.g. prompt lookup)."""
-    service = ModelService(load, served_model_name, limits=limits,
-                           default_options=default_options)
+    `default_options`: generation options every request starts from (e.g. prompt lookup).
+    `embeddings`: `load` returns a kiln.Encoder, served on /v1/embeddings."""
+    service: ModelService | EmbeddingService
+    if embeddings:
+        service = EmbeddingService(load, served_model_name, limits=limits)
+    else:
+        service = ModelService(load, served_model_name, limits=limits,
+                               default_options=default_options)
     app = build_app(service, api_key)
     # Logging is kiln's (kiln.serve.logs), the access line the Guard's: uvicorn adds neither.
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, log_config=None,

@@ -22,6 +22,7 @@ from ..generation.engine import TokenEvent
 from ..generation.text import chat_prompt
 from .api_errors import RETRY_AFTER_SECONDS, APIError, bad_request  # noqa: F401 - re-exported
 from .deadlines import timed_events
+from .lifecycle import ServedModel
 from .limits import ServeLimits
 from .metrics import ServerMetrics
 from .protocol import BadField, ChatCompletionRequest, CompletionRequest
@@ -67,73 +68,35 @@ class Admitted:
                 "total_tokens": prompt + completion}
 
 
-class ModelService:
+class ModelService(ServedModel):
+    """A text-generation model on its AsyncEngine."""
+
     def __init__(self, load: Callable[[], AsyncEngine], served_model_name: str, *,
                  limits: ServeLimits | None = None, default_options: dict | None = None) -> None:
-        self._load = load
+        super().__init__(load, served_model_name, limits=limits)
         self.default_options = dict(default_options or {})
-        self.served_model_name = served_model_name
-        self.limits = limits or ServeLimits()
         self.max_queue = self.limits.max_queue
         self.by_client: defaultdict[str, set[int]] = defaultdict(set)  # live engine requests
-        self.state = "loading"  # -> "ready" -> "draining"; or "failed"
         self.engine: AsyncEngine | None = None
-        self.in_flight = 0  # HTTP requests being answered
         self.metrics = ServerMetrics(lambda: self.engine.stats() if self.engine else None)
-        self.started = int(time.time())
 
     # ------------------------------------------------------------ lifecycle
 
-    def load(self) -> None:
-        """Load the model (blocking: run it in a thread); the service is ready after."""
-        try:
-            engine = self._load()
-        except BaseException:
-            self.state = "failed"
-            raise
+    def _loaded(self, engine: AsyncEngine) -> None:
         loaded = engine.engine.loaded
         self.tokenizer = engine.engine.require_tokenizer()
         self.chat_template = loaded.chat_template
         self.model_path = loaded.path
         self.engine = engine
-        if self.state == "loading":
-            self.state = "ready"
         log.info("serving %s as %r", loaded.path, self.served_model_name)
 
-    def start_draining(self) -> None:
-        if self.state != "draining":
-            log.info("shutting down: no new requests; %d in flight", self.in_flight)
-        self.state = "draining"
+    def _alive(self) -> bool:
+        return self.engine is not None and self.engine.alive
 
     def close(self) -> None:
         """Abort what is still running and stop the engine thread."""
         if self.engine is not None:
             self.engine.shutdown(timeout=10)
-
-    @property
-    def health(self) -> str:
-        """"ok", or why the service cannot answer: loading, shutting down, failed (the model
-        did not load), or engine dead (its loop stopped on an error it could not contain)."""
-        if self.state == "ready" and self.engine is not None and not self.engine.alive:
-            return "engine dead"
-        return {"ready": "ok", "loading": "loading", "draining": "shutting down",
-                "failed": "failed"}[self.state]
-
-    def check_ready(self) -> None:
-        if self.health == "ok":
-            return
-        reason = {"loading": "the model is still loading", "shutting down": "the server is shutting down",
-                  "failed": "the model failed to load",
-                  "engine dead": "the engine stopped on an internal error"}[self.health]
-        raise APIError(503, f"{reason}; retry later", "service_unavailable",
-                       code="service_unavailable",
-                       headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
-
-    def check_model(self, name: str | None) -> None:
-        if name is not None and name != self.served_model_name:
-            raise APIError(404, f"the model {name!r} does not exist; this server serves "
-                                f"{self.served_model_name!r}", param="model",
-                           code="model_not_found")
 
     def model_card(self) -> dict:
         return {"id": self.served_model_name, "object": "model", "created": self.started,

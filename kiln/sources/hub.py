@@ -203,3 +203,18 @@ def _convert_once(source: Path, folder: Path, quantization: str | None, origin: 
 
 def _show_progress(progress: bool | None) -> bool:
     return sys.stderr.isatty() if progress is None else progress
+
+
+def source_kind(name_or_path: str | Path | None, revision: str | None = None,
+                hub_cache_dir: str | Path | None = None) -> str:
+    """"generator", "encoder" or "translator": which kiln class loads this model (a hub id
+    is fetched first, into the hub cache the loaders read). None is kiln's default model."""
+    if name_or_path is None:
+        return "generator"
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        return conversion.model_kind(path)
+    if not HUB_ID.match(str(name_or_path)):
+        return "generator"  # the loader names the problem
+    return conversion.model_kind(download(str(name_or_path), revision, hub_cache_dir, False,
+                                          None, None))
