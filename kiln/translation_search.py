@@ -1,5 +1,10 @@
-"""The pieces of a translation: its results, one sentence's search when beam_size is 1
-(`OneBest`; wider beams use the decoders' BeamSearch), and the token tables."""
+"""The pieces of a translation: its results, one sentence's search (`OneBest` for
+beam_size 1; `TranslationBeam`, the decoders' BeamSearch plus what translation adds), and the
+token tables.
+
+Both searches can keep each hypothesis' attention over the source (one row per target token,
+from the alignment layer): for `return_attention` and for CTranslate2's coverage penalty,
+score + beta * sum over source tokens of log(min(attention received, 1))."""
 
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ from pathlib import Path
 import torch
 
 from .errors import RequestError
+from .generation.beam import BeamSearch
 from .generation.requests import Request
 from .generation.results import GenerationStepResult
 from .generation.sampling import choose_tokens
@@ -50,15 +56,22 @@ class OneBest:
     score divides the log-probs by length ** length_penalty, the end token counted."""
 
     def __init__(self, request, sampling, generator, end_ids, return_end_token, processors,
-                 length_penalty, usable, callback, batch_id, vocabulary) -> None:
+                 length_penalty, usable, callback, batch_id, vocabulary,
+                 coverage_penalty: float = 0.0) -> None:
         self.request, self.sampling, self.generator = request, sampling, generator
         self.end_ids, self.return_end_token = end_ids, return_end_token
         self.processors, self.length_penalty, self.usable = processors, length_penalty, usable
         self.callback, self.batch_id, self.vocabulary = callback, batch_id, vocabulary
+        self.coverage_penalty = coverage_penalty
         self.tokens: list[int] = []
         self.total, self.count = 0.0, 0
+        self.trace: list[list[float]] | None = None  # attention rows, when kept
 
-    def advance(self, logits: torch.Tensor):
+    def start_attention(self, rows: list[list[float]]) -> None:
+        """The attention rows of the target prefix (attention is kept from now on)."""
+        self.trace = list(rows)
+
+    def advance(self, logits: torch.Tensor, attention: torch.Tensor | None = None):
         request = self.request
         if self.processors.active:
             logits = self.processors.apply(logits, [request.returned_prompt + self.tokens])
@@ -71,6 +84,8 @@ class OneBest:
         is_last = is_end or self.count >= request.max_new_tokens
         if not is_end or self.return_end_token:
             self.tokens.append(token)
+            if self.trace is not None and attention is not None:
+                self.trace.append(attention[0].tolist())
         if self.callback is not None:
             step = GenerationStepResult(step=self.count - 1, batch_id=self.batch_id,
                                         token_id=token, hypothesis_id=0,
@@ -79,10 +94,89 @@ class OneBest:
             is_last = self.callback(step) is True or is_last
         return Decision(inputs=[token], finish_reason="stop" if is_last else None)
 
-    def result(self) -> list[tuple[list[int], float]]:
-        length = len(self.request.returned_prompt) + self.count
+    def result(self) -> list[tuple[list[int], float, list | None]]:
+        length = self.request.counted_prompt + self.count
         score = self.total / (length ** self.length_penalty) if length else -math.inf
-        return [(self.request.returned_prompt + self.tokens, score)]
+        score += coverage(self.trace, self.coverage_penalty)
+        return [(self.request.returned_prompt + self.tokens, score, self.trace)]
+
+
+class TranslationBeam(BeamSearch):
+    """The decoders' beam search with CTranslate2's translation options: attention kept per
+    beam (return_attention, coverage_penalty), and `prefix_bias_beta`: while a beam still
+    follows `bias_prefix`, its next-token distribution is (1 - beta) p + beta onehot(prefix
+    token), so the prefix is preferred but not forced."""
+
+    def __init__(self, *args, coverage_penalty: float = 0.0, bias_beta: float = 0.0,
+                 bias_prefix: Sequence[int] = (), **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.coverage_penalty = coverage_penalty
+        self.bias_beta, self.bias_prefix = bias_beta, list(bias_prefix)
+        self.diverged = [False] * self.beam.beam_size  # CTranslate2's flags, by beam position
+        self.traces: list[list[list[float]]] | None = None
+        self.finished_traces: list[list[list[float]]] = []
+        self.rows_attention: list[list[float]] | None = None
+
+    def start_attention(self, rows: list[list[float]]) -> None:
+        self.traces = [list(rows) for _ in range(self.beam.beam_size)]
+
+    def advance(self, logits: torch.Tensor, attention: torch.Tensor | None = None):
+        keep = self.traces is not None and attention is not None
+        self.rows_attention = attention.tolist() if keep else None
+        decision = super().advance(logits)
+        if keep and decision.sources is not None:
+            self.traces = [self.traces[origin] + [self.rows_attention[origin]]
+                           for origin in decision.sources]
+        return decision
+
+    def _log_probs(self, logits: torch.Tensor) -> torch.Tensor:
+        plain = logits.log_softmax(dim=-1)
+        if not self.bias_beta or self.step >= len(self.bias_prefix):
+            return plain
+        beta = self.bias_beta
+        biased = logits.softmax(dim=-1) * (1 - beta)
+        biased[:, self.bias_prefix[self.step]] += beta
+        following = torch.tensor([not flag for flag in self.diverged[:logits.shape[0]]],
+                                 device=logits.device)
+        return torch.where(following[:, None], biased.log(), plain)
+
+    def _register(self, words: list[int], origins: list[int], scores: list[float]) -> list[int]:
+        width = self.beam.beam_size
+        is_last = self.step + 1 >= self.request.max_new_tokens
+        if self.rows_attention is not None:  # in the order BeamSearch registers hypotheses
+            for k in range(width):
+                if words[k] in self.end_ids or is_last:
+                    hidden = words[k] in self.end_ids and not self.return_end_token
+                    own = [] if hidden else [self.rows_attention[origins[k]]]
+                    self.finished_traces.append(self.traces[origins[k]] + own)
+        if self.bias_beta:  # as CTranslate2: by candidate position, not by origin beam
+            prefix, step = self.bias_prefix, self.step
+            self.diverged = [step >= len(prefix) or self.diverged[k] or words[k] != prefix[step]
+                             for k in range(width)]
+        chosen = super()._register(words, origins, scores)
+        if self.coverage_penalty and not is_last:  # no early exit with a coverage penalty
+            self.done = len(self.hypotheses) >= self.beam.max_candidates
+        return chosen
+
+    def result(self) -> list[tuple[list[int], float, list | None]]:
+        traces = self.finished_traces or [None] * len(self.hypotheses)
+        finals = []
+        for (tokens, score, length), trace in zip(self.hypotheses, traces, strict=True):
+            penalty = self.beam.length_penalty
+            divisor = length ** penalty if length or penalty == 0 else 0
+            final = score / divisor if divisor else -math.inf
+            finals.append((tokens, final + coverage(trace, self.coverage_penalty), trace))
+        finals.sort(key=lambda item: item[1], reverse=True)
+        return finals[: self.beam.num_hypotheses]
+
+
+def coverage(trace: list[list[float]] | None, beta: float) -> float:
+    """CTranslate2's coverage penalty of one hypothesis (0 without attention or beta)."""
+    if not beta or not trace:
+        return 0.0
+    received = torch.tensor(trace).sum(dim=0)
+    kept = received[received > 0]
+    return beta * float(kept.clamp(max=1.0).log().sum())
 
 
 class Vocabulary:

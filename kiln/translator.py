@@ -14,6 +14,7 @@ sentence's translation never depends on the rest of the batch.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,21 +22,27 @@ import torch
 
 from .encoder import _folder
 from .errors import RequestError
-from .generation.beam import BeamSearch
 from .generation.options import BeamOptions
 from .generation.processors import Processors
 from .generation.requests import Request
 from .generation.results import GenerationStepResult
-from .generation.sampling import SamplingParams, choose_tokens
+from .generation.sampling import SamplingParams
 from .model.loading import resolve_device
 from .model.seq2seq import Seq2Seq
 from .quant.compute_types import resolve
 from .seq_folder import assemble
-from .translation_search import Job, OneBest, ScoringResult, TranslationResult, Vocabulary
-from .translator_files import open_translator
+from .translation_decoding import Decoding
+from .translation_search import (
+    Job,
+    OneBest,
+    ScoringResult,
+    TranslationBeam,
+    TranslationResult,
+    Vocabulary,
+)
+from .translator_files import open_translator, unknown_token
 
-UNSUPPORTED = {"coverage_penalty": 0, "prefix_bias_beta": 0, "return_attention": False,
-               "return_alternatives": False, "replace_unknowns": False}
+UNSUPPORTED: dict = {}
 
 
 class Translator:
@@ -64,7 +71,9 @@ class Translator:
             raise ValueError("int4 is not offered for translation models yet; use int8")
 
     def _finish(self) -> None:
-        self.unk_id = self.vocabulary.ids.get("<unk>")
+        self.decoding = Decoding(self.model, self.device)
+        self.unk_token = unknown_token(self.path)
+        self.unk_id = self.vocabulary.ids.get(self.unk_token)
         # Marian starts the decoder from <pad> (a zero embedding): it is never generated.
         spec = self.spec
         self._never = ((spec.pad_token_id,) if spec.family == "marian" else ())
@@ -74,13 +83,18 @@ class Translator:
     def translate_batch(self, source: list[list[str]], target_prefix: list[list[str]] | None = None,
                         *, max_batch_size: int = 0, batch_type: str = "examples",
                         beam_size: int = 2, patience: float = 1, num_hypotheses: int = 1,
-                        length_penalty: float = 1, repetition_penalty: float = 1,
-                        no_repeat_ngram_size: int = 0, disable_unk: bool = False,
+                        length_penalty: float = 1, coverage_penalty: float = 0,
+                        repetition_penalty: float = 1, no_repeat_ngram_size: int = 0,
+                        disable_unk: bool = False,
                         suppress_sequences: list[list[str]] | None = None,
                         end_token: str | list[str] | list[int] | None = None,
-                        return_end_token: bool = False, max_input_length: int = 1024,
-                        max_decoding_length: int = 256, min_decoding_length: int = 1,
-                        use_vmap: bool = False, return_scores: bool = False,
+                        return_end_token: bool = False, prefix_bias_beta: float = 0,
+                        max_input_length: int = 1024, max_decoding_length: int = 256,
+                        min_decoding_length: int = 1, use_vmap: bool = False,
+                        return_scores: bool = False, return_attention: bool = False,
+                        return_alternatives: bool = False,
+                        min_alternative_expansion_prob: float = 0,
+                        replace_unknowns: bool = False,
                         sampling_topk: int = 1, sampling_topp: float = 1,
                         sampling_temperature: float = 1, seed: int | None = None,
                         asynchronous: bool = False, callback=None,
@@ -99,52 +113,97 @@ class Translator:
                 lambda s=sentence, p=prefix: self.translate_batch(
                     [s], None if p is None else [p], **options)[0])
                 for sentence, prefix in zip(source, prefixes, strict=True)]
-        if callback is not None and beam_size != 1:
-            raise ValueError("callback needs beam_size=1 (as in CTranslate2)")
-        if batch_type not in ("examples", "tokens"):
-            raise ValueError(f"batch_type must be 'examples' or 'tokens', got {batch_type!r}")
+        _check_options(beam_size, callback, batch_type, max_decoding_length, prefix_bias_beta,
+                       return_alternatives, min_alternative_expansion_prob)
         sources = self._sources(source, max_input_length)
         prefixes = self._prefixes(target_prefix, len(sources))
-        beam = BeamOptions(beam_size, patience, num_hypotheses, length_penalty)
+        beam = BeamOptions(beam_size, patience, 1 if return_alternatives else num_hypotheses,
+                           length_penalty)
         sampling = SamplingParams(sampling_topk, sampling_topp, sampling_temperature)
         end_ids = self._end_ids(end_token)
         processors = self._processors(repetition_penalty, no_repeat_ngram_size, disable_unk,
                                       suppress_sequences)
-        if not isinstance(max_decoding_length, int) or max_decoding_length < 1:
-            raise ValueError(f"max_decoding_length must be an int >= 1, got "
-                             f"{max_decoding_length!r}")
-        jobs = []
-        for index, (ids, prefix) in enumerate(zip(sources, prefixes, strict=True)):
+        traced = return_attention or coverage_penalty != 0 or replace_unknowns
+        biased = prefix_bias_beta > 0
+
+        def search(request, index: int, bias_prefix=()):
             generator = torch.Generator(device="cpu")
             if seed is not None:
                 generator.manual_seed((seed + index) % 2**63)
             else:
                 generator.seed()
-            request = self._request(prefix, max_decoding_length, min_decoding_length)
-            if beam.beam_size == 1:
-                search = OneBest(request, sampling, generator, end_ids, return_end_token,
-                                 processors, beam.length_penalty, self.spec.vocab_size,
-                                 callback, index, self.vocabulary)
-            else:
-                search = BeamSearch(request, beam, sampling, generator, end_ids,
-                                    return_end_token, processors, self.spec.vocab_size)
-            jobs.append(Job(index, ids, request, search))
-        size = len(jobs) if not max_batch_size else max_batch_size
-        for start in range(0, len(jobs), size):
-            chunk = jobs[start:start + size]
+            if beam.beam_size == 1 and not biased:  # as CTranslate2: a bias needs the beam
+                return OneBest(request, sampling, generator, end_ids, return_end_token,
+                               processors, beam.length_penalty, self.spec.vocab_size, callback,
+                               index, self.vocabulary, coverage_penalty)
+            return TranslationBeam(request, beam, sampling, generator, end_ids,
+                                   return_end_token, processors, self.spec.vocab_size,
+                                   coverage_penalty=coverage_penalty,
+                                   bias_beta=prefix_bias_beta, bias_prefix=bias_prefix)
+
+        jobs, firsts = [], []  # firsts: each job's (sentence, expansion score) with alternatives
+        for index, (ids, prefix) in enumerate(zip(sources, prefixes, strict=True)):
+            if return_alternatives:
+                for request, score in self._alternatives(
+                        ids, prefix, num_hypotheses, max_decoding_length, min_decoding_length,
+                        processors, end_ids, min_alternative_expansion_prob):
+                    jobs.append(Job(index, ids, request, search(request, index)))
+                    firsts.append((index, score))
+                continue
+            request = self._request([] if biased else prefix, max_decoding_length,
+                                    min_decoding_length)
+            jobs.append(Job(index, ids, request, search(request, index, prefix)))
+            firsts.append((index, 0.0))
+        live = [job for job in jobs if job.request.max_new_tokens > 0]
+        size = len(live) if not max_batch_size else max_batch_size
+        for start in range(0, len(live), max(size, 1)):
+            chunk = live[start:start + size]
             if batch_type == "tokens" and max_batch_size:
-                chunk = jobs[start:start + 1]  # (token budgets: one sentence at a time)
-            self._run(chunk)
-        results = []
-        for job in jobs:
-            hypotheses = job.search.result()
-            if isinstance(job.search, BeamSearch):  # its hypotheses start after the prefix
-                prefix = job.request.returned_prompt
-                hypotheses = [(prefix + tokens, score) for tokens, score in hypotheses]
-            results.append(TranslationResult(
-                hypotheses=[self.vocabulary.to_tokens(tokens) for tokens, _ in hypotheses],
-                scores=[score for _, score in hypotheses] if return_scores else []))
+                chunk = live[start:start + 1]  # (token budgets: one sentence at a time)
+            self.decoding.run(chunk, attention=traced)
+        results = [TranslationResult(hypotheses=[]) for _ in sources]
+        for job, (index, first_score) in zip(jobs, firsts, strict=True):
+            found = (job.search.result() if job.request.max_new_tokens > 0
+                     else [(job.request.returned_prompt, 0.0, None)])
+            if isinstance(job.search, TranslationBeam):  # its hypotheses start after the prefix
+                found = [(job.request.returned_prompt + tokens, score, trace)
+                         for tokens, score, trace in found]
+            result = results[index]
+            for tokens, score, trace in found:
+                words = self.vocabulary.to_tokens(tokens)
+                if replace_unknowns:
+                    words = self._replace_unknowns(words, trace, job.source)
+                result.hypotheses.append(words)
+                if return_scores:
+                    result.scores.append(first_score + score)
+                if return_attention:
+                    result.attention.append(trace or [])
         return results
+
+    def _replace_unknowns(self, words: list[str], trace, source_ids: list[int]) -> list[str]:
+        """Each <unk> becomes the source token its attention row weighs most."""
+        if not trace or self.unk_token not in words:
+            return words
+        source_words = self.source_vocabulary.to_tokens(source_ids)
+        return [source_words[max(range(len(row)), key=row.__getitem__)]
+                if word == self.unk_token and row else word
+                for word, row in zip(words, trace + [[]] * (len(words) - len(trace)), strict=True)]
+
+    def _alternatives(self, ids, prefix, count, max_decoding_length, min_decoding_length,
+                      processors, end_ids, min_probability):
+        """return_alternatives, as CTranslate2: the `count` likeliest tokens after the prefix,
+        each continued on its own; yields (request, the token's log-prob)."""
+        start = [self.spec.decoder_start_token_id, *prefix]
+        if len(prefix) >= max_decoding_length:
+            raise RequestError(f"the target prefix has {len(prefix)} tokens; max_decoding_length "
+                               f"({max_decoding_length}) leaves no room for alternatives")
+        for token, score in self.decoding.expand(ids, start, count, processors, prefix, end_ids):
+            if math.exp(score) < min_probability:
+                return
+            taken = len(prefix) + 1
+            yield Request(prompt_ids=[*start, token], max_new_tokens=max_decoding_length - taken,
+                          min_new_tokens=max(0, min_decoding_length - taken),
+                          returned_prompt=[*prefix, token], counted_prompt=0), score
 
     def translate_iterable(self, source, target_prefix=None, max_batch_size: int = 32,
                            batch_type: str = "examples", **options):
@@ -197,10 +256,11 @@ class Translator:
                                       suppress_sequences)
         end_ids = self._end_ids(end_token)
         with torch.inference_mode():
-            request, cross, mask, caches, logits = self._start(
-                ids, prefix, max_decoding_length, min_decoding_length)
-            steps = self._stream(request, logits, caches, cross, mask, sampling, generator,
-                                 end_ids, processors, len(request.prompt_ids))
+            request = self._request(prefix, max_decoding_length, min_decoding_length)
+            cross, mask, caches, logits = self.decoding.start(request, ids)
+            steps = self.decoding.stream(request, logits, caches, cross, mask, sampling,
+                                         generator, end_ids, processors,
+                                         len(request.prompt_ids))
             for step, (token, log_prob, _, is_last) in enumerate(steps):
                 yield GenerationStepResult(step=step, batch_id=0, token_id=token,
                                            hypothesis_id=0,
@@ -235,7 +295,7 @@ class Translator:
         for ids, target_tokens in zip(sources, target, strict=True):
             target_ids = self.vocabulary.to_ids(target_tokens, "target") + [self.spec.eos_token_id]
             inputs = [self.spec.decoder_start_token_id, *target_ids[:-1]]
-            log_probs = self._target_log_probs(ids, inputs, target_ids)[offset:]
+            log_probs = self.decoding.target_log_probs(ids, inputs, target_ids)[offset:]
             results.append(ScoringResult(self.vocabulary.to_tokens(target_ids[offset:]),
                                          log_probs))
         return results
@@ -276,12 +336,6 @@ class Translator:
         tokens = [end_token] if isinstance(end_token, (str, int)) else list(end_token)
         return frozenset(self.vocabulary.to_ids(tokens, "end_token"))
 
-    def _encode(self, ids: list[int]):
-        tensor = torch.tensor([ids], device=self.device)
-        lengths = torch.tensor([len(ids)], device=self.device)
-        states, mask = self.model.encode(tensor, lengths)
-        return self.model.cross_keys_values(states), mask
-
     def _request(self, prefix, max_decoding_length, min_decoding_length) -> Request:
         start = [self.spec.decoder_start_token_id, *prefix]
         new_tokens = max_decoding_length - len(prefix)
@@ -294,106 +348,23 @@ class Translator:
                        min_new_tokens=max(0, min_decoding_length - len(prefix)),
                        returned_prompt=prefix, counted_prompt=len(prefix))
 
-    @torch.inference_mode()
-    def _run(self, jobs: list[Job]) -> None:
-        """Decode `jobs` in lockstep: one encoder pass for all their sources (padded), then
-        one decoder pass per step over every row still searching (beams included), grouped
-        by target prefix length so that each group's rows share their positions."""
-        width = max(len(job.source) for job in jobs)
-        ids = torch.full((len(jobs), width), self.spec.pad_token_id, dtype=torch.long)
-        for row, job in enumerate(jobs):
-            ids[row, :len(job.source)] = torch.tensor(job.source)
-        lengths = torch.tensor([len(job.source) for job in jobs])
-        states, mask = self.model.encode(ids.to(self.device), lengths.to(self.device))
-        cross = self.model.cross_keys_values(states)
-        groups: dict[int, list[int]] = {}
-        for row, job in enumerate(jobs):
-            groups.setdefault(len(job.request.prompt_ids), []).append(row)
-        for members in groups.values():
-            self._lockstep([jobs[m] for m in members], [(k[members], v[members]) for k, v in cross],
-                           mask[members])
 
-    def _lockstep(self, jobs: list[Job], cross, mask) -> None:
-        starts = torch.tensor([job.request.prompt_ids for job in jobs], device=self.device)
-        caches = [{} for _ in self.model.decoder_layers]
-        logits = self.model.decode(starts, 0, caches, cross, mask)
-        position = starts.shape[1]
-        # row r of the decoder batch belongs to jobs[owner[r]]; each job's rows are contiguous
-        owner = list(range(len(jobs)))
-        rows_cross = rows_mask = None
-        while True:
-            take, inputs, new_owner = [], [], []
-            row = 0
-            while row < len(owner):
-                index = owner[row]
-                end = row
-                while end < len(owner) and owner[end] == index:
-                    end += 1
-                decision = jobs[index].search.advance(logits[row:end])
-                if decision.finish_reason is None:
-                    sources = decision.sources or [0] * len(decision.inputs)
-                    take += [row + source for source in sources]
-                    inputs += decision.inputs
-                    new_owner += [index] * len(decision.inputs)
-                row = end
-            if not take:
-                return
-            if take != list(range(len(owner))):  # beams reordered, or sentences finished
-                picked = torch.tensor(take, device=self.device)
-                for cache in caches:
-                    cache["k"], cache["v"] = cache["k"][picked], cache["v"][picked]
-            if new_owner != owner or rows_cross is None:  # the rows' sources, once per layout
-                sentence = torch.tensor(new_owner, device=self.device)
-                rows_cross = [(k[sentence], v[sentence]) for k, v in cross]
-                rows_mask = mask[sentence]
-            owner = new_owner
-            logits = self.model.decode(torch.tensor(inputs, device=self.device)[:, None],
-                                       position, caches, rows_cross, rows_mask)
-            position += 1
-
-    def _start(self, source_ids, prefix, max_decoding_length, min_decoding_length):
-        """Encode one source and run the decoder over its start token and the target prefix:
-        (request, cross keys/values, source mask, self-attention caches, next logits)."""
-        cross, mask = self._encode(source_ids)
-        request = self._request(prefix, max_decoding_length, min_decoding_length)
-        start = request.prompt_ids
-        caches = [{} for _ in self.model.decoder_layers]
-        logits = self.model.decode(torch.tensor([start], device=self.device), 0, caches,
-                                   cross, mask)
-        return request, cross, mask, caches, logits
-
-    def _stream(self, request, logits, caches, cross, mask, sampling, generator, end_ids,
-                processors, position):
-        """beam_size 1: one token per step (greedy, or a draw after top-k, temperature and
-        top-p); yields (token, log_prob, is_end, is_last)."""
-        tokens: list[int] = []
-        for step in range(request.max_new_tokens):
-            if processors.active:
-                logits = processors.apply(logits, [request.returned_prompt + tokens])
-            if step < request.min_new_tokens and end_ids:
-                logits[:, sorted(end_ids)] = float("-inf")
-            ids, log_probs = choose_tokens(logits, [(sampling, generator)],
-                                           self.spec.vocab_size)
-            token, log_prob = int(ids[0]), float(log_probs[0])
-            is_end = token in end_ids
-            is_last = is_end or step + 1 == request.max_new_tokens
-            yield token, log_prob, is_end, is_last
-            if is_last:
-                return
-            tokens.append(token)
-            logits = self.model.decode(ids[:, None], position, caches, cross, mask)
-            position += 1
-
-    @torch.inference_mode()
-    def _target_log_probs(self, source_ids, inputs, targets) -> list[float]:
-        cross, mask = self._encode(source_ids)
-        caches = [{} for _ in self.model.decoder_layers]
-        log_probs = []
-        for position, token in enumerate(inputs):  # one position at a time, as decoding does
-            logits = self.model.decode(torch.tensor([[token]], device=self.device), position,
-                                       caches, cross, mask)
-            log_probs.append(float(logits.log_softmax(-1)[0, targets[position]]))
-        return log_probs
+def _check_options(beam_size, callback, batch_type, max_decoding_length, prefix_bias_beta,
+                   return_alternatives, min_alternative_expansion_prob) -> None:
+    """CTranslate2's rules for combining options."""
+    if callback is not None and (beam_size != 1 or prefix_bias_beta > 0):
+        raise ValueError("callback needs beam_size=1 and no prefix_bias_beta (as in CTranslate2)")
+    if batch_type not in ("examples", "tokens"):
+        raise ValueError(f"batch_type must be 'examples' or 'tokens', got {batch_type!r}")
+    if not isinstance(max_decoding_length, int) or max_decoding_length < 1:
+        raise ValueError(f"max_decoding_length must be an int >= 1, got "
+                         f"{max_decoding_length!r}")
+    if not 0 <= prefix_bias_beta < 1:
+        raise ValueError(f"prefix_bias_beta must be in [0, 1), got {prefix_bias_beta}")
+    if prefix_bias_beta > 0 and return_alternatives:
+        raise ValueError("prefix_bias_beta cannot be combined with return_alternatives")
+    if not 0 <= min_alternative_expansion_prob <= 1:
+        raise ValueError("min_alternative_expansion_prob must be between 0 and 1")
 
 
 def _refuse(unsupported: dict) -> None:

@@ -65,3 +65,23 @@ def convert_translator(source: Path, output: Path, quantization: str | None = No
     tokens = {"target_vocabulary": target, "source_vocabulary": source_tokens or target}
     return seq_folder.write(output, "translator", Seq2Seq, spec, pairs, compute, Path(source),
                             tokens, force, origin)
+
+
+def unknown_token(folder: Path) -> str:
+    """The target vocabulary's unknown token, as CTranslate2 names it: its config.json's
+    unk_token (CTranslate2 folders), the tokenizer's, else "<unk>"."""
+    import json
+
+    for name in ("config.json", "tokenizer_config.json"):
+        path = Path(folder) / name
+        if not path.is_file():
+            continue
+        try:
+            token = json.loads(path.read_text(encoding="utf-8")).get("unk_token")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            continue
+        if isinstance(token, dict):  # transformers' AddedToken form
+            token = token.get("content")
+        if isinstance(token, str) and token:
+            return token
+    return "<unk>"

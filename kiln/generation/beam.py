@@ -49,7 +49,7 @@ class BeamSearch(Search):
             logits = self.processors.apply(logits, histories)
         if self.end_ids and self.step < request.min_new_tokens:
             logits[:, sorted(self.end_ids)] = float("-inf")
-        log_probs = logits.log_softmax(dim=-1)
+        log_probs = self._log_probs(logits)
         vocab = log_probs.shape[-1]
         if self.usable < vocab:  # padding rows of the embedding are never candidates
             log_probs[:, self.usable:] = float("-inf")
@@ -68,6 +68,11 @@ class BeamSearch(Search):
         self.alive = [self.alive[origins[j]] + [words[j]] for j in chosen]
         self.scores = torch.tensor([top_scores[j] for j in chosen], device=logits.device)
         return Decision(inputs=[words[j] for j in chosen], sources=[origins[j] for j in chosen])
+
+    def _log_probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """Each beam's next-token log-probabilities (translation's biased search changes
+        them)."""
+        return logits.log_softmax(dim=-1)
 
     def _candidates(self, candidates: torch.Tensor, count: int):
         """The `count` continuations to consider, best first: the top ones, or with sampling a

@@ -59,6 +59,10 @@ class Seq2SeqSpec:
     relative_max_distance: int = 128
     output_scale: float = 1.0  # the decoder's output times this before lm_head (T5: d^-0.5)
     zero_start: bool = False  # the decoder's first input embeds to zeros (CTranslate2's Marian)
+    # return_attention / coverage_penalty read the cross-attention of this decoder layer,
+    # averaged over its first alignment_heads heads (CTranslate2's defaults: last layer, 1)
+    alignment_layer: int = -1
+    alignment_heads: int = 1
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "num_heads", "encoder_layers",
@@ -152,13 +156,29 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 mask: torch.Tensor | None, bias: torch.Tensor | None = None,
-                two_pass: bool = True) -> torch.Tensor:
+                two_pass: bool = True, probabilities: list | None = None,
+                heads: int = 1) -> torch.Tensor:
+        """With a `probabilities` list, the attention weights of the first `heads` heads,
+        averaged, are appended to it ([B, T, S], float32): computed apart, so the output is
+        the same with or without."""
         q = self.split(project(self.q, x, two_pass))
         if bias is not None:  # position bias plus -inf where the mask forbids
             mask = bias if mask is None else bias.masked_fill(~mask, float("-inf"))
+        if probabilities is not None:
+            probabilities.append(self._weights(q[:, :heads], k[:, :heads], mask))
         attended = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
         batch, length = x.shape[0], x.shape[1]
         return project(self.out, attended.transpose(1, 2).reshape(batch, length, -1), two_pass)
+
+
+    def _weights(self, q: torch.Tensor, k: torch.Tensor,
+                 mask: torch.Tensor | None) -> torch.Tensor:
+        scale = self.scale if self.scale is not None else self.head_dim ** -0.5
+        scores = (q.float() @ k.float().transpose(-1, -2)) * scale
+        if mask is not None:
+            scores = (scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool
+                      else scores + mask.float())
+        return scores.softmax(-1).mean(1)
 
 
 class Block(nn.Module):
@@ -202,7 +222,8 @@ class Block(nn.Module):
         return self.residual(x, self.mlp_norm, self.mlp)
 
     def decode(self, x: torch.Tensor, cache: dict, source: tuple[torch.Tensor, torch.Tensor],
-               source_mask: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+               source_mask: torch.Tensor, bias: torch.Tensor | None = None,
+               probabilities: list | None = None, heads: int = 1) -> torch.Tensor:
         """One or more new target positions of every row; `cache` holds this layer's
         self-attention keys/values so far (updated in place). A single position is a decode
         step: int8 activations in one 8-bit pass, as the decoders' steps."""
@@ -221,7 +242,8 @@ class Block(nn.Module):
 
         x = self.residual(x, self.self_norm, attend)
         x = self.residual(x, self.cross_norm, lambda h: self.cross_attn(
-            h, source[0], source[1], source_mask, two_pass=two_pass))
+            h, source[0], source[1], source_mask, two_pass=two_pass,
+            probabilities=probabilities, heads=heads))
         return self.residual(x, self.mlp_norm, lambda h: self.mlp(h, two_pass))
 
 
@@ -311,9 +333,10 @@ class Seq2Seq(nn.Module):
 
     def decode(self, ids: torch.Tensor, start: int, caches: list[dict],
                cross: list[tuple[torch.Tensor, torch.Tensor]],
-               source_mask: torch.Tensor) -> torch.Tensor:
+               source_mask: torch.Tensor, attention: list | None = None) -> torch.Tensor:
         """Target ids [B, T] at positions start..start+T-1 -> logits of the last [B, V]
-        (float32)."""
+        (float32). With an `attention` list, the alignment layer's cross-attention weights
+        [B, T, S] are appended to it."""
         embedded = self.embed(ids) * self.embed_scale
         if self.spec.zero_start and start == 0:
             embedded[:, 0] = 0
@@ -321,8 +344,12 @@ class Seq2Seq(nn.Module):
         if self.decoder_embed_norm is not None:
             x = self.decoder_embed_norm(x)
         bias = self._relative_bias(start, ids.shape[1], start + ids.shape[1], decoder=True)
-        for layer, cache, source in zip(self.decoder_layers, caches, cross, strict=True):
-            x = layer.decode(x, cache, source, source_mask, bias)
+        aligned = self.spec.alignment_layer % len(self.decoder_layers)
+        heads = self.spec.alignment_heads or self.spec.num_heads
+        for index, (layer, cache, source) in enumerate(
+                zip(self.decoder_layers, caches, cross, strict=True)):
+            x = layer.decode(x, cache, source, source_mask, bias,
+                             attention if index == aligned else None, heads)
         if self.decoder_norm is not None:
             x = self.decoder_norm(x)
         last = x[:, -1] * self.spec.output_scale if self.spec.output_scale != 1.0 else x[:, -1]

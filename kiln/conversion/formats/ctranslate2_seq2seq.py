@@ -114,7 +114,9 @@ class CTranslate2Translator:
             norm_eps=float(self.config.get("layer_norm_epsilon") or 1e-5),
             decoder_start_token_id=target[start], pad_token_id=0,
             eos_token_id=target[eos],
-            zero_start=self._flag("decoder/start_from_zero_embedding", False))
+            zero_start=self._flag("decoder/start_from_zero_embedding", False),
+            alignment_layer=int(model.scalar("decoder/alignment_layer", -1)),
+            alignment_heads=int(model.scalar("decoder/alignment_heads", 1)))
 
     def _tensor(self, name: str) -> torch.Tensor:
         """A variable as float32 (int8 / int16 weights dequantized with their row scales)."""
