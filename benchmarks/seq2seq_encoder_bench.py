@@ -6,7 +6,8 @@ on this machine, each engine in its own fresh process, medians of --runs:
 - translation: a random-weight model of OPUS-MT en-de's shape (Marian: d_model 512, 6 + 6
   layers, vocabulary 58101), 16 sources of 24 tokens, exactly 32 target tokens each
   (min = max decoding length, so random weights decode as much as trained ones): target
-  tokens/s at beam 1 and beam 4.
+  tokens/s at beam 1 and beam 4, and at beam 1 with the 16 sources sent as 16 calls from 16
+  threads at once (kiln's engine decodes them together; CTranslate2 queues them).
 
     python benchmarks/seq2seq_encoder_bench.py [--runs 3]
 """
@@ -159,6 +160,16 @@ def worker(kind: str, engine: str, folder: str, ct2: str | None) -> dict:
         elapsed = time.perf_counter() - start
         tokens = sum(len(r.hypotheses[0]) for r in out)
         results[f"beam{beam}_tokens_per_s"] = tokens / elapsed
+    # the same 16 sentences as 16 calls from 16 threads at once (a server's traffic)
+    from concurrent.futures import ThreadPoolExecutor
+
+    options = dict(beam_size=1, max_decoding_length=32, min_decoding_length=32)
+    with ThreadPoolExecutor(len(batch)) as pool:
+        start = time.perf_counter()
+        out = list(pool.map(lambda sentence: translator.translate_batch([sentence], **options),
+                            batch))
+        elapsed = time.perf_counter() - start
+    results["threads16_beam1_tokens_per_s"] = sum(len(r[0].hypotheses[0]) for r in out) / elapsed
     return results
 
 

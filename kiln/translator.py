@@ -32,6 +32,7 @@ from .model.seq2seq import Seq2Seq
 from .quant.compute_types import resolve
 from .seq_folder import assemble
 from .translation_decoding import Decoding
+from .translation_engine import TranslationEngine
 from .translation_search import (
     Job,
     OneBest,
@@ -72,6 +73,7 @@ class Translator:
 
     def _finish(self) -> None:
         self.decoding = Decoding(self.model, self.device)
+        self.engine = TranslationEngine(self.model, self.device, self.compute_type.torch_dtype)
         self.unk_token = unknown_token(self.path)
         self.unk_id = self.vocabulary.ids.get(self.unk_token)
         # Marian starts the decoder from <pad> (a zero embedding): it is never generated.
@@ -154,13 +156,10 @@ class Translator:
                                     min_decoding_length)
             jobs.append(Job(index, ids, request, search(request, index, prefix)))
             firsts.append((index, 0.0))
-        live = [job for job in jobs if job.request.max_new_tokens > 0]
-        size = len(live) if not max_batch_size else max_batch_size
-        for start in range(0, len(live), max(size, 1)):
-            chunk = live[start:start + size]
-            if batch_type == "tokens" and max_batch_size:
-                chunk = live[start:start + 1]  # (token budgets: one sentence at a time)
-            self.decoding.run(chunk, attention=traced)
+        # On the engine: with every other call's sentences, admitted as slots allow
+        # (max_batch_size and batch_type need no splitting there).
+        self.engine.run([job for job in jobs if job.request.max_new_tokens > 0],
+                        attention=traced)
         results = [TranslationResult(hypotheses=[]) for _ in sources]
         for job, (index, first_score) in zip(jobs, firsts, strict=True):
             found = (job.search.result() if job.request.max_new_tokens > 0

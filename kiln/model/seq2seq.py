@@ -231,6 +231,9 @@ class Block(nn.Module):
 
         def attend(h):
             k, v = self.self_attn.keys_values(h, two_pass)
+            if not isinstance(cache, dict):  # the engine's slots (seq2seq_slots.py)
+                k, v, mask = cache.store(k, v)
+                return self.self_attn(h, k, v, mask, bias, two_pass)
             if "k" in cache:
                 k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
             cache["k"], cache["v"] = k, v
@@ -290,10 +293,13 @@ class Seq2Seq(nn.Module):
         else:
             self.logits_bias = None
 
-    def _positions(self, start: int, length: int, decoder: bool) -> torch.Tensor | float:
+    def _positions(self, start: int | torch.Tensor, length: int,
+                   decoder: bool) -> torch.Tensor | float:
+        """Position embeddings of `length` tokens from `start` (an int, or one start per
+        row: [B, length] then)."""
         if self.spec.positions == "relative":
             return 0.0  # positions enter as attention biases instead
-        index = torch.arange(start, start + length) + self.spec.position_offset
+        index = _query_positions(start, length) + self.spec.position_offset
         if self.spec.positions == "learned":
             table = self.decoder_positions if decoder else self.encoder_positions
             return table(index.to(table.weight.device))
@@ -314,36 +320,45 @@ class Seq2Seq(nn.Module):
             x = self.encoder_norm(x)
         return x, mask
 
-    def _relative_bias(self, start: int, queries: int, keys: int,
+    def _relative_bias(self, start: int | torch.Tensor, queries: int, keys: int,
                        decoder: bool) -> torch.Tensor | None:
-        """T5: [1, heads, queries, keys] biases of queries at start.. over keys at 0.."""
+        """T5: [1, heads, queries, keys] biases of queries at start.. over keys at 0..
+        ([B, heads, queries, keys] for one start per row)."""
         if self.spec.positions != "relative":
             return None
         table = self.decoder_relative if decoder else self.encoder_relative
         device = table.weight.device
-        query = torch.arange(start, start + queries, device=device)[:, None]
-        key = torch.arange(keys, device=device)[None, :]
+        query = _query_positions(start, queries).to(device).unsqueeze(-1)
+        key = torch.arange(keys, device=device)
         buckets = relative_buckets(key - query, not decoder, self.spec.relative_buckets,
                                    self.spec.relative_max_distance)
-        return table(buckets).permute(2, 0, 1).unsqueeze(0)
+        bias = table(buckets)  # [..., queries, keys, heads]
+        return bias.movedim(-1, -3) if bias.dim() == 4 else bias.permute(2, 0, 1).unsqueeze(0)
 
     def cross_keys_values(self, states: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Each decoder layer's cross-attention keys and values of the encoded source."""
         return [layer.cross_attn.keys_values(states) for layer in self.decoder_layers]
 
-    def decode(self, ids: torch.Tensor, start: int, caches: list[dict],
+    def decode(self, ids: torch.Tensor, start: int | torch.Tensor, caches: list,
                cross: list[tuple[torch.Tensor, torch.Tensor]],
                source_mask: torch.Tensor, attention: list | None = None) -> torch.Tensor:
         """Target ids [B, T] at positions start..start+T-1 -> logits of the last [B, V]
         (float32). With an `attention` list, the alignment layer's cross-attention weights
-        [B, T, S] are appended to it."""
+        [B, T, S] are appended to it. `caches`: a dict per layer grown by concatenation
+        (`start` an int), or the engine's slot views (`start` one position per row, [B])."""
         embedded = self.embed(ids) * self.embed_scale
-        if self.spec.zero_start and start == 0:
-            embedded[:, 0] = 0
-        x = embedded + self._positions(start, ids.shape[1], True)
+        length = ids.shape[1]
+        if self.spec.zero_start:
+            if isinstance(start, int) and start == 0:
+                embedded[:, 0] = 0
+            elif not isinstance(start, int):
+                first = (_query_positions(start, length) == 0).to(embedded.device)
+                embedded = embedded.masked_fill(first.unsqueeze(-1), 0.0)
+        x = embedded + self._positions(start, length, True)
         if self.decoder_embed_norm is not None:
             x = self.decoder_embed_norm(x)
-        bias = self._relative_bias(start, ids.shape[1], start + ids.shape[1], decoder=True)
+        keys = start + length if isinstance(start, int) else caches[0].read
+        bias = self._relative_bias(start, length, keys, decoder=True)
         aligned = self.spec.alignment_layer % len(self.decoder_layers)
         heads = self.spec.alignment_heads or self.spec.num_heads
         for index, (layer, cache, source) in enumerate(
@@ -355,3 +370,11 @@ class Seq2Seq(nn.Module):
         last = x[:, -1] * self.spec.output_scale if self.spec.output_scale != 1.0 else x[:, -1]
         logits = project(self.lm_head, last, ids.shape[1] > 1).float()
         return logits if self.logits_bias is None else logits + self.logits_bias.float()
+
+
+def _query_positions(start: int | torch.Tensor, length: int) -> torch.Tensor:
+    """Positions start..start+length-1: [length] for an int, [B, length] for one start per
+    row."""
+    if isinstance(start, int):
+        return torch.arange(start, start + length)
+    return start.view(-1, 1) + torch.arange(length, device=start.device)
