@@ -429,9 +429,11 @@ def test_a_ctranslate2_folder_is_read_in_place(family_model, tmp_path, quantizat
     """A folder made by CTranslate2's converter (the ct2fast-* repositories) translates as
     CTranslate2 translates it."""
     family, _, folder = family_model
-    if family in ("mbart", "flan-t5", "t5"):
-        pytest.skip(f"kiln reads CTranslate2 translators of the BART family; {family} is "
-                    "loaded from its Hugging Face checkpoint")
+    if family == "mbart":
+        pytest.skip("CTranslate2's mBART starts each target from a language token prefix")
+    if family == "flan-t5":  # (its CTranslate2 folder is read: the T5 case tests the reader)
+        pytest.skip("CTranslate2 4.8 reads tie_word_embeddings, which transformers 5 writes "
+                    "true for an untied T5, and scales its head")
     peer = ctranslate2_translator(folder, tmp_path, quantization)
     ct2_folder = tmp_path / "ct2"
     translator = kiln.Translator(ct2_folder, compute_type="int8" if quantization else "float32")
@@ -443,11 +445,14 @@ def test_a_ctranslate2_folder_is_read_in_place(family_model, tmp_path, quantizat
         for mine, reference in zip(ours, theirs, strict=True):
             assert mine.hypotheses == reference.hypotheses
             assert np.allclose(mine.scores, reference.scores, atol=1e-4)
-    else:  # two int8 implementations: most tokens agree, scores stay close
-        same = sum(a == b for mine, reference in zip(ours, theirs, strict=True)
-                   for a, b in zip(mine.hypotheses[0], reference.hypotheses[0], strict=False))
-        total = sum(len(r.hypotheses[0]) for r in theirs)
-        assert same >= 0.7 * total
+    else:  # two int8 implementations of the same int8 weights: their log-probs stay close
+        # (tokens may part: CTranslate2's 8-bit activations move a tiny T5's near-ties)
+        targets = [result.hypotheses[0] for result in theirs]
+        mine = translator.score_batch(batch, targets)
+        reference = peer.score_batch(batch, targets)
+        errors = [abs(a - b) for one, other in zip(mine, reference, strict=True)
+                  for a, b in zip(one.log_probs, other.log_probs, strict=True)]
+        assert np.mean(errors) < 0.05
 
 
 @pytest.mark.parametrize("quantization", [None, "int8"])

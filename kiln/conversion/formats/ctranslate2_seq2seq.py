@@ -1,5 +1,6 @@
-"""CTranslate2 translator folders (TransformerSpec: BART, mBART, Marian, M2M100/NLLB converted
-by CTranslate2), read in place as a kiln `Seq2SeqSpec` and its weights.
+"""CTranslate2 translator folders (TransformerSpec: BART, mBART, Marian, M2M100/NLLB and
+T5/mT5/Flan-T5 converted by CTranslate2), read in place as a kiln `Seq2SeqSpec` and its
+weights.
 
 CTranslate2 keeps positions as 0-based tables (the Hugging Face offsets already removed),
 fuses q/k/v of self-attention and k/v of cross-attention as kiln does, stores the token
@@ -68,14 +69,12 @@ class CTranslate2Translator:
 
     def spec(self) -> Seq2SeqSpec:
         model = self.model
-        if model.has("encoder/layer_0/self_attention/relative_attention_bias") or \
-                model.has("encoder/layer_0/self_attention/relative_position_keys"):
-            raise self._unsupported("relative positions (T5 converted by CTranslate2); load the "
-                                    "Hugging Face checkpoint instead")
+        if model.has("encoder/layer_0/self_attention/relative_position_keys"):
+            raise self._unsupported("Shaw-style relative positions")
+        if model.has("encoder/layer_0/self_attention/relative_attention_bias"):
+            return self._t5_spec()
         if model.has("encoder/embeddings_1/weight"):
             raise self._unsupported("several source features")
-        if model.has("decoder/layer_0/ffn/linear_0_noact/weight"):
-            raise self._unsupported("a gated MLP")
         vocab, hidden = self._tensor("decoder/embeddings/weight").shape
         heads = int(model.scalar("decoder/num_heads"))
         if int(model.scalar("encoder/num_heads", heads)) != heads:
@@ -118,6 +117,46 @@ class CTranslate2Translator:
             alignment_layer=int(model.scalar("decoder/alignment_layer", -1)),
             alignment_heads=int(model.scalar("decoder/alignment_heads", 1)))
 
+    def _t5_spec(self) -> Seq2SeqSpec:
+        """T5 / mT5 / Flan-T5 as CTranslate2 writes them: RMSNorm (gamma only), relative
+        position buckets shared by the layers of each side, no biases, unscaled attention,
+        the decoder output scaled before the head."""
+        model = self.model
+        vocab, hidden = self._tensor("decoder/embeddings/weight").shape
+        heads = int(model.scalar("decoder/num_heads"))
+        activation = model.scalar("decoder/activation", 0)
+        if activation not in ACTIVATIONS:
+            raise self._unsupported(f"activation id {activation}")
+        buckets = self._tensor("decoder/layer_0/self_attention/relative_attention_bias").shape[0]
+        inner = self._tensor("encoder/layer_0/self_attention/linear_0/weight").shape[0] // 3
+        gated = model.has("decoder/layer_0/ffn/linear_0_noact/weight")
+        eos = self.config.get("eos_token", "</s>")
+        start = self.config.get("decoder_start_token", eos)
+        target = {token: index for index, token in enumerate(self.target_tokens)}
+        if eos not in target or start not in target:
+            raise ModelFileError(f"{self.path}: the end or start token ({eos!r}, {start!r}) "
+                                 "is not in the target vocabulary")
+        return Seq2SeqSpec(
+            family="ctranslate2-t5", vocab_size=vocab, hidden_size=hidden, num_heads=heads,
+            encoder_layers=self._layers("encoder"), decoder_layers=self._layers("decoder"),
+            encoder_ffn=self._tensor("encoder/layer_0/ffn/linear_1/weight").shape[1],
+            decoder_ffn=self._tensor("decoder/layer_0/ffn/linear_1/weight").shape[1],
+            max_position_embeddings=4096, activation=ACTIVATIONS[activation], pre_norm=True,
+            final_norms=True, embedding_norm=False, positions="relative",
+            scale_embedding=False, logits_bias=model.has("decoder/projection/bias"),
+            norm_eps=float(self.config.get("layer_norm_epsilon") or 1e-6),
+            decoder_start_token_id=target[start], pad_token_id=target[start],
+            eos_token_id=target[eos], norm="rmsnorm", linear_bias=False,
+            attention_head_dim=inner // heads, gated_mlp=gated,
+            attention_scale=float(model.scalar("decoder/layer_0/self_attention/queries_scale",
+                                               1.0)),
+            relative_buckets=buckets,
+            relative_max_distance=int(model.scalar(
+                "decoder/layer_0/self_attention/relative_attention_max_distance", 128)),
+            output_scale=float(model.scalar("decoder/scale_outputs", 1.0)),
+            alignment_layer=int(model.scalar("decoder/alignment_layer", -1)),
+            alignment_heads=int(model.scalar("decoder/alignment_heads", 1)))
+
     def _tensor(self, name: str) -> torch.Tensor:
         """A variable as float32 (int8 / int16 weights dequantized with their row scales)."""
         tensor = self.model.tensor(name)
@@ -127,6 +166,9 @@ class CTranslate2Translator:
         return tensor.float()
 
     def weights(self, spec: Seq2SeqSpec) -> Iterator[tuple[str, torch.Tensor]]:
+        if spec.positions == "relative":
+            yield from self._t5_weights(spec)
+            return
         t = self._tensor
         yield "embed.weight", t("decoder/embeddings/weight")
         source_embed = t("encoder/embeddings_0/weight")
@@ -163,6 +205,38 @@ class CTranslate2Translator:
                 if side == "decoder":
                     yield from self._norm(f"{layer}attention/layer_norm", f"{target}cross_norm")
                 yield from self._norm(f"{layer}ffn/layer_norm", f"{target}mlp_norm")
+
+    def _t5_weights(self, spec: Seq2SeqSpec) -> Iterator[tuple[str, torch.Tensor]]:
+        t = self._tensor
+        yield "embed.weight", t("decoder/embeddings/weight")
+        yield "lm_head.weight", t("decoder/projection/weight")
+        if spec.logits_bias:
+            yield "logits_bias", t("decoder/projection/bias")
+        inner = spec.inner_size
+        for side in ("encoder", "decoder"):
+            yield (f"{side}_relative.weight",
+                   t(f"{side}/layer_0/self_attention/relative_attention_bias"))
+            yield f"{side}_norm.weight", t(f"{side}/layer_norm/gamma")
+            count = spec.encoder_layers if side == "encoder" else spec.decoder_layers
+            for i in range(count):
+                layer, target = f"{side}/layer_{i}/", f"{side}_layers.{i}."
+                fused = t(f"{layer}self_attention/linear_0/weight")
+                yield f"{target}self_attn.q.weight", fused[:inner]
+                yield f"{target}self_attn.kv.weight", fused[inner:]
+                yield f"{target}self_attn.out.weight", t(f"{layer}self_attention/linear_1/weight")
+                yield f"{target}self_norm.weight", t(f"{layer}self_attention/layer_norm/gamma")
+                if side == "decoder":
+                    cross = layer + "attention/"
+                    yield f"{target}cross_attn.q.weight", t(f"{cross}linear_0/weight")
+                    yield f"{target}cross_attn.kv.weight", t(f"{cross}linear_1/weight")
+                    yield f"{target}cross_attn.out.weight", t(f"{cross}linear_2/weight")
+                    yield f"{target}cross_norm.weight", t(f"{cross}layer_norm/gamma")
+                up = t(f"{layer}ffn/linear_0/weight")
+                if spec.gated_mlp:  # linear_0 is activated, linear_0_noact multiplies it
+                    up = torch.cat([up, t(f"{layer}ffn/linear_0_noact/weight")])
+                yield f"{target}up.weight", up
+                yield f"{target}down.weight", t(f"{layer}ffn/linear_1/weight")
+                yield f"{target}mlp_norm.weight", t(f"{layer}ffn/layer_norm/gamma")
 
     def _norm(self, source: str, target: str) -> Iterator[tuple[str, torch.Tensor]]:
         yield f"{target}.weight", self._tensor(f"{source}/gamma")
