@@ -214,6 +214,18 @@ def test_minilm_int8_keeps_the_ranking(minilm):
     assert torch.equal(similar.argmax(-1), similar_int8.argmax(-1))
 
 
+@pytest.mark.parametrize("compute_type", ["float32", "int8"])
+def test_minilm_a_sentence_does_not_depend_on_its_batch(minilm, compute_type):
+    """On the real model: a sentence embedded alone and among sentences of other lengths
+    (padded together) gets the same vector, to float32 rounding; in int8 too (activations are
+    quantized per token)."""
+    encoder = kiln.Encoder(minilm, compute_type=compute_type)
+    together = encoder.embed(SENTENCES, batch_size=len(SENTENCES))
+    for index, sentence in enumerate(SENTENCES):
+        alone = encoder.embed([sentence])[0]
+        assert torch.allclose(alone, together[index], atol=1e-5), sentence
+
+
 def test_compat_encoder_returns_hf_hub_ctranslate2s_dict(minilm):
     from kiln.compat import CT2SentenceTransformer, EncoderCT2fromHfHub
 
