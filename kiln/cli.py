@@ -232,6 +232,10 @@ def _add_bench(subparsers) -> None:
                         help="measure speculative decoding instead: prompt lookup on SmolLM2 "
                              "with and without, acceptance, tokens per pass, verify cost (more "
                              "with python benchmarks/speculative.py)")
+    parser.add_argument("--profile", action="store_true",
+                        help="split one kiln int8 decode step and prompt chunk by operator "
+                             "class (int8 GEMM, activation quantization, attention, norms, "
+                             "sampling, host) for each --models and --batch")
     parser.add_argument("--prepare-only", action="store_true",
                         help="build and convert the models into --work-dir, measure nothing")
     parser.set_defaults(run=_run_bench)
@@ -244,6 +248,11 @@ def _run_bench(args: argparse.Namespace) -> int:
         from .bench.speculative import main as speculative
 
         speculative(["--runs", str(args.runs), "--tokens", str(args.new_tokens)])
+        return 0
+    if args.profile:
+        from .bench.profile import run_profile
+
+        run_profile(options_from_args(args))
         return 0
     run_bench(options_from_args(args))
     return 0

@@ -207,3 +207,33 @@ def test_cli_has_bench():
 
     args = build_parser().parse_args(["bench", "--models", "160m", "--engines", "kiln:float32"])
     assert args.models == ["160m"] and args.runs == 3 and args.new_tokens == 128
+
+
+def test_profile_splits_a_step_into_operator_classes(work_dir):
+    """`kiln bench --profile`: every class is there, the int8 GEMM is found by name (a
+    model whose kernels ran and were not seen would be mis-profiled), and the classes of the
+    eager step add up to its wall time (host is the remainder, never negative)."""
+    from kiln.bench.profile import CLASSES, markdown, profile_model
+
+    folder = engine_folder(TINY_MODEL, EngineType.parse("kiln:int8"), work_dir)
+    rows = profile_model(folder, [1, 2], [(2, 8)], context=16, repeats=3)
+    assert [row["case"] for row in rows] == ["decode b1", "decode b2", "prefill 2x8"]
+    for row in rows:
+        classes = row["classes"]
+        assert classes["int8 GEMM"] > 0 and classes["activation quantization"] > 0
+        assert classes["attention"] > 0 and classes["host"] >= 0
+        assert set(classes) <= set(CLASSES)
+    table = markdown("tiny", rows, 10.0)
+    assert table.count("\n| tiny |") == 3 and "int8 GEMM" in table
+
+
+def test_gemm_survey_times_every_path_it_can_run():
+    from kiln.bench.gemm_paths import markdown, survey
+
+    results = survey([(32, 64)], [1, 3], repeats=1, stream_bytes=1 << 14)
+    paths = {r["path"] for r in results}
+    assert {"fbgemm 8-bit (kiln decode)", "fbgemm two-pass (prompts)", "_int_mm",
+            "float32 dense"} <= paths
+    assert all(r["us"] is not None and r["us"] > 0 for r in results
+               if r["path"].startswith("fbgemm") or r["path"] == "float32 dense")
+    assert "| 32x64 | 3 |" in markdown(results)

@@ -42,6 +42,7 @@ PYTHIA_SHAPES = {
     "160m": PythiaShape(768, 12, 12),
     "410m": PythiaShape(1024, 24, 16),
     "1b": PythiaShape(2048, 16, 8),
+    "2.8b": PythiaShape(2560, 32, 32),
 }
 
 
