@@ -30,7 +30,13 @@ from ..model.decoder import Span
 from ..model.kv_cache import KVCache
 from .scheduler import PrefillChunk, Row, SlotMove, StepPlan
 from .slots import copy_moves
-from .static_step import StaticDecodeStep, batch_bucket, default_capture, kv_bucket
+from .static_step import (
+    StaticDecodeStep,
+    batch_bucket,
+    default_capture,
+    kv_bucket,
+    read_bucket,
+)
 
 STATIC_PROMPT_STATES = 8  # static prompts whose keys/values are kept (CTranslate2: unbounded)
 
@@ -159,7 +165,8 @@ class ModelRunner:
         positions = [cache.scratch_position] * width
         for slot, token, position in rows:
             ids[slot], positions[slot] = token, position
-        kv_length = kv_bucket(max(position for _, _, position in rows) + 1, cache.max_length)
+        kv_length = kv_bucket(max(position for _, _, position in rows) + 1, cache.max_length,
+                              read_bucket(self.device))
         ids_tensor = torch.tensor(ids, device=self.device)
         positions_tensor = torch.tensor(positions, device=self.device)
         began = time.perf_counter()
@@ -187,7 +194,8 @@ class ModelRunner:
         slots = torch.tensor([slot for slot, _, _ in rows], device=self.device)
         ids = torch.tensor([token for _, token, _ in rows], device=self.device)
         positions = torch.tensor([position for _, _, position in rows], device=self.device)
-        kv_length = kv_bucket(max(position for _, _, position in rows) + 1, cache.max_length)
+        kv_length = kv_bucket(max(position for _, _, position in rows) + 1, cache.max_length,
+                              read_bucket(self.device))
         static = self.static_step()
         began = time.perf_counter()
         with _memory_errors("a verification step", len(rows)):
@@ -213,7 +221,8 @@ class ModelRunner:
             positions += range(start, start + len(tokens))
             slots += [slot] * len(tokens)
             spans.append(Span(begin, len(ids), slot,
-                              kv_bucket(start + len(tokens), self.cache.max_length)))
+                              kv_bucket(start + len(tokens), self.cache.max_length,
+                                        read_bucket(self.device))))
             if all_logits:
                 taken.append((len(logits_at), len(tokens)))
                 logits_at += range(begin, len(ids))

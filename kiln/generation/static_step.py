@@ -35,6 +35,8 @@ import torch
 from torch import nn
 
 KV_BUCKET = 256
+CPU_KV_BUCKET = 32  # a multiple of every vector width: a row reads whole zero chunks beyond
+#                     its end, whose exact zeros leave its sums as they are (batch invariance)
 WARMUP_RUNS = 2  # before capture: cuBLAS workspaces, Triton autotuning, lazy tables
 
 
@@ -43,8 +45,16 @@ def batch_bucket(rows: int) -> int:
     return 1 << max(rows - 1, 0).bit_length()
 
 
-def kv_bucket(kv_length: int, max_length: int) -> int:
-    return min(-(-kv_length // KV_BUCKET) * KV_BUCKET, max_length)
+def kv_bucket(kv_length: int, max_length: int, bucket: int = KV_BUCKET) -> int:
+    """Columns a step reads: a multiple of KV_BUCKET where a step is built per shape (CUDA
+    graphs, and their eager stand-in), of CPU_KV_BUCKET on CPU otherwise (the one trace
+    takes any length; attention there streams every column it reads from memory, so 256-column
+    buckets cost up to 2x the reads needed)."""
+    return min(-(-kv_length // bucket) * bucket, max_length)
+
+
+def read_bucket(device: torch.device | str) -> int:
+    return CPU_KV_BUCKET if torch.device(device).type == "cpu" else KV_BUCKET
 
 
 @dataclass
@@ -119,7 +129,8 @@ class StaticDecodeStep:
         if cache is not self._cache:  # captures hold the old cache's tensors
             self.reset()
             self._cache = cache
-        kv_length = kv_bucket(kv_length, cache.max_length)
+        kv_length = kv_bucket(kv_length, cache.max_length,
+                              CPU_KV_BUCKET if self.capture == "trace" else KV_BUCKET)
         if self.capture == "trace":
             traced = self._trace_for(addressed, cache)
             if traced is not None:
