@@ -78,10 +78,18 @@ def _paths(weight: torch.Tensor, scale: torch.Tensor) -> dict[str, Callable]:
 
 
 def time_path(build: Callable[[int], Callable], copies: int, x: torch.Tensor,
-              repeats: int) -> float | None:
-    """Median seconds per call, cycling through `copies` weights; None if the path fails."""
+              repeats: int, budget_s: float = 3.0) -> float | None:
+    """Median seconds per call, cycling through `copies` weights (fewer for a path so slow
+    that the budget would not cover them: it is bound by compute, not by reading weights);
+    None if the path fails."""
     try:
-        functions = [build(index) for index in range(copies)]
+        first = build(0)
+        first(x)
+        start = time.perf_counter()
+        first(x)
+        once = time.perf_counter() - start
+        copies = max(2, min(copies, int(budget_s / max(once * (repeats + 1), 1e-9))))
+        functions = [first] + [build(index) for index in range(1, copies)]
         for function in functions:
             function(x)
     except (RuntimeError, NotImplementedError):
