@@ -1,15 +1,12 @@
-"""How a Translator runs its model: sentences decoded in lockstep (one encoder pass for all
-their sources, then one decoder pass per step over every row still searching, beams
-included), one sentence streamed token by token, targets scored, and the first step of
-`return_alternatives`. With `attention=True` the searches also receive each step's
-alignment-layer attention over the source."""
+"""How a Translator runs its model outside the engine (translation_engine.py, which decodes
+translate_batch's sentences): one sentence streamed token by token (generate_tokens),
+targets scored (score_batch), and the first step of `return_alternatives`."""
 
 from __future__ import annotations
 
 import torch
 
 from .generation.sampling import choose_tokens
-from .translation_search import Job
 
 
 class Decoding:
@@ -22,72 +19,6 @@ class Decoding:
         lengths = torch.tensor([len(ids)], device=self.device)
         states, mask = self.model.encode(tensor, lengths)
         return self.model.cross_keys_values(states), mask
-
-    @torch.inference_mode()
-    def run(self, jobs: list[Job], attention: bool = False) -> None:
-        """Decode `jobs` in lockstep, grouped by target prefix length so that each group's
-        rows share their positions."""
-        width = max(len(job.source) for job in jobs)
-        ids = torch.full((len(jobs), width), self.spec.pad_token_id, dtype=torch.long)
-        for row, job in enumerate(jobs):
-            ids[row, :len(job.source)] = torch.tensor(job.source)
-        lengths = torch.tensor([len(job.source) for job in jobs])
-        states, mask = self.model.encode(ids.to(self.device), lengths.to(self.device))
-        cross = self.model.cross_keys_values(states)
-        groups: dict[int, list[int]] = {}
-        for row, job in enumerate(jobs):
-            groups.setdefault(len(job.request.prompt_ids), []).append(row)
-        for members in groups.values():
-            self._lockstep([jobs[m] for m in members], [(k[members], v[members]) for k, v in cross],
-                           mask[members], attention)
-
-    def _lockstep(self, jobs: list[Job], cross, mask, attention: bool) -> None:
-        starts = torch.tensor([job.request.prompt_ids for job in jobs], device=self.device)
-        caches = [{} for _ in self.model.decoder_layers]
-        weights: list | None = [] if attention else None
-        logits = self.model.decode(starts, 0, caches, cross, mask, weights)
-        if weights:  # the prefix's rows, then the row that goes with the first new token
-            for row, job in enumerate(jobs):
-                job.search.start_attention(weights[0][row, :-1, :len(job.source)].tolist())
-        position = starts.shape[1]
-        # row r of the decoder batch belongs to jobs[owner[r]]; each job's rows are contiguous
-        owner = list(range(len(jobs)))
-        rows_cross = rows_mask = None
-        while True:
-            step_weights = weights.pop()[:, -1] if weights else None
-            take, inputs, new_owner = [], [], []
-            row = 0
-            while row < len(owner):
-                index = owner[row]
-                end = row
-                while end < len(owner) and owner[end] == index:
-                    end += 1
-                job = jobs[index]
-                if step_weights is None:
-                    decision = job.search.advance(logits[row:end])
-                else:
-                    decision = job.search.advance(logits[row:end],
-                                                  step_weights[row:end, :len(job.source)])
-                if decision.finish_reason is None:
-                    sources = decision.sources or [0] * len(decision.inputs)
-                    take += [row + source for source in sources]
-                    inputs += decision.inputs
-                    new_owner += [index] * len(decision.inputs)
-                row = end
-            if not take:
-                return
-            if take != list(range(len(owner))):  # beams reordered, or sentences finished
-                picked = torch.tensor(take, device=self.device)
-                for cache in caches:
-                    cache["k"], cache["v"] = cache["k"][picked], cache["v"][picked]
-            if new_owner != owner or rows_cross is None:  # the rows' sources, once per layout
-                sentence = torch.tensor(new_owner, device=self.device)
-                rows_cross = [(k[sentence], v[sentence]) for k, v in cross]
-                rows_mask = mask[sentence]
-            owner = new_owner
-            logits = self.model.decode(torch.tensor(inputs, device=self.device)[:, None],
-                                       position, caches, rows_cross, rows_mask, weights)
-            position += 1
 
     @torch.inference_mode()
     def expand(self, source_ids: list[int], start: list[int], count: int, processors,

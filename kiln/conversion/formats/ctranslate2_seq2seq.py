@@ -93,12 +93,7 @@ class CTranslate2Translator:
         if not positions:
             raise self._unsupported("a model without position encodings")
         table = self._tensor("decoder/position_encodings/encodings")
-        eos = self.config.get("eos_token", "</s>")
-        start = self.config.get("decoder_start_token", eos)
-        target = {token: index for index, token in enumerate(self.target_tokens)}
-        if eos not in target or start not in target:
-            raise ModelFileError(f"{self.path}: the end or start token ({eos!r}, {start!r}) "
-                                 "is not in the target vocabulary")
+        start_id, eos_id = self._special_ids()
         return Seq2SeqSpec(
             family="ctranslate2", vocab_size=vocab, hidden_size=hidden, num_heads=heads,
             encoder_layers=self._layers("encoder"), decoder_layers=self._layers("decoder"),
@@ -111,11 +106,20 @@ class CTranslate2Translator:
             scale_embedding=not math.isclose(scale, 1.0) and scale != 0,
             logits_bias=model.has("decoder/projection/bias"),
             norm_eps=float(self.config.get("layer_norm_epsilon") or 1e-5),
-            decoder_start_token_id=target[start], pad_token_id=0,
-            eos_token_id=target[eos],
+            decoder_start_token_id=start_id, pad_token_id=0, eos_token_id=eos_id,
             zero_start=self._flag("decoder/start_from_zero_embedding", False),
             alignment_layer=int(model.scalar("decoder/alignment_layer", -1)),
             alignment_heads=int(model.scalar("decoder/alignment_heads", 1)))
+
+    def _special_ids(self) -> tuple[int, int]:
+        """The decoder start and end token ids, from config.json's token strings."""
+        eos = self.config.get("eos_token", "</s>")
+        start = self.config.get("decoder_start_token", eos)
+        target = {token: index for index, token in enumerate(self.target_tokens)}
+        if eos not in target or start not in target:
+            raise ModelFileError(f"{self.path}: the end or start token ({eos!r}, {start!r}) "
+                                 "is not in the target vocabulary")
+        return target[start], target[eos]
 
     def _t5_spec(self) -> Seq2SeqSpec:
         """T5 / mT5 / Flan-T5 as CTranslate2 writes them: RMSNorm (gamma only), relative
@@ -130,12 +134,7 @@ class CTranslate2Translator:
         buckets = self._tensor("decoder/layer_0/self_attention/relative_attention_bias").shape[0]
         inner = self._tensor("encoder/layer_0/self_attention/linear_0/weight").shape[0] // 3
         gated = model.has("decoder/layer_0/ffn/linear_0_noact/weight")
-        eos = self.config.get("eos_token", "</s>")
-        start = self.config.get("decoder_start_token", eos)
-        target = {token: index for index, token in enumerate(self.target_tokens)}
-        if eos not in target or start not in target:
-            raise ModelFileError(f"{self.path}: the end or start token ({eos!r}, {start!r}) "
-                                 "is not in the target vocabulary")
+        start_id, eos_id = self._special_ids()
         return Seq2SeqSpec(
             family="ctranslate2-t5", vocab_size=vocab, hidden_size=hidden, num_heads=heads,
             encoder_layers=self._layers("encoder"), decoder_layers=self._layers("decoder"),
@@ -145,8 +144,8 @@ class CTranslate2Translator:
             final_norms=True, embedding_norm=False, positions="relative",
             scale_embedding=False, logits_bias=model.has("decoder/projection/bias"),
             norm_eps=float(self.config.get("layer_norm_epsilon") or 1e-6),
-            decoder_start_token_id=target[start], pad_token_id=target[start],
-            eos_token_id=target[eos], norm="rmsnorm", linear_bias=False,
+            decoder_start_token_id=start_id, pad_token_id=start_id, eos_token_id=eos_id,
+            norm="rmsnorm", linear_bias=False,
             attention_head_dim=inner // heads, gated_mlp=gated,
             attention_scale=float(model.scalar("decoder/layer_0/self_attention/queries_scale",
                                                1.0)),
