@@ -253,9 +253,7 @@ def open_encoder(folder: Path):
     encoder folder, a CTranslate2 encoder folder or a Hugging Face checkpoint."""
     kind = kiln_kind(folder)
     if kind == "encoder":
-        config = seq_folder.read_config(folder)
-        return (EncoderSpec(**config["model"]), seq_folder.saved_compute(config),
-                seq_folder.stored_pairs(folder), seq_folder.read_tokens(folder, "vocabulary"))
+        return seq_folder.open_stored(folder, EncoderSpec, "vocabulary")
     if kind is not None:
         raise ValueError(f"{folder} holds a kiln {kind}; load it with kiln.Translator")
     if is_ctranslate2_encoder(folder):
@@ -268,10 +266,9 @@ def open_encoder(folder: Path):
     if not is_encoder_type(config.get("model_type")):
         raise ValueError(f"{folder} is a {config.get('model_type')!r} model, not a BERT-family "
                          "encoder; load decoders with kiln.Generator")
-    saved = "float16" if config.get("torch_dtype", config.get("dtype")) == "float16" \
-        else "float32"
     spec = encoder_spec(config)
-    return spec, ComputeType(None, saved), encoder_weights(spec, tensor_source(folder)), None
+    return (spec, seq_folder.checkpoint_compute(config),
+            encoder_weights(spec, tensor_source(folder)), None)
 
 
 def convert_encoder(source: Path, output: Path, quantization: str | None = None,

@@ -169,6 +169,20 @@ def integer_rows(tensor, bits: str) -> tuple[torch.Tensor, torch.Tensor]:
     return quantize_rows(tensor, bits)
 
 
+def open_stored(folder: Path, spec_class, *token_stems: str) -> tuple:
+    """(spec, saved compute type, (kiln name, tensor) pairs, *token lists) of a kiln folder."""
+    config = read_config(folder)
+    return (spec_class(**config["model"]), saved_compute(config), stored_pairs(folder),
+            *(read_tokens(folder, stem) for stem in token_stems))
+
+
+def checkpoint_compute(config: dict[str, Any]) -> ComputeType:
+    """A Hugging Face checkpoint's own float type (float16 as saved, else float32)."""
+    saved = "float16" if config.get("torch_dtype", config.get("dtype")) == "float16" \
+        else "float32"
+    return ComputeType(None, saved)
+
+
 def saved_compute(config: dict[str, Any]) -> ComputeType:
     quantization = config.get("quantization", {})
     return ComputeType(quantization.get("weights"), quantization.get("dtype", "float32"))

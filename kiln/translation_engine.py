@@ -22,10 +22,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .generation.static_step import kv_bucket, read_bucket
 from .model.seq2seq_slots import SlotPool
 from .translation_search import Job
 
-READ_BUCKET = 32  # columns read per step: a multiple of this (fewer distinct shapes)
 _SERIALS = itertools.count()
 IDLE_SECONDS = 5.0  # the loop thread ends after this long without work
 
@@ -178,6 +178,10 @@ class TranslationEngine:
                                  v[m:m + 1, :, :len(jobs[m].source)]) for k, v in cross])
                          for m in members])
 
+    def _read(self, needed: int) -> int:
+        """Columns a pass reads: whole buckets, as the decoders' steps read theirs."""
+        return kv_bucket(needed, self.pool.length, read_bucket(self.device))
+
     def _length(self, job: Job) -> int:
         request = job.request
         return len(request.prompt_ids) + request.max_new_tokens + 1
@@ -190,7 +194,7 @@ class TranslationEngine:
         starts = torch.zeros(len(lives), dtype=torch.long, device=self.device)
         positions = starts.view(-1, 1) + torch.arange(length, device=self.device)
         views = self.pool.views([live.slots[0] for live in lives], positions,
-                                _bucket(length, self.pool.length))
+                                self._read(length), uniform=True)
         cross, mask = _padded([live.cross for live in lives],
                               [len(live.job.source) for live in lives], self.device)
         weights: list | None = [] if any(live.ticket.attention for live in lives) else None
@@ -212,10 +216,11 @@ class TranslationEngine:
         lives = self.live
         slots = [slot for live in lives for slot in live.slots[:len(live.inputs)]]
         tokens = [token for live in lives for token in live.inputs]
-        starts = torch.tensor([live.position for live in lives for _ in live.inputs],
-                              device=self.device)
-        views = self.pool.views(slots, starts.view(-1, 1),
-                                _bucket(int(starts.max()) + 1, self.pool.length))
+        positions = [live.position for live in lives for _ in live.inputs]
+        starts = torch.tensor(positions, device=self.device)
+        uniform = min(positions) == max(positions)  # one call's sentences: all at one position
+        views = self.pool.views(slots, starts.view(-1, 1), self._read(max(positions) + 1),
+                                uniform=uniform)
         layout = tuple((live.serial, len(live.inputs)) for live in lives)
         if layout != self._layout:  # rows' sources, gathered again only when rows change
             owners = [live for live in lives for _ in live.inputs]
@@ -257,10 +262,6 @@ class TranslationEngine:
             self.pool.copy(wanted, targets, live.position)
         live.inputs = list(decision.inputs)
         return True
-
-
-def _bucket(needed: int, limit: int) -> int:
-    return min(-(-needed // READ_BUCKET) * READ_BUCKET, limit)
 
 
 def _padded(crosses: list[list[tuple[torch.Tensor, torch.Tensor]]], lengths: list[int],

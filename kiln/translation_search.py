@@ -140,34 +140,30 @@ class TranslationBeam(BeamSearch):
                                  device=logits.device)
         return torch.where(following[:, None], biased.log(), plain)
 
+    def _registered(self, origin: int, hidden: bool) -> None:
+        if self.rows_attention is not None:  # the beam's rows, plus its last one if shown
+            own = [] if hidden else [self.rows_attention[origin]]
+            self.finished_traces.append(self.traces[origin] + own)
+
     def _register(self, words: list[int], origins: list[int], scores: list[float]) -> list[int]:
         width = self.beam.beam_size
-        is_last = self.step + 1 >= self.request.max_new_tokens
-        if self.rows_attention is not None:  # in the order BeamSearch registers hypotheses
-            for k in range(width):
-                if words[k] in self.end_ids or is_last:
-                    hidden = words[k] in self.end_ids and not self.return_end_token
-                    own = [] if hidden else [self.rows_attention[origins[k]]]
-                    self.finished_traces.append(self.traces[origins[k]] + own)
         if self.bias_beta:  # as CTranslate2: by candidate position, not by origin beam
             prefix, step = self.bias_prefix, self.step
             self.diverged = [step >= len(prefix) or self.diverged[k] or words[k] != prefix[step]
                              for k in range(width)]
         chosen = super()._register(words, origins, scores)
-        if self.coverage_penalty and not is_last:  # no early exit with a coverage penalty
-            self.done = len(self.hypotheses) >= self.beam.max_candidates
+        if self.coverage_penalty and not self.step + 1 >= self.request.max_new_tokens:
+            self.done = len(self.hypotheses) >= self.beam.max_candidates  # no early exit
         return chosen
 
+    def _bonus(self, index: int) -> float:
+        trace = self.finished_traces[index] if self.finished_traces else None
+        return coverage(trace, self.coverage_penalty)
+
     def result(self) -> list[tuple[list[int], float, list | None]]:
-        traces = self.finished_traces or [None] * len(self.hypotheses)
-        finals = []
-        for (tokens, score, length), trace in zip(self.hypotheses, traces, strict=True):
-            penalty = self.beam.length_penalty
-            divisor = length ** penalty if length or penalty == 0 else 0
-            final = score / divisor if divisor else -math.inf
-            finals.append((tokens, final + coverage(trace, self.coverage_penalty), trace))
-        finals.sort(key=lambda item: item[1], reverse=True)
-        return finals[: self.beam.num_hypotheses]
+        return [(self.hypotheses[index][0], score,
+                 self.finished_traces[index] if self.finished_traces else None)
+                for index, score in self.ranked()]
 
 
 def coverage(trace: list[list[float]] | None, beta: float) -> float:

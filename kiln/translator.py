@@ -43,7 +43,7 @@ from .translation_search import (
 )
 from .translator_files import open_translator, unknown_token
 
-UNSUPPORTED: dict = {}
+ASYNC_WORKERS = 64  # sentences of asynchronous calls in flight at once
 
 
 class Translator:
@@ -99,24 +99,23 @@ class Translator:
                         replace_unknowns: bool = False,
                         sampling_topk: int = 1, sampling_topp: float = 1,
                         sampling_temperature: float = 1, seed: int | None = None,
-                        asynchronous: bool = False, callback=None,
-                        **unsupported) -> list[TranslationResult]:
+                        asynchronous: bool = False,
+                        callback=None) -> list[TranslationResult]:
         """CTranslate2's translate_batch. `asynchronous=True` returns one future per sentence
-        (`.result()`, `.done()`), run in order on the translator's own thread; `callback`
+        (`.result()`, `.done()`), decoded together on the engine; `callback`
         (beam_size 1) sees each token as a GenerationStepResult and stops its sentence by
         returning True."""
-        _refuse(unsupported)
+        _check_options(beam_size, callback, batch_type, max_decoding_length, prefix_bias_beta,
+                       return_alternatives, min_alternative_expansion_prob)
         if asynchronous:
             options = {name: value for name, value in locals().items()
                        if name not in ("self", "source", "target_prefix", "asynchronous",
-                                       "unsupported", "options")}
+                                       "options")}
             prefixes = target_prefix or [None] * len(source)
             return [self._executor().submit(
                 lambda s=sentence, p=prefix: self.translate_batch(
                     [s], None if p is None else [p], **options)[0])
                 for sentence, prefix in zip(source, prefixes, strict=True)]
-        _check_options(beam_size, callback, batch_type, max_decoding_length, prefix_bias_beta,
-                       return_alternatives, min_alternative_expansion_prob)
         sources = self._sources(source, max_input_length)
         prefixes = self._prefixes(target_prefix, len(sources))
         beam = BeamOptions(beam_size, patience, 1 if return_alternatives else num_hypotheses,
@@ -280,7 +279,8 @@ class Translator:
         if getattr(self, "_pool", None) is None:
             from concurrent.futures import ThreadPoolExecutor
 
-            self._pool = ThreadPoolExecutor(1, thread_name_prefix="kiln-translator")
+            # Each future waits on the engine, which decodes the waiting sentences together.
+            self._pool = ThreadPoolExecutor(ASYNC_WORKERS, thread_name_prefix="kiln-translator")
         return self._pool
 
     def score_batch(self, source: list[list[str]], target: list[list[str]], *,
@@ -364,11 +364,3 @@ def _check_options(beam_size, callback, batch_type, max_decoding_length, prefix_
         raise ValueError("prefix_bias_beta cannot be combined with return_alternatives")
     if not 0 <= min_alternative_expansion_prob <= 1:
         raise ValueError("min_alternative_expansion_prob must be between 0 and 1")
-
-
-def _refuse(unsupported: dict) -> None:
-    for name, value in unsupported.items():
-        if name not in UNSUPPORTED:
-            raise TypeError(f"translate_batch() got an unexpected keyword argument {name!r}")
-        if value != UNSUPPORTED[name]:
-            raise ValueError(f"{name} is not supported by kiln's Translator yet")

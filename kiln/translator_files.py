@@ -26,11 +26,8 @@ def open_translator(folder: Path):
     (whose tokens come from its tokenizer: None)."""
     kind = kiln_kind(folder)
     if kind == "translator":
-        config = seq_folder.read_config(folder)
-        return (Seq2SeqSpec(**config["model"]), seq_folder.saved_compute(config),
-                seq_folder.stored_pairs(folder), seq_folder.read_tokens(folder,
-                                                                        "target_vocabulary"),
-                seq_folder.read_tokens(folder, "source_vocabulary"))
+        return seq_folder.open_stored(folder, Seq2SeqSpec, "target_vocabulary",
+                                      "source_vocabulary")
     if kind is not None:
         raise ValueError(f"{folder} holds a kiln {kind}; load it with kiln.Encoder")
     if is_ctranslate2_translator(folder):
@@ -45,11 +42,9 @@ def open_translator(folder: Path):
         raise ValueError(f"{folder} is a {config.get('model_type')!r} model, not a supported "
                          "translation model (bart, mbart, marian, m2m_100, t5, mt5); load "
                          "decoders with kiln.Generator, encoders with kiln.Encoder")
-    saved = "float16" if config.get("torch_dtype", config.get("dtype")) == "float16" \
-        else "float32"
     spec = seq2seq_spec(config)
-    return spec, ComputeType(None, saved), seq2seq_weights(spec, tensor_source(folder)), \
-        None, None
+    return (spec, seq_folder.checkpoint_compute(config),
+            seq2seq_weights(spec, tensor_source(folder)), None, None)
 
 
 def convert_translator(source: Path, output: Path, quantization: str | None = None,

@@ -118,3 +118,13 @@ def test_the_idle_thread_ends_and_comes_back(translator, monkeypatch):
     assert translator.engine._thread is None
     assert translator.translate_batch(batch, beam_size=1, max_decoding_length=5)[0].hypotheses \
         == first[0].hypotheses
+
+
+def test_asynchronous_futures_are_decoded_together(translator):
+    batch = [as_tokens(s) for s in sources(16)]
+    expected = translator.translate_batch(batch, beam_size=1, max_decoding_length=12)
+    before = translator.engine.shared_steps
+    futures = translator.translate_batch(batch, beam_size=1, max_decoding_length=12,
+                                         asynchronous=True)
+    assert [f.result().hypotheses for f in futures] == [r.hypotheses for r in expected]
+    assert translator.engine.shared_steps > before  # the futures shared decoder passes

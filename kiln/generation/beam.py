@@ -103,6 +103,7 @@ class BeamSearch(Search):
                 # The length that normalises the score counts the end token even when hidden.
                 length = request.counted_prompt + len(self.alive[origins[k]]) + 1
                 self.hypotheses.append((tokens, scores[k], length))
+                self._registered(origins[k], hidden)
                 for j in range(secondary, len(words)):
                     if words[j] not in self.end_ids:
                         pick, secondary = j, j + 1
@@ -116,12 +117,25 @@ class BeamSearch(Search):
             self.done = len(self.hypotheses) >= self.beam.max_candidates
         return chosen
 
-    def result(self) -> list[tuple[list[int], float]]:
-        """The best hypotheses (tokens, score), best first."""
+    def _registered(self, origin: int, hidden: bool) -> None:
+        """A hypothesis was just registered from beam `origin` (its last token hidden or
+        not): translation keeps its attention here (translation_search.TranslationBeam)."""
+
+    def ranked(self) -> list[tuple[int, float]]:
+        """(index into self.hypotheses, final score) of the best, best first: scores divided
+        by length ** length_penalty, plus `_bonus`."""
         finals = []
-        for tokens, score, length in self.hypotheses:
+        for index, (_, score, length) in enumerate(self.hypotheses):
             penalty = self.beam.length_penalty
             divisor = length ** penalty if length or penalty == 0 else 0
-            finals.append((tokens, score / divisor if divisor else -math.inf))
+            final = score / divisor if divisor else -math.inf
+            finals.append((index, final + self._bonus(index)))
         finals.sort(key=lambda pair: pair[1], reverse=True)
         return finals[: self.beam.num_hypotheses]
+
+    def _bonus(self, index: int) -> float:  # noqa: ARG002 - translation's coverage penalty
+        return 0.0
+
+    def result(self) -> list[tuple[list[int], float]]:
+        """The best hypotheses (tokens, score), best first."""
+        return [(self.hypotheses[index][0], score) for index, score in self.ranked()]

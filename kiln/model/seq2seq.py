@@ -170,7 +170,6 @@ class Attention(nn.Module):
         batch, length = x.shape[0], x.shape[1]
         return project(self.out, attended.transpose(1, 2).reshape(batch, length, -1), two_pass)
 
-
     def _weights(self, q: torch.Tensor, k: torch.Tensor,
                  mask: torch.Tensor | None) -> torch.Tensor:
         scale = self.scale if self.scale is not None else self.head_dim ** -0.5

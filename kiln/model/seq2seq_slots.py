@@ -50,15 +50,17 @@ class SlotPool:
             view = tensor[:, :, :length]
             view.index_copy_(0, destination, view.index_select(0, source))
 
-    def views(self, slots: list[int], positions: torch.Tensor, read: int) -> list[LayerSlots]:
+    def views(self, slots: list[int], positions: torch.Tensor, read: int,
+              uniform: bool = False) -> list[LayerSlots]:
         """Each layer's view for a pass: rows in `slots`, their tokens at `positions` [B, T],
-        attending over columns 0..read-1 (those past a token's position masked)."""
+        attending over columns 0..read-1 (those past a token's position masked). `uniform`:
+        every row has its tokens at the same positions."""
         slot_tensor = torch.tensor(slots, device=self.device)
-        last = int(positions[:, -1].max())
-        if positions.shape[1] == 1 and bool((positions == last).all()):
-            # one token per row, all at one position (one call's sentences): every column
-            # up to it is valid, so no mask (SDPA's fastest path)
-            read, mask = last + 1, None
+        length = positions.shape[1]
+        if uniform and length == 1:
+            # one token per row, all at one position (one call's sentences): every column up
+            # to it is valid, so no mask (SDPA's fastest path)
+            read, mask = int(positions[0, 0]) + 1, None
         else:
             columns = torch.arange(read, device=self.device).view(1, 1, -1)
             mask = (columns <= positions.unsqueeze(-1)).unsqueeze(1)  # [B, 1, T, read]

@@ -144,6 +144,14 @@ class ModelBin:
         return torch.frombuffer(data, dtype=dtype).view(shape) if num_bytes else \
             torch.empty(shape, dtype=dtype)
 
+    def float_tensor(self, name: str) -> torch.Tensor:
+        """A variable as float32: int8 / int16 weights dequantized with their row scales."""
+        tensor = self.tensor(name)
+        if tensor.dtype in (torch.int8, torch.int16) and self.has(f"{name}_scale"):
+            scale = self.tensor(f"{name}_scale").float()
+            return tensor.float() / scale.reshape(-1, *([1] * (tensor.dim() - 1)))
+        return tensor.float()
+
     def release_touched(self) -> None:
         """Give back the pages of the variables read so far (re-read from the file if needed
         again): converting a 24 GB file then never holds more than a tensor of it."""

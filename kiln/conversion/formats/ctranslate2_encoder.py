@@ -46,10 +46,7 @@ class CTranslate2Encoder:
         return ValueError(f"{self.path}: {what} is not supported by kiln's Encoder")
 
     def _tensor(self, name: str) -> torch.Tensor:
-        tensor = self.model.tensor(name)
-        if tensor.dtype in (torch.int8, torch.int16) and self.model.has(f"{name}_scale"):
-            return tensor.float() / self.model.tensor(f"{name}_scale").float().reshape(-1, 1)
-        return tensor.float()
+        return self.model.float_tensor(name)
 
     def spec(self) -> EncoderSpec:
         model = self.model

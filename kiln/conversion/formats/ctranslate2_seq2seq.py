@@ -71,17 +71,12 @@ class CTranslate2Translator:
         model = self.model
         if model.has("encoder/layer_0/self_attention/relative_position_keys"):
             raise self._unsupported("Shaw-style relative positions")
-        if model.has("encoder/layer_0/self_attention/relative_attention_bias"):
-            return self._t5_spec()
         if model.has("encoder/embeddings_1/weight"):
             raise self._unsupported("several source features")
-        vocab, hidden = self._tensor("decoder/embeddings/weight").shape
-        heads = int(model.scalar("decoder/num_heads"))
-        if int(model.scalar("encoder/num_heads", heads)) != heads:
-            raise self._unsupported("different head counts in encoder and decoder")
-        activation = model.scalar("decoder/activation", 0)
-        if activation not in ACTIVATIONS:
-            raise self._unsupported(f"activation id {activation}")
+        shared = self._shared()
+        if model.has("encoder/layer_0/self_attention/relative_attention_bias"):
+            return self._t5_spec(shared)
+        hidden = shared["hidden_size"]
         pre_norm = self._flag("decoder/pre_norm", True)
         if self._flag("encoder/pre_norm", True) != pre_norm:
             raise self._unsupported("pre-norm on one side only")
@@ -89,80 +84,71 @@ class CTranslate2Translator:
         if not (math.isclose(scale, 1.0) or math.isclose(scale, math.sqrt(hidden))
                 or scale == 0):  # old files: 1 meant True
             raise self._unsupported(f"embeddings scaled by {scale}")
-        positions = model.has("encoder/position_encodings/encodings")
-        if not positions:
+        if not model.has("encoder/position_encodings/encodings"):
             raise self._unsupported("a model without position encodings")
         table = self._tensor("decoder/position_encodings/encodings")
-        start_id, eos_id = self._special_ids()
         return Seq2SeqSpec(
-            family="ctranslate2", vocab_size=vocab, hidden_size=hidden, num_heads=heads,
-            encoder_layers=self._layers("encoder"), decoder_layers=self._layers("decoder"),
+            **shared, family="ctranslate2",
             encoder_ffn=self._tensor("encoder/layer_0/ffn/linear_0/weight").shape[0],
             decoder_ffn=self._tensor("decoder/layer_0/ffn/linear_0/weight").shape[0],
-            max_position_embeddings=table.shape[0], activation=ACTIVATIONS[activation],
+            max_position_embeddings=table.shape[0],
             pre_norm=pre_norm, final_norms=model.has("decoder/layer_norm/gamma"),
             embedding_norm=model.has("decoder/layernorm_embedding/gamma"),
             positions="learned", position_offset=0,
             scale_embedding=not math.isclose(scale, 1.0) and scale != 0,
-            logits_bias=model.has("decoder/projection/bias"),
-            norm_eps=float(self.config.get("layer_norm_epsilon") or 1e-5),
-            decoder_start_token_id=start_id, pad_token_id=0, eos_token_id=eos_id,
-            zero_start=self._flag("decoder/start_from_zero_embedding", False),
-            alignment_layer=int(model.scalar("decoder/alignment_layer", -1)),
-            alignment_heads=int(model.scalar("decoder/alignment_heads", 1)))
+            norm_eps=float(self.config.get("layer_norm_epsilon") or 1e-5), pad_token_id=0,
+            zero_start=self._flag("decoder/start_from_zero_embedding", False))
 
-    def _special_ids(self) -> tuple[int, int]:
-        """The decoder start and end token ids, from config.json's token strings."""
+    def _shared(self) -> dict:
+        """The spec fields read the same way for every translator CTranslate2 writes."""
+        model = self.model
+        vocab, hidden = self._tensor("decoder/embeddings/weight").shape
+        heads = int(model.scalar("decoder/num_heads"))
+        if int(model.scalar("encoder/num_heads", heads)) != heads:
+            raise self._unsupported("different head counts in encoder and decoder")
+        activation = model.scalar("decoder/activation", 0)
+        if activation not in ACTIVATIONS:
+            raise self._unsupported(f"activation id {activation}")
         eos = self.config.get("eos_token", "</s>")
         start = self.config.get("decoder_start_token", eos)
         target = {token: index for index, token in enumerate(self.target_tokens)}
         if eos not in target or start not in target:
             raise ModelFileError(f"{self.path}: the end or start token ({eos!r}, {start!r}) "
                                  "is not in the target vocabulary")
-        return target[start], target[eos]
+        return dict(vocab_size=vocab, hidden_size=hidden, num_heads=heads,
+                    encoder_layers=self._layers("encoder"),
+                    decoder_layers=self._layers("decoder"), activation=ACTIVATIONS[activation],
+                    logits_bias=model.has("decoder/projection/bias"),
+                    decoder_start_token_id=target[start], eos_token_id=target[eos],
+                    alignment_layer=int(model.scalar("decoder/alignment_layer", -1)),
+                    alignment_heads=int(model.scalar("decoder/alignment_heads", 1)))
 
-    def _t5_spec(self) -> Seq2SeqSpec:
+    def _t5_spec(self, shared: dict) -> Seq2SeqSpec:
         """T5 / mT5 / Flan-T5 as CTranslate2 writes them: RMSNorm (gamma only), relative
         position buckets shared by the layers of each side, no biases, unscaled attention,
         the decoder output scaled before the head."""
         model = self.model
-        vocab, hidden = self._tensor("decoder/embeddings/weight").shape
-        heads = int(model.scalar("decoder/num_heads"))
-        activation = model.scalar("decoder/activation", 0)
-        if activation not in ACTIVATIONS:
-            raise self._unsupported(f"activation id {activation}")
-        buckets = self._tensor("decoder/layer_0/self_attention/relative_attention_bias").shape[0]
         inner = self._tensor("encoder/layer_0/self_attention/linear_0/weight").shape[0] // 3
-        gated = model.has("decoder/layer_0/ffn/linear_0_noact/weight")
-        start_id, eos_id = self._special_ids()
         return Seq2SeqSpec(
-            family="ctranslate2-t5", vocab_size=vocab, hidden_size=hidden, num_heads=heads,
-            encoder_layers=self._layers("encoder"), decoder_layers=self._layers("decoder"),
+            **shared, family="ctranslate2-t5",
             encoder_ffn=self._tensor("encoder/layer_0/ffn/linear_1/weight").shape[1],
             decoder_ffn=self._tensor("decoder/layer_0/ffn/linear_1/weight").shape[1],
-            max_position_embeddings=4096, activation=ACTIVATIONS[activation], pre_norm=True,
-            final_norms=True, embedding_norm=False, positions="relative",
-            scale_embedding=False, logits_bias=model.has("decoder/projection/bias"),
+            max_position_embeddings=4096, pre_norm=True, final_norms=True,
+            embedding_norm=False, positions="relative", scale_embedding=False,
             norm_eps=float(self.config.get("layer_norm_epsilon") or 1e-6),
-            decoder_start_token_id=start_id, pad_token_id=start_id, eos_token_id=eos_id,
-            norm="rmsnorm", linear_bias=False,
-            attention_head_dim=inner // heads, gated_mlp=gated,
+            pad_token_id=shared["decoder_start_token_id"], norm="rmsnorm", linear_bias=False,
+            attention_head_dim=inner // shared["num_heads"],
+            gated_mlp=model.has("decoder/layer_0/ffn/linear_0_noact/weight"),
             attention_scale=float(model.scalar("decoder/layer_0/self_attention/queries_scale",
                                                1.0)),
-            relative_buckets=buckets,
+            relative_buckets=self._tensor(
+                "decoder/layer_0/self_attention/relative_attention_bias").shape[0],
             relative_max_distance=int(model.scalar(
                 "decoder/layer_0/self_attention/relative_attention_max_distance", 128)),
-            output_scale=float(model.scalar("decoder/scale_outputs", 1.0)),
-            alignment_layer=int(model.scalar("decoder/alignment_layer", -1)),
-            alignment_heads=int(model.scalar("decoder/alignment_heads", 1)))
+            output_scale=float(model.scalar("decoder/scale_outputs", 1.0)))
 
     def _tensor(self, name: str) -> torch.Tensor:
-        """A variable as float32 (int8 / int16 weights dequantized with their row scales)."""
-        tensor = self.model.tensor(name)
-        if tensor.dtype in (torch.int8, torch.int16) and self.model.has(f"{name}_scale"):
-            scale = self.model.tensor(f"{name}_scale").float()
-            return tensor.float() / scale.reshape(-1, *([1] * (tensor.dim() - 1)))
-        return tensor.float()
+        return self.model.float_tensor(name)
 
     def weights(self, spec: Seq2SeqSpec) -> Iterator[tuple[str, torch.Tensor]]:
         if spec.positions == "relative":
